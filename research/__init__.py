@@ -1,0 +1,1 @@
+"""JAX/Flax vision research library: one package per network plus shared infrastructure."""
