@@ -1,0 +1,418 @@
+"""YOLOv5 (v6.0/v7.0, anchor-based) built from a yaml layer list, in flax.linen.
+
+The builder follows the official `parse_model` rules: each row `[from, number, module, args]`
+has its repeat count scaled by `depth_multiple` and its output channels by `width_multiple`
+(rounded up to a multiple of 8). Module names are the official layer indices ("0" … "24") and
+the official attribute names (`conv`, `bn`, `cv1`, `m.0`, …), so a Flax parameter path maps
+mechanically onto the official PyTorch `state_dict` key (`model.2.m.0.cv1.conv.weight`); see
+`research/yolov5/bridge.py`.
+
+Layout is NHWC throughout. The Detect head returns its raw per-level outputs in the official
+torch layout `[B, anchor, y, x, 5 + nc]`, so the loss and golden checks use the same indexing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+Dtype = Any
+
+VARIANTS = {  # depth_multiple, width_multiple of the official yolov5{n,s,m,l,x}.yaml
+    "n": (0.33, 0.25),
+    "s": (0.33, 0.50),
+    "m": (0.67, 0.75),
+    "l": (1.0, 1.0),
+    "x": (1.33, 1.25),
+}
+DEFAULT_YAML = os.path.join(os.path.dirname(__file__), "models", "yolov5.yaml")
+BN_EPS = 1e-3  # official initialize_weights sets BatchNorm eps=1e-3, momentum=0.03
+BN_MOMENTUM = 0.97  # flax momentum = 1 - torch momentum
+
+
+def torch_conv_init() -> nn.initializers.Initializer:
+    """torch's default Conv2d weight init, kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def make_divisible(x: float, divisor: int = 8) -> int:
+    return int(math.ceil(x / divisor) * divisor)
+
+
+def load_yaml_cfg(path_or_dict: str | Mapping[str, Any] | None = None, *, variant: str | None = None,
+                  nc: int | None = None) -> dict:
+    """Reads a model yaml (or takes a dict) and applies the variant multiples / class count."""
+    if path_or_dict is None or path_or_dict == "":
+        path_or_dict = DEFAULT_YAML
+    if isinstance(path_or_dict, str):
+        if not os.path.exists(path_or_dict):
+            raise FileNotFoundError(f"YOLOv5 model yaml not found: {path_or_dict}")
+        with open(path_or_dict) as f:
+            cfg = yaml.safe_load(f)
+    else:
+        cfg = _plain(path_or_dict)
+    for key in ("anchors", "backbone", "head"):
+        if key not in cfg:
+            raise ValueError(f"YOLOv5 model cfg lacks '{key}' (have {sorted(cfg)})")
+    if variant:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown YOLOv5 variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        cfg["depth_multiple"], cfg["width_multiple"] = VARIANTS[variant]
+    if nc is not None:
+        cfg["nc"] = int(nc)
+    return cfg
+
+
+def _plain(obj):
+    """ConfigDict / FrozenDict / tuple trees -> plain dicts and lists."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    index: int
+    source: int | tuple[int, ...]
+    module: str
+    kwargs: tuple[tuple[str, Any], ...]
+    out_channels: int
+
+
+def parse_model(cfg: Mapping[str, Any], in_channels: int = 3) -> tuple[LayerSpec, ...]:
+    """Turns yaml rows into layer specs with the official depth/width scaling."""
+    nc = int(cfg["nc"])
+    gd, gw = float(cfg["depth_multiple"]), float(cfg["width_multiple"])
+    anchors = cfg["anchors"]
+    na = (len(anchors[0]) // 2) if isinstance(anchors, (list, tuple)) else int(anchors)
+    no = na * (nc + 5)
+    ch = [in_channels]
+    specs = []
+    rows = list(cfg["backbone"]) + list(cfg["head"])
+    for i, row in enumerate(rows):
+        if len(row) != 4:
+            raise ValueError(f"layer {i}: expected [from, number, module, args], got {row!r}")
+        f, n, m, args = row
+        args = [nc if a == "nc" else anchors if a == "anchors" else a for a in args]
+        n = max(round(n * gd), 1) if n > 1 else n
+        src = tuple(f) if isinstance(f, (list, tuple)) else int(f)
+        in_ch = [ch[j] if j < 0 else ch[j + 1] for j in (src if isinstance(src, tuple) else (src,))]
+        if m in ("Conv", "C3", "Bottleneck", "SPPF", "SPP"):
+            c1, c2 = in_ch[0], args[0]
+            if c2 != no:
+                c2 = make_divisible(c2 * gw, 8)
+            rest = list(args[1:])
+            if m == "Conv":
+                names = ("kernel", "stride", "padding", "groups")
+                kw = dict(zip(names, rest))
+                kw["features"] = c2
+                if n != 1:
+                    raise ValueError(f"layer {i}: Conv with number {n} > 1 is not supported")
+            elif m == "C3":
+                kw = dict(features=c2, n=n, shortcut=bool(rest[0]) if rest else True)
+            elif m == "Bottleneck":
+                kw = dict(features=c2, shortcut=bool(rest[0]) if rest else True)
+            elif m == "SPPF":
+                kw = dict(features=c2, k=int(rest[0]) if rest else 5)
+            else:  # SPP
+                kw = dict(features=c2, ks=tuple(rest[0]) if rest else (5, 9, 13))
+            out = c2
+        elif m == "Concat":
+            kw, out = {}, sum(in_ch)
+            if args and args[0] not in (1, -1):
+                raise ValueError(f"layer {i}: Concat supports the channel dimension only, got {args}")
+        elif m in ("nn.Upsample", "Upsample"):
+            scale = args[1] if len(args) > 1 else 2
+            mode = args[2] if len(args) > 2 else "nearest"
+            if mode != "nearest":
+                raise ValueError(f"layer {i}: only nearest upsampling is supported, got {mode!r}")
+            kw, out, m = dict(scale=int(scale)), in_ch[0], "Upsample"
+        elif m == "Detect":
+            a = args[1]
+            if isinstance(a, int):
+                raise ValueError("Detect with an anchor count instead of anchor sizes is not supported")
+            kw = dict(nc=int(args[0]), anchors=tuple(tuple(float(v) for v in level) for level in a))
+            out = no
+        else:
+            raise ValueError(f"layer {i}: unknown module {m!r}; known: Conv, C3, Bottleneck, SPPF, SPP, "
+                             "Concat, nn.Upsample, Detect")
+        specs.append(LayerSpec(i, src, m, tuple(sorted(kw.items())), out))
+        ch.append(out)
+    if not specs or specs[-1].module != "Detect":
+        raise ValueError("the last layer of a YOLOv5 cfg must be Detect")
+    return tuple(specs)
+
+
+class Conv(nn.Module):
+    """Conv2d (no bias) + BatchNorm + SiLU, the official `Conv`."""
+
+    features: int
+    kernel: int = 1
+    stride: int = 1
+    padding: int | None = None
+    groups: int = 1
+    act: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        p = self.kernel // 2 if self.padding is None else self.padding
+        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+                    padding=((p, p), (p, p)), feature_group_count=self.groups, use_bias=False,
+                    kernel_init=torch_conv_init(), dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
+        return nn.silu(x) if self.act else x
+
+
+class Bottleneck(nn.Module):
+    features: int
+    shortcut: bool = True
+    groups: int = 1
+    expansion: float = 0.5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        hidden = int(self.features * self.expansion)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = Conv(hidden, 1, 1, name="cv1", **kw)(x, train)
+        y = Conv(self.features, 3, 1, groups=self.groups, name="cv2", **kw)(y, train)
+        return x + y if self.shortcut and x.shape[-1] == self.features else y
+
+
+class C3(nn.Module):
+    """CSP bottleneck with three convolutions."""
+
+    features: int
+    n: int = 1
+    shortcut: bool = True
+    expansion: float = 0.5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        hidden = int(self.features * self.expansion)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        a = Conv(hidden, 1, 1, name="cv1", **kw)(x, train)
+        b = Conv(hidden, 1, 1, name="cv2", **kw)(x, train)
+        for j in range(self.n):
+            a = Bottleneck(hidden, self.shortcut, expansion=1.0, name=f"m.{j}", **kw)(a, train)
+        return Conv(self.features, 1, name="cv3", **kw)(jnp.concatenate([a, b], axis=-1), train)
+
+
+def max_pool_same(x, k: int):
+    p = k // 2
+    return nn.max_pool(x, (k, k), strides=(1, 1), padding=((p, p), (p, p)))
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling, fast: three chained k x k max pools."""
+
+    features: int
+    k: int = 5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Conv(x.shape[-1] // 2, 1, 1, name="cv1", **kw)(x, train)
+        y1 = max_pool_same(x, self.k)
+        y2 = max_pool_same(y1, self.k)
+        y3 = max_pool_same(y2, self.k)
+        return Conv(self.features, 1, 1, name="cv2", **kw)(jnp.concatenate([x, y1, y2, y3], -1), train)
+
+
+class SPP(nn.Module):
+    features: int
+    ks: tuple[int, ...] = (5, 9, 13)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Conv(x.shape[-1] // 2, 1, 1, name="cv1", **kw)(x, train)
+        pools = [max_pool_same(x, k) for k in self.ks]
+        return Conv(self.features, 1, 1, name="cv2", **kw)(jnp.concatenate([x] + pools, -1), train)
+
+
+def upsample_nearest(x, scale: int):
+    """[B, H, W, C] -> [B, sH, sW, C], torch nn.Upsample(mode='nearest')."""
+    return jnp.repeat(jnp.repeat(x, scale, axis=1), scale, axis=2)
+
+
+class Detect(nn.Module):
+    """Per-level 1x1 conv heads plus the official inference decoding.
+
+    Returns the raw heads `[B, na, ny, nx, 5 + nc]` and, when `decode`, the decoded boxes
+    `[B, N, 5 + nc]` (xywh in input pixels, objectness and class probabilities), anchor-major
+    per level as the official `Detect.forward` in eval mode.
+    """
+
+    nc: int
+    anchors: tuple[tuple[float, ...], ...]  # pixels, per level [w0, h0, w1, h1, ...]
+    strides: tuple[int, ...] = (8, 16, 32)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def na(self) -> int:
+        return len(self.anchors[0]) // 2
+
+    def _bias_init(self, stride: int, fan_in: int):
+        no, na, nc = self.nc + 5, self.na, self.nc
+        base = torch_bias_init(fan_in)
+
+        def init(key, shape, dtype=jnp.float32):
+            b = base(key, shape, dtype).reshape(na, no)
+            # official _initialize_biases: objectness for ~8 objects per 640 image, class prior 0.6
+            b = b.at[:, 4].add(math.log(8 / (640 / stride) ** 2))
+            b = b.at[:, 5:5 + nc].add(math.log(0.6 / (nc - 0.99999)))
+            return b.reshape(shape)
+
+        return init
+
+    @nn.compact
+    def __call__(self, xs: Sequence[jax.Array], decode: bool = True):
+        no, na = self.nc + 5, self.na
+        heads, decoded = [], []
+        for i, x in enumerate(xs):
+            y = nn.Conv(na * no, (1, 1), kernel_init=torch_conv_init(),
+                        bias_init=self._bias_init(self.strides[i], x.shape[-1]),
+                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"m.{i}")(x)
+            b, ny, nx, _ = y.shape
+            y = y.astype(jnp.float32).reshape(b, ny, nx, na, no).transpose(0, 3, 1, 2, 4)
+            heads.append(y)
+            if decode:
+                decoded.append(self._decode(y, i))
+        out = {"heads": heads}
+        if decode:
+            out["pred"] = jnp.concatenate(decoded, axis=1)
+        return out
+
+    def _decode(self, y, i: int):
+        b, na, ny, nx, no = y.shape
+        stride = float(self.strides[i])
+        gx = np.arange(nx, dtype=np.float32)
+        gy = np.arange(ny, dtype=np.float32)
+        grid = np.stack(np.meshgrid(gx, gy, indexing="xy"), -1)[None, None] - 0.5  # [1,1,ny,nx,2]
+        anchor_grid = np.asarray(self.anchors[i], np.float32).reshape(1, na, 1, 1, 2)
+        s = jax.nn.sigmoid(y)
+        xy = (s[..., 0:2] * 2 + grid) * stride
+        wh = (s[..., 2:4] * 2) ** 2 * anchor_grid
+        out = jnp.concatenate([xy, wh, s[..., 4:]], axis=-1)
+        return out.reshape(b, na * ny * nx, no)
+
+
+_MODULES = {"Conv": Conv, "C3": C3, "Bottleneck": Bottleneck, "SPPF": SPPF, "SPP": SPP}
+
+
+class YOLOv5(nn.Module):
+    """YOLOv5 from a parsed yaml cfg.
+
+    Attributes:
+      cfg: the model cfg dict (nc, depth_multiple, width_multiple, anchors, backbone, head).
+      strides: output strides of the Detect inputs (8, 16, 32 for the P3-P5 layout).
+      dtype: computation dtype (e.g. bfloat16 on GPUs); heads and decoding stay float32.
+      param_dtype: parameter dtype.
+    """
+
+    cfg: Mapping[str, Any]
+    strides: tuple[int, ...] = (8, 16, 32)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def specs(self) -> tuple[LayerSpec, ...]:
+        return parse_model(self.cfg)
+
+    @property
+    def detect_spec(self) -> LayerSpec:
+        return self.specs[-1]
+
+    @property
+    def anchors_pixels(self) -> np.ndarray:
+        """[nl, na, 2] anchor sizes in pixels."""
+        a = dict(self.detect_spec.kwargs)["anchors"]
+        return np.asarray(a, np.float32).reshape(len(a), -1, 2)
+
+    @property
+    def anchors_stride_units(self) -> np.ndarray:
+        """[nl, na, 2], the official `Detect.anchors` buffer (anchors divided by stride)."""
+        return self.anchors_pixels / np.asarray(self.strides, np.float32)[:, None, None]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, decode: bool | None = None):
+        """x: [B, H, W, 3] in [0, 1]. Returns {'heads': [...], 'pred': [B, N, 5+nc] (eval)}."""
+        decode = (not train) if decode is None else decode
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x.astype(self.dtype)
+        outputs: list[Any] = []
+        for spec in self.specs:
+            take = lambda j: outputs[j] if outputs else x  # noqa: E731  (layer 0 reads the image)
+            src = spec.source
+            inp = [take(j) for j in src] if isinstance(src, tuple) else take(src)
+            kwargs = dict(spec.kwargs)
+            name = str(spec.index)
+            if spec.module in _MODULES:
+                y = _MODULES[spec.module](name=name, **kwargs, **kw)(inp, train)
+            elif spec.module == "Concat":
+                y = jnp.concatenate(inp, axis=-1)
+            elif spec.module == "Upsample":
+                y = upsample_nearest(inp, kwargs["scale"])
+            elif spec.module == "Detect":
+                y = Detect(name=name, strides=self.strides, **kwargs, **kw)(inp, decode=decode)
+            else:  # parse_model already rejects unknown modules
+                raise AssertionError(spec.module)
+            outputs.append(y)
+        return outputs[-1]
+
+
+def build_model(cfg: str | Mapping[str, Any] | None = None, *, variant: str | None = None,
+                nc: int | None = None, dtype: Dtype = jnp.float32,
+                param_dtype: Dtype = jnp.float32) -> YOLOv5:
+    """Builds a YOLOv5 from a yaml path / dict (default: the official v6.0 layout) and a variant."""
+    cfg = load_yaml_cfg(cfg, variant=variant, nc=nc)
+    parse_model(cfg)  # validate early, with layer-numbered errors
+    return YOLOv5(cfg=_freeze(cfg), dtype=dtype, param_dtype=param_dtype)
+
+
+def _freeze(obj):
+    """Hashable cfg so the module can be a static jit argument."""
+    if isinstance(obj, Mapping):
+        return flax.core.FrozenDict({k: _freeze(v) for k, v in obj.items()})
+    if isinstance(obj, (list, tuple)):
+        return tuple(_freeze(v) for v in obj)
+    return obj
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
