@@ -33,6 +33,7 @@ VARIANTS = {  # depth_multiple, width_multiple of the official yolov5{n,s,m,l,x}
     "m": (0.67, 0.75),
     "l": (1.0, 1.0),
     "x": (1.33, 1.25),
+    "tiny": (0.33, 0.125),  # not official: a fast variant for tests
 }
 DEFAULT_YAML = os.path.join(os.path.dirname(__file__), "models", "yolov5.yaml")
 BN_EPS = 1e-3  # official initialize_weights sets BatchNorm eps=1e-3, momentum=0.03

@@ -1,0 +1,29 @@
+r"""Entry point: train, evaluate, predict, export or benchmark a network.
+
+  python launch.py --config=configs/yolov5.py:variant=s,data=shapes --workdir=workdirs/y5 \
+      --mode=train --config.batch_size=32
+
+Modes: train | eval | predict | export | benchmark | all (train, then eval, predict, export).
+Multi-host: --config.distributed.num_processes=N --config.distributed.process_id=i
+--config.distributed.coordinator_address=host:port (or nothing, on clusters JAX detects).
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :args).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "benchmark", "all"],
+                          "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from research import main as research_main
+    research_main.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,199 @@
+"""Export a pure JAX image function to ONNX (jax2onnx) and check it with onnxruntime.
+
+    fn = lambda x: model.apply(variables, x, train=False)
+    export_onnx(fn, np.zeros((1, 640, 640, 3), np.float32), "yolov5s.onnx")
+    runner = OnnxRunner("yolov5s.onnx")
+    outs = runner(images)                      # list of np.ndarray, one per output leaf
+    report = check_onnx(fn, "yolov5s.onnx", [images_b1, images_b4])
+    assert report["ok"]
+
+The exported graph takes float32 NHWC images with a symbolic batch dimension 'B' (unless
+`dynamic_batch=False`), embeds all weights as initializers, and has one ONNX output per
+leaf of the function's output pytree (an array, a tuple/list of arrays, or a dict, in
+`jax.tree_util` order). Importing this module installs the bridge's jax2onnx plugins
+(`research.bridge.onnx_plugins`), which fix known converter gaps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import onnx
+
+from research.bridge import onnx_plugins
+
+onnx_plugins.install()
+
+__all__ = ["export_onnx", "OnnxRunner", "check_onnx", "output_leaf_names", "ACCEPT_RTOL"]
+
+ACCEPT_RTOL = 1e-4  # acceptance: max |onnx - jax| <= 1e-4 * max |jax output|, per output
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _leaves(out: Any) -> list:
+    return jax.tree_util.tree_leaves(out)
+
+
+def output_leaf_names(apply_fn: Callable[[jax.Array], Any], example_input: np.ndarray) -> list[str]:
+    """Default output names: 'output' for a single array, else the pytree key paths
+    ('heads_0', 'pred', 'output_1', ...), in `jax.tree_util` leaf order."""
+    shapes = jax.eval_shape(apply_fn, jax.ShapeDtypeStruct(np.shape(example_input), np.float32))
+    flat, _ = jax.tree_util.tree_flatten_with_path(shapes)
+    if len(flat) == 1 and not flat[0][0]:
+        return ["output"]
+    names = []
+    for i, (path, _) in enumerate(flat):
+        parts = []
+        for k in path:
+            for attr in ("key", "idx", "name"):
+                if hasattr(k, attr):
+                    parts.append(str(getattr(k, attr)))
+                    break
+        name = re.sub(r"[^0-9A-Za-z_]+", "_", "_".join(parts)).strip("_")
+        if not name or name[0].isdigit():
+            name = f"output_{name}" if name else f"output_{i}"
+        names.append(name)
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):  # make unique
+        if n in seen:
+            names[i] = f"{n}_{i}"
+        seen[n] = i
+    return names
+
+
+def export_onnx(apply_fn: Callable[[jax.Array], Any], example_input: np.ndarray, path: str, *,
+                dynamic_batch: bool = True, input_name: str = "images",
+                output_names: Sequence[str] | None = None, opset: int | None = None) -> str:
+    """Exports `apply_fn` (images [B, H, W, C] float32 -> array / tuple / pytree of arrays)
+    to the ONNX file `path`, atomically; returns `path`.
+
+    `example_input` fixes H, W, C (and B when `dynamic_batch=False`); with `dynamic_batch`
+    the batch dimension is the symbol 'B'. Weights closed over by `apply_fn` become graph
+    initializers. The file is written to a temporary file in the same directory and moved
+    over `path` only once complete, so an existing good model is never left half-written.
+    """
+    onnx_plugins.install()
+    from jax2onnx import to_onnx
+
+    example_input = np.asarray(example_input, dtype=np.float32)
+    if example_input.ndim != 4:
+        raise ValueError(f"example_input must be [B, H, W, C], got shape {example_input.shape}")
+    shape = tuple(int(d) for d in example_input.shape)
+    spec = (("B",) + shape[1:]) if dynamic_batch else shape
+    if output_names is None:
+        output_names = output_leaf_names(apply_fn, example_input)
+    output_names = list(output_names)
+
+    def flat_fn(x):
+        leaves = _leaves(apply_fn(x))
+        if len(leaves) != len(output_names):
+            raise ValueError(f"{len(output_names)} output_names for {len(leaves)} outputs")
+        return tuple(leaves)
+
+    kwargs: dict[str, Any] = dict(model_name=os.path.splitext(os.path.basename(path))[0] or "model",
+                                  input_names=[input_name], output_names=output_names,
+                                  return_mode="proto")
+    if opset is not None:
+        kwargs["opset"] = int(opset)
+    model = to_onnx(flat_fn, [spec], **kwargs)
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        raise ValueError(f"ONNX model is {model.ByteSize()} bytes, over protobuf's 2 GiB limit")
+    data = model.SerializeToString()
+    _atomic_write(path, data)
+    return path
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class OnnxRunner:
+    """onnxruntime CPU session over an exported model: `runner(x) -> list[np.ndarray]`."""
+
+    def __init__(self, path: str, num_threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = path
+        opts = ort.SessionOptions()
+        if num_threads is not None:
+            opts.intra_op_num_threads = int(num_threads)
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if len(self.input_names) != 1:
+            raise ValueError(f"expected one model input, got {self.input_names}")
+        self.input_name = self.input_names[0]
+        self.input_shape = list(self.session.get_inputs()[0].shape)
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+
+    def __repr__(self) -> str:
+        return f"OnnxRunner({self.path!r}, input={self.input_name}{self.input_shape}, outputs={self.output_names})"
+
+
+def check_onnx(apply_fn: Callable[[jax.Array], Any], path: str, inputs: Sequence[np.ndarray],
+               *, rtol: float = ACCEPT_RTOL, runner: OnnxRunner | None = None) -> dict:
+    """Runs JAX and onnxruntime on each input batch and compares every output.
+
+    Returns {'ok': bool, 'rtol': rtol, 'outputs': {name: {'max_abs_err', 'max_abs_out', 'ratio',
+    'ok'}}, 'per_input': [...same per batch...]}; `ratio` = max_abs_err / max_abs_out, taken
+    over all inputs, and an output is ok when ratio <= rtol (the project's acceptance rule).
+    """
+    runner = runner or OnnxRunner(path)
+    names = runner.output_names
+    agg = {n: {"max_abs_err": 0.0, "max_abs_out": 0.0} for n in names}
+    per_input = []
+    for x in inputs:
+        x = np.asarray(x, dtype=np.float32)
+        ref = [np.asarray(a) for a in _leaves(apply_fn(x))]
+        got = runner(x)
+        if len(ref) != len(got):
+            raise ValueError(f"JAX gives {len(ref)} outputs, ONNX {len(got)}")
+        rec = {}
+        for n, r, g in zip(names, ref, got):
+            if r.shape != g.shape:
+                raise ValueError(f"output {n}: JAX shape {r.shape} != ONNX shape {g.shape}")
+            r64, g64 = r.astype(np.float64), g.astype(np.float64)
+            same = (r64 == g64) | (np.isnan(r64) & np.isnan(g64))
+            diff = np.where(same, 0.0, np.abs(r64 - g64))
+            err = float(np.nan_to_num(diff, nan=np.inf).max()) if r.size else 0.0
+            fin = np.abs(r64[np.isfinite(r64)])
+            mag = float(fin.max()) if fin.size else 0.0
+            rec[n] = {"max_abs_err": err, "max_abs_out": mag, "batch": int(x.shape[0])}
+            agg[n]["max_abs_err"] = max(agg[n]["max_abs_err"], err)
+            agg[n]["max_abs_out"] = max(agg[n]["max_abs_out"], mag)
+        per_input.append(rec)
+    for n, a in agg.items():
+        a["ratio"] = a["max_abs_err"] / a["max_abs_out"] if a["max_abs_out"] > 0 else (
+            0.0 if a["max_abs_err"] == 0 else float("inf"))
+        a["ok"] = bool(a["max_abs_err"] <= rtol * a["max_abs_out"])
+    return {"ok": all(a["ok"] for a in agg.values()), "rtol": rtol, "outputs": agg, "per_input": per_input}
+
+
+def timed_export(*args: Any, **kwargs: Any) -> tuple[str, float]:
+    """`export_onnx` plus its wall time in seconds."""
+    t0 = time.perf_counter()
+    p = export_onnx(*args, **kwargs)
+    return p, time.perf_counter() - t0

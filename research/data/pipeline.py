@@ -1,0 +1,425 @@
+"""grain input pipeline: tfds array_record detection data -> fixed-shape numpy.
+
+Data are read with ``tfds.builder(...).as_data_source(split)`` (array_record,
+random access, no TensorFlow) and transformed with YOLOv5-style augmentation
+(`research.data.transforms`).  Each process reads its own shard of the records
+(grain ``ShardOptions(process_index, process_count)``) and batches
+``batch_size // process_count`` examples, so the local batches of all
+processes together form one global batch.
+
+Batch layout (``S = image_size``, ``M = max_labels``, ``b`` local batch)::
+
+  image     uint8   [b, S, S, 3]   RGB network input
+  boxes     float32 [b, M, 4]      normalized (cx, cy, w, h) on the S x S input
+  classes   int32   [b, M]
+  valid     bool    [b, M]         False for padding rows
+  image_id  int64   [b]            -1 for eval padding examples
+  # eval (train=False) only:
+  orig_hw   int32   [b, 2]         original (height, width)
+  ratio     float32 [b]            gain original -> input pixels
+  pad       float32 [b, 2]         (dw, dh) added on the left / top
+
+A point of the original image maps to ``x * ratio + pad[0]``,
+``y * ratio + pad[1]``; `boxes_to_original` inverts that.  With
+``train=False`` and ``drop_remainder=False`` the split is padded with dummy
+examples (``image_id == -1``, no valid boxes) up to a multiple of the global
+batch so that every process yields the same number of full batches.
+
+The returned ``grain.DataLoader`` gives checkpointable iterators:
+``it.get_state()`` (JSON bytes) / ``it.set_state(state)``, or orbax with
+``grain.checkpoint.CheckpointSave/CheckpointRestore``.
+
+Per-example randomness comes from grain's per-record ``np.random.Generator``
+(seeded from ``seed`` and the record position), so a given record position is
+augmented identically whatever ``worker_count`` is.  Note that grain's
+DataLoader deals whole batches round-robin to workers, so which positions end
+up in which batch depends on ``worker_count``, and an iterator state can only
+be restored into a loader with the same ``worker_count``.  With
+``worker_count > 0`` grain spawns processes (a few seconds of start-up), and
+the program's main module must be importable (``if __name__ == '__main__'``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from absl import flags
+from absl import logging
+import cv2
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from research.data import transforms as T
+
+__all__ = ['prepare', 'make_detection_loader', 'DetectionSource',
+           'TrainTransform', 'EvalTransform', 'boxes_to_original',
+           'label_to_category_id']
+
+_MAX_SUBSTITUTE_TRIES = 16
+_warned_truncation = False
+
+
+def _register_builders():
+  # importing registers the builders with tfds
+  from research.data import coco  # pylint: disable=g-import-not-at-top,unused-import
+  from research.data import shapes  # pylint: disable=g-import-not-at-top,unused-import
+
+
+def prepare(builder_name: str, data_dir: str, *, manual_dir: str | None = None,
+            **builder_kwargs) -> tfds.core.DatasetBuilder:
+  """Generates ``builder_name`` as array_record under ``data_dir`` if needed.
+
+  Idempotent: returns at once when the dataset is already prepared.
+
+  Args:
+    builder_name: e.g. ``'shapes_detection'``, ``'shapes_detection/tiny'``,
+      ``'coco_detection_local'``.
+    data_dir: tfds data directory.
+    manual_dir: folder with manually provided files (COCO builder).
+    **builder_kwargs: passed to ``tfds.builder`` (e.g. ``config=...``).
+
+  Returns:
+    The prepared builder.
+  """
+  _register_builders()
+  builder = tfds.builder(builder_name, data_dir=data_dir,
+                         file_format='array_record', **builder_kwargs)
+  if not builder.is_prepared():
+    download_config = None
+    if manual_dir is not None:
+      download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    builder.download_and_prepare(download_config=download_config,
+                                 file_format='array_record')
+  return builder
+
+
+def _decode_rgb(data) -> np.ndarray:
+  if isinstance(data, np.ndarray) and data.ndim == 3:
+    return data
+  arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+  if arr is None or arr.ndim != 3 or arr.size == 0:
+    raise ValueError('image bytes could not be decoded')
+  return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def _as_str(x) -> str:
+  if isinstance(x, bytes):
+    return x.decode('utf-8', 'replace')
+  return str(x)
+
+
+class DetectionSource:
+  """Random-access source of decoded detection examples.
+
+  Wraps a tfds array_record data source (opened lazily, so the object pickles
+  cheaply into grain workers).  ``source[i]`` returns a dict with ``image``
+  (uint8 HWC RGB), ``labels`` float32 (n, 5) ``[cls, x1, y1, x2, y2]`` in
+  pixels (crowd boxes removed), ``image_id`` and ``filename``.  A record or
+  image that fails to load is logged and replaced by another record (the next
+  ones, deterministically).  Indices ``>= num_records`` (up to
+  ``padded_length``) return ``{'pad': True}``.
+  """
+
+  def __init__(self, dataset_dir: str, split: str,
+               padded_length: int | None = None):
+    self._dataset_dir = str(dataset_dir)
+    self._split = split
+    self._ds = None
+    self.num_records = len(self._open())
+    self._length = max(int(padded_length or 0), self.num_records)
+
+  def _open(self):
+    if self._ds is None:
+      builder = tfds.builder_from_directory(self._dataset_dir)
+      self._ds = builder.as_data_source(
+          self._split, decoders={'image': tfds.decode.SkipDecoding()})
+    return self._ds
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_ds'] = None
+    return state
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __repr__(self):
+    return (f'DetectionSource({self._dataset_dir!r}, {self._split!r}, '
+            f'num_records={self.num_records}, length={self._length})')
+
+  def _decode(self, i: int) -> dict[str, Any]:
+    rec = self._open()[i]
+    image_id = int(rec.get('image_id', i))
+    filename = _as_str(rec.get('image/filename', ''))
+    try:
+      img = _decode_rgb(rec['image'])
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'image_id {image_id} {filename}: {e}') from e
+    h, w = img.shape[:2]
+    obj = rec.get('objects', {})
+    bbox = np.asarray(obj.get('bbox', []), np.float32).reshape(-1, 4)
+    cls = np.asarray(obj.get('label', []), np.float32).reshape(-1)
+    if 'is_crowd' in obj:
+      keep = ~np.asarray(obj['is_crowd'], bool).reshape(-1)
+      bbox, cls = bbox[keep], cls[keep]
+    labels = np.stack([cls, bbox[:, 1] * w, bbox[:, 0] * h, bbox[:, 3] * w,
+                       bbox[:, 2] * h], 1).astype(np.float32).reshape(-1, 5)
+    return {'image': img, 'labels': labels, 'image_id': image_id,
+            'filename': filename, 'index': i}
+
+  def __getitem__(self, index) -> dict[str, Any]:
+    i = int(index)
+    if i >= self.num_records:
+      return {'pad': True, 'index': i}
+    n = self.num_records
+    for k in range(_MAX_SUBSTITUTE_TRIES):
+      j = (i + k) % n
+      try:
+        return self._decode(j)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('data: split %r record %d failed to load (%s); '
+                        'substituting record %d', self._split, j, e,
+                        (j + 1) % n)
+    raise RuntimeError(f'{_MAX_SUBSTITUTE_TRIES} consecutive records of split '
+                       f'{self._split!r} failed to load, starting at {i}')
+
+
+def _pack(img: np.ndarray, labels_n: np.ndarray, image_id: int,
+          max_labels: int) -> dict[str, np.ndarray]:
+  """Fixed-size arrays from normalized (n, 5) [cls, cx, cy, w, h] labels."""
+  global _warned_truncation
+  n = len(labels_n)
+  if n > max_labels:
+    if not _warned_truncation:
+      logging.warning('data: image %d has %d labels > max_labels=%d; extra '
+                      'labels are dropped (warned once)', image_id, n,
+                      max_labels)
+      _warned_truncation = True
+    labels_n = labels_n[:max_labels]
+    n = max_labels
+  boxes = np.zeros((max_labels, 4), np.float32)
+  classes = np.zeros((max_labels,), np.int32)
+  valid = np.zeros((max_labels,), bool)
+  boxes[:n] = labels_n[:, 1:5]
+  classes[:n] = labels_n[:, 0].astype(np.int32)
+  valid[:n] = True
+  return {'image': np.ascontiguousarray(img, dtype=np.uint8), 'boxes': boxes,
+          'classes': classes, 'valid': valid,
+          'image_id': np.int64(image_id)}
+
+
+def _normalized(img, labels) -> np.ndarray:
+  h, w = img.shape[:2]
+  out = np.zeros((len(labels), 5), np.float32)
+  if len(labels):
+    out[:, 0] = labels[:, 0]
+    out[:, 1:] = T.xyxy_to_cxcywhn(labels[:, 1:5], w, h, clip=True, eps=1e-3)
+  return out
+
+
+class TrainTransform(grain.transforms.RandomMap):
+  """Mosaic / letterbox + random_perspective, HSV, flips (YOLOv5 order)."""
+
+  def __init__(self, source: DetectionSource, image_size: int,
+               hyp: Mapping[str, float], max_labels: int):
+    self.source = source
+    self.image_size = int(image_size)
+    self.hyp = {**T.DEFAULT_HYP, **dict(hyp or {})}
+    self.max_labels = int(max_labels)
+
+  def _resized(self, ex):
+    img, (h0, w0), (h, w) = T.load_image(ex['image'], self.image_size, True)
+    return img, T.scale_labels(ex['labels'], w / w0, h / h0)
+
+  def random_map(self, element, rng: np.random.Generator):
+    hyp, s = self.hyp, self.image_size
+    if element.get('pad'):
+      raise ValueError('padding examples are only used for evaluation')
+    if rng.random() < hyp['mosaic']:
+      first = element
+
+      def load_fn(j):
+        return self._resized(first if j == first['index'] else self.source[j])
+
+      img, labels = T.load_mosaic(load_fn, element['index'],
+                                  self.source.num_records, s, rng, hyp)
+    else:
+      img, labels = self._resized(element)
+      img, ratio, pad = T.letterbox(img, s, auto=False, scaleup=True)
+      labels = T.letterbox_labels(labels, ratio, pad)
+      img, labels = T.random_perspective(
+          img, labels, rng, degrees=hyp['degrees'],
+          translate=hyp['translate'], scale=hyp['scale'], shear=hyp['shear'],
+          perspective=hyp['perspective'])
+    labels_n = _normalized(img, labels)
+    img = np.ascontiguousarray(img)
+    T.augment_hsv(img, rng, hgain=hyp['hsv_h'], sgain=hyp['hsv_s'],
+                  vgain=hyp['hsv_v'])
+    if rng.random() < hyp['flipud']:
+      img = img[::-1]
+      labels_n[:, 2] = 1 - labels_n[:, 2]
+    if rng.random() < hyp['fliplr']:
+      img = img[:, ::-1]
+      labels_n[:, 1] = 1 - labels_n[:, 1]
+    return _pack(img, labels_n, element['image_id'], self.max_labels)
+
+
+class EvalTransform(grain.transforms.Map):
+  """Resize long side to S (``load_image``) + letterbox, no augmentation."""
+
+  def __init__(self, image_size: int, max_labels: int):
+    self.image_size = int(image_size)
+    self.max_labels = int(max_labels)
+
+  def map(self, element):
+    s = self.image_size
+    if element.get('pad'):
+      out = _pack(np.full((s, s, 3), T.PAD_VALUE, np.uint8),
+                  np.zeros((0, 5), np.float32), -1, self.max_labels)
+      out.update(orig_hw=np.zeros((2,), np.int32), ratio=np.float32(1.0),
+                 pad=np.zeros((2,), np.float32))
+      return out
+    img, (h0, w0), (h, w) = T.load_image(element['image'], s, False)
+    labels = T.scale_labels(element['labels'], w / w0, h / h0)
+    img, ratio, pad = T.letterbox(img, s, auto=False, scaleup=False)
+    labels = T.letterbox_labels(labels, ratio, pad)
+    out = _pack(img, _normalized(img, labels), element['image_id'],
+                self.max_labels)
+    out.update(orig_hw=np.array([h0, w0], np.int32),
+               # the reference maps back with gain (h / h0) * letterbox ratio
+               ratio=np.float32(ratio[0] * h / h0),
+               pad=np.array(pad, np.float32))
+    return out
+
+
+def _resolve_builder(builder_name_or_builder, data_dir):
+  if isinstance(builder_name_or_builder, tfds.core.DatasetBuilder):
+    builder = builder_name_or_builder
+  else:
+    _register_builders()
+    builder = tfds.builder(builder_name_or_builder, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'dataset {builder.name} is not prepared in {builder.data_dir}; call '
+        'research.data.pipeline.prepare(...) first')
+  return builder
+
+
+def make_detection_loader(
+    builder_name_or_builder, split: str, *, data_dir: str | None = None,
+    image_size: int = 640, batch_size: int, train: bool,
+    hyp: Mapping[str, float] | None = None, max_labels: int = 100,
+    seed: int = 0, shuffle: bool | None = None, num_epochs: int | None = None,
+    worker_count: int = 0, process_index: int | None = None,
+    process_count: int | None = None, drop_remainder: bool | None = None,
+    worker_buffer_size: int = 1, read_threads: int = 4) -> grain.DataLoader:
+  """Builds the grain DataLoader for one process.
+
+  Args:
+    builder_name_or_builder: tfds name (``'shapes_detection'``,
+      ``'coco_detection_local'``, with optional ``/config``) or a builder.
+    split: tfds split (slicing such as ``'train[:10%]'`` works).
+    data_dir: tfds data dir (when a name is given).
+    image_size: square network input size S.
+    batch_size: GLOBAL batch size; each process yields
+      ``batch_size // process_count``.
+    train: augment (mosaic etc.) when True; letterbox only when False.
+    hyp: augmentation hyper-parameters; missing keys default to
+      `transforms.DEFAULT_HYP` (YOLOv5 hyp.scratch-low).
+    max_labels: M, boxes per image kept (extra ones dropped, warned once).
+    seed: shuffling and augmentation seed.
+    shuffle: defaults to ``train``.
+    num_epochs: None repeats forever.
+    worker_count: grain worker processes (0 = in-process).
+    process_index / process_count: default ``jax.process_index()`` /
+      ``jax.process_count()``.
+    drop_remainder: defaults to ``train``.  For ``train=False`` and
+      ``drop_remainder=False`` the split is padded to full global batches.
+    worker_buffer_size: batches prefetched per worker.
+    read_threads: grain reader threads.
+
+  Returns:
+    ``grain.DataLoader``; ``iter(loader)`` supports ``get_state``/``set_state``.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if batch_size % process_count:
+    raise ValueError(f'global batch_size {batch_size} is not divisible by '
+                     f'process_count {process_count}')
+  local_bs = batch_size // process_count
+  shuffle = train if shuffle is None else shuffle
+  drop_remainder = train if drop_remainder is None else drop_remainder
+
+  if worker_count and not flags.FLAGS.is_parsed():
+    # grain worker processes read absl flags; outside absl.app (scripts,
+    # tests) they are unparsed, so accept their defaults
+    flags.FLAGS.mark_as_parsed()
+
+  builder = _resolve_builder(builder_name_or_builder, data_dir)
+  source = DetectionSource(builder.data_dir, split)
+  n = source.num_records
+  if not train and not drop_remainder:
+    padded = int(math.ceil(n / batch_size)) * batch_size
+    source = DetectionSource(builder.data_dir, split, padded_length=padded)
+  elif n < batch_size:
+    raise ValueError(f'split {split!r} has {n} examples < global batch '
+                     f'{batch_size} with drop_remainder')
+
+  shard = grain.sharding.ShardOptions(shard_index=process_index,
+                                      shard_count=process_count,
+                                      drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=shard, shuffle=shuffle,
+      num_epochs=num_epochs, seed=int(seed))
+  if train:
+    op = TrainTransform(source, image_size, hyp or {}, max_labels)
+  else:
+    op = EvalTransform(image_size, max_labels)
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[op, grain.transforms.Batch(local_bs,
+                                             drop_remainder=drop_remainder)],
+      worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+      shard_options=shard,
+      read_options=grain.ReadOptions(num_threads=read_threads,
+                                     prefetch_buffer_size=max(2 * local_bs, 8)))
+
+
+def boxes_to_original(boxes_xyxy, ratio, pad, orig_hw) -> np.ndarray:
+  """Maps xyxy pixel boxes on the network input back to the original image.
+
+  Args:
+    boxes_xyxy: (..., 4) boxes in input pixels.
+    ratio: scalar gain (batch field ``ratio``).
+    pad: (dw, dh) (batch field ``pad``).
+    orig_hw: (height, width) of the original image, for clipping.
+
+  Returns:
+    float32 (..., 4) boxes in original pixels, clipped to the image.
+  """
+  b = np.array(boxes_xyxy, np.float32, copy=True)
+  b[..., [0, 2]] = (b[..., [0, 2]] - pad[0]) / ratio
+  b[..., [1, 3]] = (b[..., [1, 3]] - pad[1]) / ratio
+  b[..., [0, 2]] = b[..., [0, 2]].clip(0, orig_hw[1])
+  b[..., [1, 3]] = b[..., [1, 3]].clip(0, orig_hw[0])
+  return b
+
+
+def label_to_category_id(builder_or_dir) -> list[int] | None:
+  """Contiguous label -> dataset category id table, or None for identity.
+
+  Reads ``category_ids`` from the dataset metadata (written by
+  `coco_detection_local`); synthetic datasets have none.
+  """
+  if isinstance(builder_or_dir, tfds.core.DatasetBuilder):
+    builder = builder_or_dir
+  else:
+    builder = tfds.builder_from_directory(str(builder_or_dir))
+  meta = builder.info.metadata
+  if meta and 'category_ids' in meta:
+    return [int(c) for c in meta['category_ids']]
+  return None

@@ -1,0 +1,304 @@
+"""The shared trainer: one jitted data-parallel step, checkpoints, logging, evaluation.
+
+A network plugs in through a `Task` (see `research/tasks.py`): it supplies its model, loss,
+optimiser, data and evaluators; this module owns everything they have in common.
+
+Step semantics (YOLOv5-style, general enough for the others):
+  * every call of `train_step` is one *iteration* on one global batch; gradients add into an
+    accumulator, and the optimiser applies them when the host says so (`do_update`), which is
+    how a nominal batch (YOLOv5's 64) or a warmup-varying accumulation is reached;
+  * hyper-parameters that change per iteration (learning rates per parameter group, momentum)
+    are computed on the host and passed in as scalars: the task's optimiser is built with
+    `optax.inject_hyperparams`, so nothing recompiles when they change;
+  * an EMA of params and batch statistics follows every optimiser update when the task asks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from research import parallel
+from research.metric_writers import MetricWriter
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss is NaN or inf; the last good checkpoint stays on disk."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # iterations done (batches consumed)
+    opt_step: jax.Array  # optimiser updates done
+    last_update: jax.Array  # iteration of the last optimiser update (-1: none yet)
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    grad_accum: Any
+    ema_params: Any
+    ema_batch_stats: Any
+
+    def eval_variables(self, use_ema: bool = True) -> dict:
+        params = self.ema_params if use_ema and self.ema_params is not None else self.params
+        stats = self.ema_batch_stats if use_ema and self.ema_params is not None else self.batch_stats
+        out = {"params": params}
+        if stats is not None and jax.tree_util.tree_leaves(stats):
+            out["batch_stats"] = stats
+        return out
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation, use_ema: bool) -> TrainState:
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), opt_step=jnp.zeros((), jnp.int32),
+        last_update=-jnp.ones((), jnp.int32),
+        params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+        grad_accum=jax.tree_util.tree_map(jnp.zeros_like, params),
+        ema_params=jax.tree_util.tree_map(jnp.copy, params) if use_ema else None,
+        ema_batch_stats=jax.tree_util.tree_map(jnp.copy, batch_stats) if use_ema else None)
+
+
+def _set_hyperparams(opt_state, hyper: dict):
+    """Writes host-computed scalars into every `inject_hyperparams` state that has them."""
+    def visit(s):
+        if isinstance(s, optax.InjectHyperparamsState):
+            hp = dict(s.hyperparams)
+            for k in hp:
+                if k in hyper:
+                    hp[k] = jnp.asarray(hyper[k], dtype=jnp.asarray(hp[k]).dtype)
+            return s._replace(hyperparams=hp)
+        if isinstance(s, tuple) and not hasattr(s, "_fields"):
+            return tuple(visit(x) for x in s)
+        if isinstance(s, tuple):  # other NamedTuples: recurse into fields
+            return type(s)(*[visit(x) for x in s])
+        if isinstance(s, dict):
+            return {k: visit(v) for k, v in s.items()}
+        return s
+    return visit(opt_state)
+
+
+def train_step(state: TrainState, batch: dict, hyper: dict, do_update: jax.Array, rng: jax.Array, *,
+               loss_fn: Callable, tx: optax.GradientTransformation,
+               ema_decay: Callable[[jax.Array], jax.Array] | None,
+               optimizer_kwargs: Callable[[jax.Array], dict] | None = None) -> tuple[TrainState, dict]:
+    """One iteration: loss and gradients on the global batch; optimiser update if `do_update`."""
+    step_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_of(params):
+        return loss_fn(params, state.batch_stats, batch, step_rng)
+
+    (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    accum = jax.tree_util.tree_map(jnp.add, state.grad_accum, grads)
+
+    def apply(_):
+        opt_state = _set_hyperparams(state.opt_state, hyper)
+        extra = optimizer_kwargs(state.step) if optimizer_kwargs is not None else {}
+        updates, opt_state = tx.update(accum, opt_state, state.params, **extra)
+        params = optax.apply_updates(state.params, updates)
+        ema_p, ema_s = state.ema_params, state.ema_batch_stats
+        if ema_decay is not None and ema_p is not None:
+            d = ema_decay(state.opt_step + 1)
+            mix = lambda e, v: d * e + (1.0 - d) * v  # noqa: E731
+            ema_p = jax.tree_util.tree_map(mix, ema_p, params)
+            ema_s = jax.tree_util.tree_map(mix, ema_s, new_batch_stats)
+        zero = jax.tree_util.tree_map(jnp.zeros_like, accum)
+        return params, opt_state, zero, ema_p, ema_s, state.opt_step + 1, state.step
+
+    def skip(_):
+        return (state.params, state.opt_state, accum, state.ema_params, state.ema_batch_stats,
+                state.opt_step, state.last_update)
+
+    params, opt_state, accum, ema_p, ema_s, opt_step, last_update = jax.lax.cond(do_update, apply, skip, None)
+    metrics = dict(metrics)
+    metrics["train/loss"] = loss
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+    metrics["train/param_norm"] = optax.global_norm(params)
+    new_state = state.replace(step=state.step + 1, opt_step=opt_step, last_update=last_update, params=params,
+                              batch_stats=new_batch_stats, opt_state=opt_state, grad_accum=accum,
+                              ema_params=ema_p, ema_batch_stats=ema_s)
+    return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class Checkpointer:
+    """orbax CheckpointManager holding the train state and the data-iterator state."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=async_save))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, data_state: dict | None) -> None:
+        data_json = {"process_%d" % jax.process_index(): data_state} if data_state is not None else {}
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_json)))
+
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict | None]:
+        step = self.latest_step() if step is None else step
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint {self.directory}/{step} does not fit this model/config "
+                             f"(a checkpoint of another network or variant?): {e}") from None
+        data = restored.data or {}
+        return restored.state, data.get("process_%d" % jax.process_index())
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def write_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def parameter_overview(params: Any) -> str:
+    rows = []
+    for path, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
+        rows.append(f"{'/'.join(path):70s} {str(tuple(v.shape)):22s} {int(np.prod(v.shape)):>10,d}")
+    total = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
+    return "\n".join(rows + [f"{'total':70s} {'':22s} {total:>10,d}"])
+
+
+def train_and_evaluate(config, workdir: str, task) -> dict:
+    """Trains `task` per `config` in `workdir` (resuming if a checkpoint is there)."""
+    write_config(config, workdir)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size)
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+
+    variables = task.init_variables(init_rng)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+            f.write(parameter_overview(variables["params"]) + "\n")
+    tx = task.make_optimizer(variables["params"])
+    state = create_train_state(variables, tx, use_ema=task.use_ema)
+    state = parallel.replicate(state, mesh)
+
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
+    data_state = None
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state)
+        state = parallel.replicate(state, mesh)
+        logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+
+    total_steps = task.total_steps
+    loader = task.train_loader(data_state)
+    writer = MetricWriter(workdir, total_steps)
+    step_fn = jax.jit(functools.partial(train_step, loss_fn=task.loss_fn, tx=tx, ema_decay=task.ema_decay,
+                                        optimizer_kwargs=getattr(task, "optimizer_kwargs", None)),
+                      donate_argnums=(0,))
+    evaluators = task.evaluators()
+
+    step = int(state.step)
+    last_opt_iter = int(state.last_update)
+    it = iter(loader)
+    try:
+        state, step = _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng,
+                            writer, ckpt, evaluators, last_opt_iter)
+    finally:
+        ckpt.close()  # waits for an async save in flight, so the last good checkpoint is whole
+    final = {}
+    if evaluators:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                rec = json.loads(line)
+                final.update({k: v for k, v in rec.items() if k.startswith("eval")})
+    writer.close()
+    return {"state": state, "final_metrics": final, "workdir": workdir}
+
+
+def _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng, writer, ckpt,
+          evaluators, last_opt_iter):
+    pending: list[tuple[int, dict]] = []
+    t_last, step_last = time.time(), step
+    examples_per_step = config.batch_size
+    while step < total_steps:
+        local = next(it)
+        batch = parallel.global_batch(task.to_device(local), mesh)
+        hyper = task.hyperparams(step)
+        accumulate = task.accumulate(step)
+        do_update = (step - last_opt_iter) >= accumulate
+        if do_update:
+            last_opt_iter = step
+        state, metrics = step_fn(state, batch, {k: np.float32(v) for k, v in hyper.items()},
+                                 np.bool_(do_update), step_rng)
+        step += 1
+        pending.append((step, metrics))
+        # Check the previous step's loss while this one runs (no stall of the device queue).
+        if len(pending) > 1 or step >= total_steps:
+            _check_finite(pending, keep_last=step < total_steps)
+        if step % config.log_every_steps == 0 or step == total_steps:
+            _check_finite(pending, keep_last=False)
+            m = {k: float(v) for k, v in parallel.fetch(metrics).items()}
+            now = time.time()
+            rate = (step - step_last) / max(now - t_last, 1e-9)
+            t_last, step_last = now, step
+            m.update({f"hyper/{k}": float(v) for k, v in hyper.items()})
+            m["perf/steps_per_sec"] = rate
+            m["perf/examples_per_sec"] = rate * examples_per_step
+            writer.write(step, m)
+        if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            _check_finite(pending, keep_last=False)
+            ckpt.save(step, state, _iterator_state(it))
+        if evaluators and (step % config.eval_every_steps == 0 or step == total_steps):
+            for ev in evaluators:
+                results = dict(ev.run(state))
+                writer.write(step, results)
+    return state, step
+
+
+def _iterator_state(it: Iterator) -> dict | None:
+    get = getattr(it, "get_state", None)
+    if get is None:
+        return None
+    s = get()
+    if isinstance(s, bytes):
+        s = {"bytes": s.decode("latin-1")}
+    return s
+
+
+def _check_finite(pending: list, keep_last: bool) -> None:
+    """Raises NonFiniteLossError for the first NaN/inf loss among the pending steps."""
+    upto = len(pending) - 1 if keep_last else len(pending)
+    for step, metrics in pending[:upto]:
+        loss = float(np.asarray(metrics["train/loss"]))
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {step}; stopped. The last good checkpoint is kept; "
+                "lower the learning rate or check the data (try --config.hyp.lr0).")
+    del pending[:upto]

@@ -1,0 +1,275 @@
+"""YOLOv5 glue for the shared trainer: model, loss, optimiser, data, evaluation, export."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from research import parallel
+from research.yolov5 import loss as loss_lib
+from research.yolov5 import optim
+from research.yolov5 import postprocess
+from research.yolov5.model import VARIANTS, YOLOv5, build_model, load_yaml_cfg
+
+
+def model_from_config(config, nc: int) -> YOLOv5:
+    m = config.model
+    cfg = load_yaml_cfg(m.yaml or None, variant=m.variant or None, nc=nc)
+    if m.depth_multiple > 0:
+        cfg["depth_multiple"] = m.depth_multiple
+    if m.width_multiple > 0:
+        cfg["width_multiple"] = m.width_multiple
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(m.dtype)
+    if dtype is None:
+        raise ValueError(f"config.model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
+    return build_model(cfg, dtype=dtype)
+
+
+class Task:
+    """YOLOv5 on a detection dataset (`shapes` or a local COCO folder)."""
+
+    def __init__(self, config):
+        self.config = config
+        from research.data import detection
+        self.dataset = detection.DetectionData(config.data)
+        self.class_names = self.dataset.class_names
+        self.model = model_from_config(config, nc=len(self.class_names))
+        self.use_ema = bool(config.ema)
+        nl = len(self.model.strides)
+        hyp = dict(config.hyp)
+        if config.scale_hyp:
+            hyp = loss_lib.scale_hyp(hyp, nl=nl, nc=len(self.class_names), imgsz=config.data.image_size)
+        self.loss_hyp = hyp
+        self.steps_per_epoch = max(self.dataset.num_examples(config.data.train_split) // config.batch_size, 1)
+        if config.total_steps > 0:
+            self.total_steps = int(config.total_steps)
+            self.epochs = max(math.ceil(self.total_steps / self.steps_per_epoch), 1)
+        else:
+            self.epochs = int(config.num_epochs)
+            self.total_steps = self.epochs * self.steps_per_epoch
+        self.schedule = optim.Yolov5Schedule.from_hyp(
+            config.hyp, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
+            batch_size=config.batch_size, cos_lr=config.cos_lr, nbs=config.nbs)
+        self.anchors = jnp.asarray(self.model.anchors_stride_units)
+
+    # ---------------------------------------------------------------- training pieces
+    def init_variables(self, rng) -> dict:
+        s = self.config.data.image_size
+        variables = jax.jit(lambda r: self.model.init(r, jnp.zeros((1, s, s, 3)), train=False))(rng)
+        return dict(variables)
+
+    def make_optimizer(self, params):
+        return optim.yolov5_sgd(self.config.hyp, self.schedule, max_grad_norm=self.config.max_grad_norm or None)
+
+    def loss_fn(self, params, batch_stats, batch, rng):
+        del rng
+        images = batch["image"].astype(jnp.float32) / 255.0
+        out, mutated = self.model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                        mutable=["batch_stats"])
+        total, items = loss_lib.compute_loss(out["heads"], batch["boxes"], batch["classes"], batch["valid"],
+                                             self.anchors, self.loss_hyp)
+        metrics = {f"train/{k}": v for k, v in items.items()}
+        return total, (metrics, mutated["batch_stats"])
+
+    def optimizer_kwargs(self, step):
+        return {"step": step}
+
+    def hyperparams(self, step: int) -> dict[str, float]:
+        v = self.schedule.values(step)
+        return {k: float(v[k]) for k in ("lr_bias", "lr_weight", "momentum")}
+
+    def accumulate(self, step: int) -> int:
+        return int(self.schedule.values(step)["accumulate"])
+
+    def ema_decay(self, updates):
+        return optim.ema_decay(updates) if self.use_ema else None
+
+    def train_loader(self, iterator_state=None):
+        return self.dataset.loader(self.config.data.train_split, train=True, batch_size=self.config.batch_size,
+                                   hyp=self.config.hyp, seed=self.config.seed, iterator_state=iterator_state)
+
+    @staticmethod
+    def to_device(local: dict) -> dict:
+        return {k: local[k] for k in ("image", "boxes", "classes", "valid")}
+
+    def evaluators(self):
+        return [DetectionEvaluator(self)]
+
+    # ---------------------------------------------------------------- other modes
+    def evaluate(self, workdir: str, onnx: bool = False) -> dict:
+        return evaluate(self, workdir, onnx)
+
+    def predict(self, workdir: str) -> list[str]:
+        return predict(self, workdir)
+
+    def export(self, workdir: str) -> dict:
+        return export(self, workdir)
+
+    def after_training(self, workdir: str) -> None:
+        after_training(self, workdir)
+
+    def predict_fn(self):
+        @jax.jit
+        def fwd(variables, images):
+            return self.model.apply(variables, images.astype(jnp.float32) / 255.0, train=False)["pred"]
+        return fwd
+
+
+class DetectionEvaluator:
+    """COCO mAP of the (EMA) model on the eval split: forward, NMS, boxes back to original pixels."""
+
+    def __init__(self, task: Task, onnx_path: str | None = None):
+        self.task = task
+        self.onnx_path = onnx_path
+        self.fwd = task.predict_fn()
+
+    def predictions(self, state) -> Iterator[tuple[dict, np.ndarray]]:
+        cfg = self.task.config
+        loader = self.task.dataset.loader(cfg.data.eval_split, train=False, batch_size=cfg.eval.batch_size,
+                                          hyp=cfg.hyp, seed=0)
+        if self.onnx_path:
+            from research.bridge.onnx_export import OnnxRunner
+            runner = OnnxRunner(self.onnx_path)
+            run = lambda images: runner(images.astype(np.float32) / 255.0)[0]  # noqa: E731
+        else:
+            variables = state.eval_variables(cfg.eval.use_ema) if hasattr(state, "eval_variables") else state
+            run = lambda images: np.asarray(self.fwd(variables, images))  # noqa: E731
+        for batch in loader:
+            pred = run(batch["image"])
+            yield batch, pred
+
+    def run(self, state):
+        from research.evaluation.coco import CocoDetectionEvaluator
+        cfg = self.task.config
+        gt_images, gt_boxes, gt_labels, dets = [], [], [], []
+        for batch, pred in self.predictions(state):
+            out = postprocess.non_max_suppression(pred, cfg.eval.conf_thres, cfg.eval.iou_thres,
+                                                  multi_label=True, max_det=cfg.eval.max_det)
+            for i in range(len(batch["image_id"])):
+                if batch["image_id"][i] < 0:  # padding that completes the last global batch
+                    continue
+                info = _image_info(batch, i)
+                gt_images.append(info["coco"])
+                gt_boxes.append(info["gt_xyxy"])
+                gt_labels.append(batch["classes"][i][batch["valid"][i]])
+                d = out[i].copy()
+                d[:, :4] = postprocess.scale_boxes(batch["image"].shape[1:3], d[:, :4], info["orig_hw"],
+                                                   ratio_pad=info["ratio_pad"])
+                dets.append((info["coco"]["id"], d))
+        gt = self.task.dataset.coco_gt(gt_images, gt_boxes, gt_labels)
+        ev = CocoDetectionEvaluator(gt, self.task.dataset.label_to_category_id)
+        for image_id, d in dets:
+            ev.add(image_id, d[:, :4], d[:, 4], d[:, 5].astype(np.int64))
+        res = ev.result()
+        self.last_detections = dets
+        prefix = "eval_onnx" if self.onnx_path else "eval"
+        yield f"{prefix}/mAP50", res["mAP50"]
+        yield f"{prefix}/mAP50_95", res["mAP50_95"]
+
+
+def _image_info(batch: dict, i: int) -> dict:
+    """Original size, letterbox ratio/pad and ground-truth boxes in original pixels."""
+    s_h, s_w = batch["image"].shape[1:3]
+    h0, w0 = (int(v) for v in batch["orig_hw"][i])
+    ratio = float(batch["ratio"][i])
+    pad = batch["pad"][i].astype(np.float64)
+    valid = batch["valid"][i]
+    b = batch["boxes"][i][valid].astype(np.float64)
+    xyxy = np.stack([(b[:, 0] - b[:, 2] / 2) * s_w, (b[:, 1] - b[:, 3] / 2) * s_h,
+                     (b[:, 0] + b[:, 2] / 2) * s_w, (b[:, 1] + b[:, 3] / 2) * s_h], -1).reshape(-1, 4)
+    xyxy = postprocess.scale_boxes((s_h, s_w), xyxy, (h0, w0), ratio_pad=((ratio, ratio), tuple(pad)))
+    return {"coco": {"id": int(batch["image_id"][i]), "height": h0, "width": w0}, "orig_hw": (h0, w0),
+            "ratio_pad": ((ratio, ratio), tuple(pad)), "gt_xyxy": xyxy}
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes beyond training: restore, evaluate, predict, export
+
+
+def _restore(task: Task, workdir: str):
+    from research import trainer
+    variables = task.init_variables(jax.random.PRNGKey(0))
+    state = trainer.create_train_state(variables, task.make_optimizer(variables["params"]), task.use_ema)
+    ckpt = trainer.Checkpointer(workdir, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: run --mode=train first")
+        state, _ = ckpt.restore(state)
+    finally:
+        ckpt.close()
+    return state
+
+
+def evaluate(self: Task, workdir: str, onnx: bool = False) -> dict:
+    path = None
+    if onnx or self.config.eval.onnx:
+        path = os.path.join(workdir, "export", "model.onnx")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: run --mode=export first")
+        state = None
+    else:
+        state = _restore(self, workdir)
+    return {k: float(v) for k, v in DetectionEvaluator(self, onnx_path=path).run(state)}
+
+
+def predict(self: Task, workdir: str) -> list[str]:
+    from research.yolov5 import visualize
+    cfg = self.config
+    state = _restore(self, workdir)
+    variables = state.eval_variables(cfg.eval.use_ema)
+    fwd = self.predict_fn()
+    out_dir = os.path.join(workdir, "predictions")
+    os.makedirs(out_dir, exist_ok=True)
+    s = cfg.data.image_size
+    paths = []
+    for name, image0, image, ratio, pad in self.dataset.predict_images(cfg.predict.input_dir, s,
+                                                                     cfg.predict.num_images):
+        pred = np.asarray(fwd(variables, image[None]))
+        det = postprocess.non_max_suppression(pred, cfg.predict.conf_thres, cfg.predict.iou_thres,
+                                              max_det=cfg.eval.max_det)[0]
+        det[:, :4] = postprocess.scale_boxes((s, s), det[:, :4], image0.shape[:2],
+                                             ratio_pad=((ratio, ratio), pad))
+        path = os.path.join(out_dir, f"{name}.png")
+        visualize.draw_detections(image0, det, self.class_names, path)
+        paths.append(path)
+    return paths
+
+
+def export(self: Task, workdir: str) -> dict:
+    from research.bridge import torch_bridge
+    from research.yolov5 import bridge
+    cfg = self.config
+    state = _restore(self, workdir)
+    variables = jax.tree_util.tree_map(np.asarray, state.eval_variables(cfg.eval.use_ema))
+    out_dir = os.path.join(workdir, "export")
+    os.makedirs(out_dir, exist_ok=True)
+    results = {}
+    if cfg.export.torch:
+        sd = bridge.to_torch(self.model, variables)
+        results["torch_pt"] = torch_bridge.save_state_dict_file(sd, os.path.join(out_dir, "model.pt"))
+        results["safetensors"] = torch_bridge.save_state_dict_file(sd, os.path.join(out_dir, "model.safetensors"))
+    if cfg.export.onnx:
+        from research.bridge.onnx_export import export_onnx
+        s = cfg.data.image_size
+
+        def apply_fn(images):
+            return self.model.apply(variables, images, train=False)["pred"]
+
+        results["onnx"] = export_onnx(apply_fn, np.zeros((1, s, s, 3), np.float32),
+                                      os.path.join(out_dir, "model.onnx"), dynamic_batch=True,
+                                      output_names=["pred"])
+    return results
+
+
+def after_training(self: Task, workdir: str) -> None:
+    from research.yolov5 import visualize
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() == 0 and os.path.exists(path):
+        visualize.plot_curves(path, os.path.join(workdir, "curves.png"))
