@@ -136,6 +136,8 @@ def _write_coco(root):
            'bbox': [1, 2, 10, 10], 'iscrowd': 0},
           {'id': 24, 'image_id': 2, 'category_id': 12,
            'bbox': [1, 2, 10, 10], 'iscrowd': 0},  # not a COCO-80 id
+          {'id': 25, 'image_id': 2, 'category_id': 3},  # no bbox
+          {'id': 26, 'category_id': 3, 'bbox': [1, 1, 2, 2]},  # no image
       ],
       'categories': [{'id': 1, 'name': 'person'}],
   }
@@ -186,6 +188,8 @@ def test_coco_builder_examples_and_warnings(tmp_path, caplog):
   assert has('b.png', 'clipped')
   assert has('b.png', 'outside', 'dropped')
   assert has('b.png', 'unknown category id 12')
+  assert has('b.png', 'annotation 25', 'malformed')
+  assert has('instances_train2017.json', 'without a valid image_id')
   assert not has('a.jpg')
 
 
@@ -547,7 +551,8 @@ class BrokenImagesForTest(_tfds_compat.SourceFileCodePath,
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return self.dataset_info_from_configs(
+    return tfds.core.DatasetInfo(
+        builder=self,
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(None, None, 3)),
             'image_id': np.int64,
@@ -585,3 +590,8 @@ def test_corrupt_image_is_logged_and_substituted(tmp_path, caplog):
       assert all(b['valid'][:, 0].all() for b in batches)
   assert any('image_id 102' in r.getMessage() and 'substituting' in
              r.getMessage() for r in caplog.records)
+
+
+def test_data_path_never_imports_tensorflow():
+  import sys  # pylint: disable=g-import-not-at-top
+  assert 'tensorflow' not in sys.modules

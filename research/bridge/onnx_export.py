@@ -102,11 +102,28 @@ def export_onnx(apply_fn: Callable[[jax.Array], Any], example_input: np.ndarray,
     if opset is not None:
         kwargs["opset"] = int(opset)
     model = to_onnx(flat_fn, [spec], **kwargs)
+    _refresh_value_info(model)
     if model.ByteSize() > _PROTOBUF_LIMIT:
         raise ValueError(f"ONNX model is {model.ByteSize()} bytes, over protobuf's 2 GiB limit")
     data = model.SerializeToString()
     _atomic_write(path, data)
     return path
+
+
+def _refresh_value_info(model: onnx.ModelProto) -> None:
+    """Recomputes intermediate shape annotations.
+
+    jax2onnx's graph optimiser moves elementwise ops (SiLU's Sigmoid/Mul) across the
+    NHWC<->NCHW transposes around Conv but keeps their old NHWC value_info, which makes
+    onnxruntime log shape-merge warnings; the annotations are only hints, so they are
+    dropped and re-inferred by ONNX (inputs, outputs and initializers are untouched).
+    """
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is optional: the cleared model is valid as is
+        return
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -198,11 +198,20 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
       data = json.load(f)
     by_image = collections.defaultdict(list)
     for a in data.get('annotations', []):
-      by_image[int(a['image_id'])].append(a)
+      try:
+        by_image[int(a['image_id'])].append(a)
+      except (KeyError, TypeError, ValueError):
+        logging.warning('coco: %s: annotation without a valid image_id: %r; '
+                        'dropped', os.fspath(ann_path), a)
+    images = []
+    for info in data.get('images', []):
+      try:
+        images.append((int(info['id']), str(info['file_name']), info))
+      except (KeyError, TypeError, ValueError):
+        logging.warning('coco: %s: image entry without id/file_name: %r; '
+                        'skipped', os.fspath(ann_path), info)
     warned_cats = set()
-    for info in sorted(data.get('images', []), key=lambda x: int(x['id'])):
-      image_id = int(info['id'])
-      fname = info['file_name']
+    for image_id, fname, info in sorted(images, key=lambda x: x[0]):
       path = img_dir / fname
       try:
         checked = _decode_check(path.read_bytes())
@@ -221,7 +230,12 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
                         info.get('width'), h, w)
       bboxes, labels, cats, crowd = [], [], [], []
       for a in by_image.get(image_id, []):
-        cid = int(a['category_id'])
+        try:
+          cid = int(a['category_id'])
+        except (KeyError, TypeError, ValueError):
+          logging.warning('coco: %s: annotation %s has no valid category_id; '
+                          'dropped', fname, a.get('id'))
+          continue
         if cid not in cat_to_label:
           if cid not in warned_cats:
             logging.warning('coco: %s: unknown category id %d; dropping its '

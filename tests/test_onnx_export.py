@@ -1,0 +1,347 @@
+"""ONNX export bridge: a YOLOv5-op-set Flax model end to end, plus one test per plugin.
+
+Each plugin test first reproduces what stock jax2onnx 0.17 does (inside
+`onnx_plugins.stock_plugins()`), then checks the bridge's mapping against JAX.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from research.bridge import onnx_plugins
+from research.bridge.onnx_export import ACCEPT_RTOL, OnnxRunner, check_onnx, export_onnx
+
+# --------------------------------------------------------------------------------------
+# a small YOLOv5-like model
+# --------------------------------------------------------------------------------------
+
+ANCHORS = ((10.0, 13.0, 16.0, 30.0, 33.0, 23.0), (30.0, 61.0, 62.0, 45.0, 59.0, 119.0))
+STRIDES = (4, 8)
+NC = 2
+IMG = 64
+
+
+class ConvBnSiLU(nn.Module):
+    features: int
+    k: int = 1
+    s: int = 1
+    p: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        p = self.k // 2 if self.p is None else self.p
+        x = nn.Conv(self.features, (self.k, self.k), strides=(self.s, self.s),
+                    padding=((p, p), (p, p)), use_bias=False, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
+        return nn.silu(x)
+
+
+class TinyYolo(nn.Module):
+    upsample: str = "repeat"  # or "resize"
+
+    @nn.compact
+    def __call__(self, x):
+        x = ConvBnSiLU(8, k=6, s=2, p=2, name="stem")(x)          # 32x32
+        p2 = ConvBnSiLU(16, k=3, s=2, name="down1")(x)            # 16x16
+        p3 = ConvBnSiLU(32, k=3, s=2, name="down2")(p2)           # 8x8
+        # SPPF: three chained 5x5 / stride 1 / pad 2 max pools + concat
+        y = ConvBnSiLU(16, name="sppf_cv1")(p3)
+        y1 = nn.max_pool(y, (5, 5), strides=(1, 1), padding=((2, 2), (2, 2)))
+        y2 = nn.max_pool(y1, (5, 5), strides=(1, 1), padding=((2, 2), (2, 2)))
+        y3 = nn.max_pool(y2, (5, 5), strides=(1, 1), padding=((2, 2), (2, 2)))
+        p3 = ConvBnSiLU(32, name="sppf_cv2")(jnp.concatenate([y, y1, y2, y3], -1))
+        # nearest 2x upsample + concat
+        if self.upsample == "repeat":
+            u = jnp.repeat(jnp.repeat(p3, 2, axis=1), 2, axis=2)
+        else:
+            b, h, w, c = p3.shape
+            u = jax.image.resize(p3, (b, 2 * h, 2 * w, c), "nearest")
+        p2 = ConvBnSiLU(16, name="head")(jnp.concatenate([u, p2], -1))
+        # detect
+        na, no = len(ANCHORS[0]) // 2, NC + 5
+        heads, decoded = [], []
+        for i, f in enumerate((p2, p3)):
+            y = nn.Conv(na * no, (1, 1), use_bias=True, name=f"detect_{i}")(f)
+            b, ny, nx, _ = y.shape
+            y = y.reshape(b, ny, nx, na, no).transpose(0, 3, 1, 2, 4)  # [B, na, ny, nx, no]
+            heads.append(y)
+            gx, gy = jnp.meshgrid(jnp.arange(nx, dtype=jnp.float32), jnp.arange(ny, dtype=jnp.float32))
+            grid = jnp.stack([gx, gy], -1)[None, None]                 # [1, 1, ny, nx, 2]
+            anchor = jnp.asarray(ANCHORS[i], jnp.float32).reshape(1, na, 1, 1, 2)
+            s = jax.nn.sigmoid(y)
+            xy = (s[..., 0:2] * 2 - 0.5 + grid) * STRIDES[i]
+            wh = (s[..., 2:4] * 2) ** 2 * anchor
+            decoded.append(jnp.concatenate([xy, wh, s[..., 4:]], -1).reshape(b, -1, no))
+        return heads[0], heads[1], jnp.concatenate(decoded, 1)
+
+
+def _randomize_bn(variables, key):
+    """Non-trivial BatchNorm running stats and affine params."""
+    params = jax.tree_util.tree_map(lambda a: a, variables["params"])
+    stats = jax.tree_util.tree_map(lambda a: a, variables["batch_stats"])
+    for name in stats:
+        k1, k2, k3, k4, key = jax.random.split(key, 5)
+        n = stats[name]["bn"]["mean"].shape[0]
+        stats[name]["bn"]["mean"] = 0.5 * jax.random.normal(k1, (n,))
+        stats[name]["bn"]["var"] = jax.random.uniform(k2, (n,), minval=0.3, maxval=2.0)
+        params[name]["bn"]["scale"] = 1.0 + 0.3 * jax.random.normal(k3, (n,))
+        params[name]["bn"]["bias"] = 0.3 * jax.random.normal(k4, (n,))
+    return {"params": params, "batch_stats": stats}
+
+
+def _images(b, seed):
+    return np.random.RandomState(seed).rand(b, IMG, IMG, 3).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=["repeat", "resize"])
+def exported(request, tmp_path_factory):
+    model = TinyYolo(upsample=request.param)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMG, IMG, 3)))
+    variables = _randomize_bn(variables, jax.random.PRNGKey(1))
+    apply_fn = functools.partial(model.apply, variables)
+    path = str(tmp_path_factory.mktemp("onnx") / f"tiny_yolo_{request.param}.onnx")
+    export_onnx(apply_fn, _images(1, 0), path, output_names=["heads_0", "heads_1", "pred"])
+    return request.param, apply_fn, path
+
+
+def test_yolo_like_model_matches_jax_at_batch_1_and_3(exported):
+    upsample, apply_fn, path = exported
+    runner = OnnxRunner(path)
+    assert runner.input_name == "images" and runner.input_shape[0] == "B"
+    assert runner.output_names == ["heads_0", "heads_1", "pred"]
+    report = check_onnx(apply_fn, path, [_images(1, 1), _images(3, 2)], runner=runner)
+    for name, r in report["outputs"].items():
+        assert r["max_abs_err"] <= ACCEPT_RTOL * r["max_abs_out"], (upsample, name, r)
+        assert r["max_abs_out"] > 0
+    assert report["ok"]
+    outs = runner(_images(3, 2))
+    assert [o.shape for o in outs] == [(3, 3, 16, 16, 7), (3, 3, 8, 8, 7), (3, 3 * (256 + 64), 7)]
+
+
+def test_export_is_float32_with_embedded_weights(exported):
+    upsample, apply_fn, path = exported
+    m = onnx.load(path)
+    onnx.checker.check_model(m)
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".data")]
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in m.graph.output)
+    n_weights = sum(int(np.prod(onnx.numpy_helper.to_array(t).shape)) for t in m.graph.initializer)
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(apply_fn.args[0]["params"]))
+    assert n_weights >= n_params * 0.9  # weights live in the file (BN may be folded into Conv)
+    ops = {n.op_type for n in m.graph.node}
+    assert "MaxPool" in ops and "Conv" in ops
+    if upsample == "resize":
+        assert "Resize" in ops
+
+
+# --------------------------------------------------------------------------------------
+# helpers for the per-plugin tests
+# --------------------------------------------------------------------------------------
+
+
+def _to_session(fn, spec, **kw):
+    from jax2onnx import to_onnx
+
+    model = to_onnx(fn, [spec], **kw)
+    return model, ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _run(sess, x):
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _bridge_check(fn, tmp_path, shape=(8, 8, 4), batches=(1, 3), exact=False, name="m.onnx"):
+    path = str(tmp_path / name)
+    x0 = np.random.RandomState(0).randn(1, *shape).astype(np.float32)
+    export_onnx(fn, x0, path)
+    xs = [np.random.RandomState(b).randn(b, *shape).astype(np.float32) for b in batches]
+    report = check_onnx(fn, path, xs)
+    r = report["outputs"]["output"]
+    if exact:
+        assert r["max_abs_err"] == 0.0, r
+    assert report["ok"], r
+    return onnx.load(path)
+
+
+SPPF_POOL = functools.partial(nn.max_pool, window_shape=(5, 5), strides=(1, 1), padding=((2, 2), (2, 2)))
+
+
+# --------------------------------------------------------------------------------------
+# max_pool / reduce_window
+# --------------------------------------------------------------------------------------
+
+
+def test_stock_linen_max_pool_drops_explicit_padding():
+    """Stock jax2onnx: explicit padding becomes str(padding) and is lowered as VALID."""
+    x = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)
+    ref = np.asarray(SPPF_POOL(x))
+    with onnx_plugins.stock_plugins():
+        model, sess = _to_session(SPPF_POOL, ("B", 8, 8, 4))
+        got = _run(sess, x)
+        # the positional form YOLOv5 code uses is rejected outright
+        with pytest.raises(TypeError):
+            _to_session(lambda v: nn.max_pool(v, (5, 5), strides=(1, 1), padding=((2, 2), (2, 2))),
+                        ("B", 8, 8, 4))
+    assert ref.shape == (2, 8, 8, 4)
+    assert got.shape == (2, 4, 4, 4)  # silently wrong: a VALID 5x5 pool
+    pads = [a for n in model.graph.node if n.op_type == "MaxPool" for a in n.attribute
+            if a.name in ("pads", "auto_pad")]
+    assert [a.s for a in pads if a.name == "auto_pad"] == [b"VALID"]
+
+
+def test_bridge_linen_max_pool_explicit_padding(tmp_path):
+    m = _bridge_check(lambda v: nn.max_pool(v, (5, 5), strides=(1, 1), padding=((2, 2), (2, 2))),
+                      tmp_path, exact=True)
+    (mp,) = [n for n in m.graph.node if n.op_type == "MaxPool"]
+    attrs = {a.name: list(a.ints) for a in mp.attribute}
+    assert attrs["kernel_shape"] == [5, 5] and attrs["pads"] == [2, 2, 2, 2] and attrs["strides"] == [1, 1]
+    # other argument forms, incl. stride 2 / asymmetric / string padding
+    for fn in (lambda v: nn.max_pool(v, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
+               lambda v: nn.max_pool(v, (2, 3), strides=(2, 1), padding=((0, 1), (1, 1))),
+               lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding="SAME"),
+               lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))):
+        _bridge_check(fn, tmp_path, shape=(9, 8, 4), exact=True, name="var.onnx")
+
+
+def test_stock_reduce_window_max_fails_in_onnxruntime():
+    """Stock jax2onnx: reduce_window_max -> MaxPool over all 4 axes, rejected by onnxruntime."""
+    fn = lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 5, 5, 1), (1, 1, 1, 1),  # noqa: E731
+                                         ((0, 0), (2, 2), (2, 2), (0, 0)))
+    x = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)
+    with onnx_plugins.stock_plugins():
+        model, sess = _to_session(fn, ("B", 8, 8, 4))
+    (mp,) = [n for n in model.graph.node if n.op_type == "MaxPool"]
+    assert [list(a.ints) for a in mp.attribute if a.name == "kernel_shape"] == [[1, 5, 5, 1]]
+    with pytest.raises(Exception, match="(?i)pool"):
+        _run(sess, x)
+
+
+def test_bridge_reduce_window_max_min_and_init_value(tmp_path):
+    pads = ((0, 0), (2, 2), (2, 2), (0, 0))
+    _bridge_check(lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 5, 5, 1), (1,) * 4, pads),
+                  tmp_path, exact=True)
+    _bridge_check(lambda v: jax.lax.reduce_window(v, jnp.inf, jax.lax.min, (1, 3, 3, 1), (1, 2, 2, 1),
+                                                  ((0, 0), (1, 1), (1, 1), (0, 0))), tmp_path, exact=True)
+    # generic reduce_window: a reducer that is not lax.max, and a non-identity init value
+    _bridge_check(lambda v: jax.lax.reduce_window(v, -jnp.inf, jnp.maximum, (1, 3, 3, 1), (1,) * 4,
+                                                  ((0, 0), (1, 1), (1, 1), (0, 0))), tmp_path, exact=True)
+    init0 = lambda v: jax.lax.reduce_window(v, 0.0, jax.lax.max, (1, 5, 5, 1), (1,) * 4, pads)  # noqa: E731
+    with onnx_plugins.stock_plugins(), pytest.raises(NotImplementedError, match="identity init"):
+        _to_session(init0, ("B", 8, 8, 4))
+    _bridge_check(init0, tmp_path, exact=True)
+
+
+# --------------------------------------------------------------------------------------
+# jax.image.resize / nearest upsampling
+# --------------------------------------------------------------------------------------
+
+
+def _resize(shape_hw, method, **kw):
+    return lambda v: jax.image.resize(v, (v.shape[0], *shape_hw, v.shape[3]), method, **kw)
+
+
+def test_stock_resize_fails_with_symbolic_batch_and_antialias():
+    from jax._src.export.shape_poly import InconclusiveDimensionOperation
+
+    with onnx_plugins.stock_plugins():
+        with pytest.raises(InconclusiveDimensionOperation):
+            _to_session(_resize((16, 16), "nearest"), ("B", 8, 8, 4))
+        with pytest.raises(NotImplementedError, match="antialias"):
+            _to_session(_resize((3, 5), "linear"), (2, 8, 8, 4))  # antialias=True is the default
+
+
+def test_stock_resize_nearest_downsample_picks_wrong_rows():
+    fn = _resize((4, 4), "nearest")
+    x = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)
+    with onnx_plugins.stock_plugins():
+        _, sess = _to_session(fn, (2, 8, 8, 4))
+    got, ref = _run(sess, x), np.asarray(fn(x))
+    np.testing.assert_array_equal(ref, x[:, 1::2, 1::2])  # JAX: floor((o + .5) * 2)
+    np.testing.assert_array_equal(got, x[:, 0::2, 0::2])  # stock ONNX: round_prefer_floor ties
+
+
+def test_bridge_nearest_upsample_2x_resize_and_repeat(tmp_path):
+    m = _bridge_check(_resize((16, 16), "nearest"), tmp_path, exact=True)
+    (rs,) = [n for n in m.graph.node if n.op_type == "Resize"]
+    attrs = {a.name: (a.s or list(a.ints)) for a in rs.attribute}
+    assert attrs["mode"] == b"nearest" and attrs["axes"] == [1, 2]
+    _bridge_check(lambda v: jnp.repeat(jnp.repeat(v, 2, axis=1), 2, axis=2), tmp_path, exact=True)
+
+
+def test_bridge_resize_nearest_non_integer_scales(tmp_path):
+    for hw in ((4, 4), (5, 11), (3, 8)):
+        _bridge_check(_resize(hw, "nearest"), tmp_path, exact=True)
+
+
+def test_bridge_resize_antialias(tmp_path):
+    for method in ("linear", "cubic"):
+        m = _bridge_check(_resize((3, 5), method, antialias=True), tmp_path)
+        (rs,) = [n for n in m.graph.node if n.op_type == "Resize"]
+        assert {a.name: a.i for a in rs.attribute}["antialias"] == 1
+    _bridge_check(_resize((5, 13), "linear", antialias=False), tmp_path)
+    _bridge_check(_resize((16, 12), "cubic", antialias=True), tmp_path)  # upsampling
+
+
+def test_bridge_resize_matmul_fallback(tmp_path):
+    """Methods/cases onnxruntime's Resize cannot reproduce go through exact per-axis MatMuls."""
+    for fn in (_resize((5, 3), "cubic", antialias=False), _resize((5, 13), "lanczos3"),
+               _resize((5, 13), "cubic-pytorch", antialias=False)):
+        m = _bridge_check(fn, tmp_path)
+        assert "MatMul" in {n.op_type for n in m.graph.node}
+
+
+# --------------------------------------------------------------------------------------
+# export API behaviour
+# --------------------------------------------------------------------------------------
+
+
+def test_atomic_write_keeps_existing_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.onnx")
+    good = lambda v: v * 2.0 + 1.0  # noqa: E731
+    x = np.ones((1, 4, 4, 3), np.float32)
+    export_onnx(good, x, path)
+    before = open(path, "rb").read()
+
+    def broken(v):
+        raise RuntimeError("boom while tracing")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        export_onnx(broken, x, path)
+    assert open(path, "rb").read() == before
+
+    import research.bridge.onnx_export as ox
+
+    def failing_fsync(fd):  # the converter finished, the write itself fails midway
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ox.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(lambda v: v * 3.0, x, path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]  # no temp files left behind
+    np.testing.assert_allclose(OnnxRunner(path)(x)[0], 3.0)
+
+
+def test_static_batch_and_pytree_outputs(tmp_path):
+    path = str(tmp_path / "tree.onnx")
+    fn = lambda v: {"b": v.sum(axis=(1, 2)), "a": [jax.nn.sigmoid(v), v ** 2]}  # noqa: E731
+    x = np.random.RandomState(0).randn(2, 4, 4, 3).astype(np.float32)
+    export_onnx(fn, x, path, dynamic_batch=False, input_name="x")
+    runner = OnnxRunner(path, num_threads=1)
+    assert runner.input_name == "x" and runner.input_shape == [2, 4, 4, 3]
+    assert runner.output_names == ["a_0", "a_1", "b"]
+    report = check_onnx(fn, path, [x])
+    assert report["ok"] and set(report["outputs"]) == {"a_0", "a_1", "b"}
+    # check_onnx flags a mismatch
+    bad = check_onnx(lambda v: {"b": v.sum(axis=(1, 2)) + 1.0, "a": [jax.nn.sigmoid(v), v ** 2]}, path, [x])
+    assert not bad["ok"] and not bad["outputs"]["b"]["ok"] and bad["outputs"]["a_0"]["ok"]
