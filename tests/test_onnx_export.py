@@ -84,18 +84,31 @@ class TinyYolo(nn.Module):
         return heads[0], heads[1], jnp.concatenate(decoded, 1)
 
 
-def _randomize_bn(variables, key):
-    """Non-trivial BatchNorm running stats and affine params."""
-    params = jax.tree_util.tree_map(lambda a: a, variables["params"])
-    stats = jax.tree_util.tree_map(lambda a: a, variables["batch_stats"])
-    for name in stats:
-        k1, k2, k3, k4, key = jax.random.split(key, 5)
-        n = stats[name]["bn"]["mean"].shape[0]
-        stats[name]["bn"]["mean"] = 0.5 * jax.random.normal(k1, (n,))
-        stats[name]["bn"]["var"] = jax.random.uniform(k2, (n,), minval=0.3, maxval=2.0)
-        params[name]["bn"]["scale"] = 1.0 + 0.3 * jax.random.normal(k3, (n,))
-        params[name]["bn"]["bias"] = 0.3 * jax.random.normal(k4, (n,))
-    return {"params": params, "batch_stats": stats}
+def _init_variables(model, seed=0):
+    """Random weights and non-trivial BatchNorm running stats / affine params.
+
+    Drawn with numpy on `jax.eval_shape(model.init)` shapes: `model.init` itself spends
+    ~15 s compiling threefry RNG on a 2-core CPU.
+    """
+    rng = np.random.RandomState(seed)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, IMG, IMG, 3)))
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        n = s.shape
+        if name.endswith("['kernel']"):
+            return rng.normal(0, 1 / np.sqrt(np.prod(n[:-1])), n).astype(np.float32)
+        if name.endswith("['mean']"):
+            return (0.5 * rng.normal(size=n)).astype(np.float32)
+        if name.endswith("['var']"):
+            return rng.uniform(0.3, 2.0, n).astype(np.float32)
+        if name.endswith("['scale']"):
+            return (1.0 + 0.3 * rng.normal(size=n)).astype(np.float32)
+        return (0.3 * rng.normal(size=n)).astype(np.float32)  # BN / conv biases
+
+    variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    assert set(variables) == {"params", "batch_stats"} and len(variables["batch_stats"]) == 6
+    return variables
 
 
 def _images(b, seed):
@@ -105,8 +118,7 @@ def _images(b, seed):
 @pytest.fixture(scope="module", params=["repeat", "resize"])
 def exported(request, tmp_path_factory):
     model = TinyYolo(upsample=request.param)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMG, IMG, 3)))
-    variables = _randomize_bn(variables, jax.random.PRNGKey(1))
+    variables = _init_variables(model)
     apply_fn = functools.partial(model.apply, variables)
     path = str(tmp_path_factory.mktemp("onnx") / f"tiny_yolo_{request.param}.onnx")
     export_onnx(apply_fn, _images(1, 0), path, output_names=["heads_0", "heads_1", "pred"])
@@ -172,7 +184,8 @@ def _bridge_check(fn, tmp_path, shape=(8, 8, 4), batches=(1, 3), exact=False, na
     return onnx.load(path)
 
 
-SPPF_POOL = functools.partial(nn.max_pool, window_shape=(5, 5), strides=(1, 1), padding=((2, 2), (2, 2)))
+def SPPF_POOL(v):  # looks nn.max_pool up at call time, so conversion-time patches apply
+    return nn.max_pool(v, window_shape=(5, 5), strides=(1, 1), padding=((2, 2), (2, 2)))
 
 
 # --------------------------------------------------------------------------------------
@@ -273,13 +286,14 @@ def test_bridge_nearest_upsample_2x_resize_and_repeat(tmp_path):
     m = _bridge_check(_resize((16, 16), "nearest"), tmp_path, exact=True)
     (rs,) = [n for n in m.graph.node if n.op_type == "Resize"]
     attrs = {a.name: (a.s or list(a.ints)) for a in rs.attribute}
-    assert attrs["mode"] == b"nearest" and attrs["axes"] == [1, 2]
+    assert attrs["mode"] == b"nearest"
     _bridge_check(lambda v: jnp.repeat(jnp.repeat(v, 2, axis=1), 2, axis=2), tmp_path, exact=True)
 
 
 def test_bridge_resize_nearest_non_integer_scales(tmp_path):
     for hw in ((4, 4), (5, 11), (3, 8)):
-        _bridge_check(_resize(hw, "nearest"), tmp_path, exact=True)
+        m = _bridge_check(_resize(hw, "nearest"), tmp_path, exact=True, batches=(1, 2))
+        assert "Gather" in {n.op_type for n in m.graph.node}
 
 
 def test_bridge_resize_antialias(tmp_path):
@@ -287,15 +301,15 @@ def test_bridge_resize_antialias(tmp_path):
         m = _bridge_check(_resize((3, 5), method, antialias=True), tmp_path)
         (rs,) = [n for n in m.graph.node if n.op_type == "Resize"]
         assert {a.name: a.i for a in rs.attribute}["antialias"] == 1
-    _bridge_check(_resize((5, 13), "linear", antialias=False), tmp_path)
-    _bridge_check(_resize((16, 12), "cubic", antialias=True), tmp_path)  # upsampling
+    _bridge_check(_resize((5, 13), "linear", antialias=False), tmp_path, batches=(2,))
+    _bridge_check(_resize((16, 12), "cubic", antialias=True), tmp_path, batches=(2,))  # upsampling
 
 
 def test_bridge_resize_matmul_fallback(tmp_path):
     """Methods/cases onnxruntime's Resize cannot reproduce go through exact per-axis MatMuls."""
     for fn in (_resize((5, 3), "cubic", antialias=False), _resize((5, 13), "lanczos3"),
                _resize((5, 13), "cubic-pytorch", antialias=False)):
-        m = _bridge_check(fn, tmp_path)
+        m = _bridge_check(fn, tmp_path, batches=(2,))
         assert "MatMul" in {n.op_type for n in m.graph.node}
 
 

@@ -137,6 +137,27 @@ def test_greedy_nms_many_boxes_and_chunks():
         np.testing.assert_array_equal(nms(boxes, scores, thr, max_keep=50), ref[:50])
 
 
+@pytest.mark.parametrize("extra, n_calls", [
+    (dict(), 3),  # every class is its own group
+    (dict(agnostic=True), 1),
+    (dict(max_wh=150), 1),  # class extents (boxes span ~0..180 px) overlap: one group, same result
+    (dict(max_wh=190), 3),  # extents now only touch or separate
+])
+def test_nms_large_max_det_grouped_path(extra, n_calls, monkeypatch):
+    # max_det above _PER_CLASS_MIN_DET runs greedy NMS on groups of classes that cannot interact.
+    from research.yolov5 import postprocess
+
+    calls = []
+    real_nms = postprocess.nms
+    monkeypatch.setattr(postprocess, "nms", lambda *a, **k: calls.append(1) or real_nms(*a, **k))
+    pred = make_pred(np.random.default_rng(11), b=1, n=1500, nc=3)
+    kw = dict(conf_thres=0.001, iou_thres=0.6, multi_label=True, max_det=5000, **extra)
+    ours = non_max_suppression(pred, **kw)
+    assert len(calls) == n_calls
+    assert_same(ours, ref_nms_pipeline(pred, **kw))
+    assert len(ours[0]) > 300
+
+
 def test_nms_exact_threshold_and_classes():
     def pred_from(rows, nc=2):  # rows: (x1, y1, x2, y2, obj, cls)
         p = np.zeros((1, len(rows), 5 + nc), np.float32)

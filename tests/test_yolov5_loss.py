@@ -71,6 +71,25 @@ def test_golden_yolov5s():
         assert abs(float(value) - gold) <= 1e-5 * abs(gold) + 1e-7, (key, float(value), gold)
 
 
+# One compiled loss-and-gradient per hyp, shared by the tests below (same shapes: B=2, M=20,
+# GRID levels, NC classes), so the file compiles few programs. _TRACES counts retraces.
+GRID, NC, M_LABELS = [(8, 10), (4, 5), (2, 3)], 4, 20
+PLAIN_HYP = {"box": 0.05, "cls": 0.5, "obj": 1.0, "cls_pw": 1.0, "obj_pw": 1.0, "anchor_t": 4.0,
+             "fl_gamma": 0.0, "label_smoothing": 0.0}
+_TRACES = []
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_fn(hyp_items, with_grad=True):
+    hyp = dict(hyp_items)
+
+    def f(heads, boxes, classes, valid):
+        _TRACES.append(hyp_items)
+        return yloss.compute_loss(heads, boxes, classes, valid, ANCHORS, hyp)
+
+    return jax.jit(jax.value_and_grad(f, has_aux=True) if with_grad else f)
+
+
 # ------------------------------------------------------------------ torch re-statement
 
 def _torch_reference(heads, targets, anchors, hyp):
@@ -184,18 +203,20 @@ def _crowded_case(rng, bsz, per_image, nc, grid):
 def test_against_torch_reference_crowded(variant):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0 if variant == "plain" else 1)
-    bsz, nc, grid = 2, 4, [(8, 10), (4, 5), (2, 3)]
-    hyp = {"box": 0.05, "cls": 0.5, "obj": 1.0, "cls_pw": 1.0, "obj_pw": 1.0, "anchor_t": 4.0,
-           "fl_gamma": 0.0, "label_smoothing": 0.0}
+    bsz, nc, grid = 2, NC, GRID
+    hyp = dict(PLAIN_HYP)
     if variant != "plain":
         hyp.update(cls_pw=1.7, obj_pw=0.8, fl_gamma=1.5, label_smoothing=0.1, anchor_t=2.9)
-    fn = jax.jit(jax.value_and_grad(
-        lambda h, b, c, v: yloss.compute_loss(h, b, c, v, ANCHORS, hyp), has_aux=True))
+    with_grad = variant == "plain"  # gradients once (each compiled gradient costs seconds on CPU)
+    fn = _loss_fn(tuple(sorted(hyp.items())), with_grad)
     for trial in range(2):
         heads = [rng.normal(0, 1.5, (bsz, 3, ny, nx, 5 + nc)).astype(np.float32) for ny, nx in grid]
         targets = _crowded_case(rng, bsz, 14, nc, grid)
-        boxes, classes, valid = yloss.targets_to_padded(targets, bsz, 20)
-        (total, items), grads = fn(heads, boxes, classes, valid)
+        boxes, classes, valid = yloss.targets_to_padded(targets, bsz, M_LABELS)
+        if with_grad:
+            (total, items), grads = fn(heads, boxes, classes, valid)
+        else:
+            (total, items), grads = fn(heads, boxes, classes, valid), ()
 
         th = [torch.tensor(h, requires_grad=True) for h in heads]
         ref, stats = _torch_reference(th, torch.tensor(targets), torch.tensor(ANCHORS), hyp)
@@ -284,17 +305,15 @@ def test_perfect_prediction_is_minimal():
 
 def test_no_labels():
     rng = np.random.default_rng(3)
-    grid = [(8, 10), (4, 5), (2, 3)]
-    heads = [rng.normal(0, 1, (2, 3, ny, nx, 9)).astype(np.float32) for ny, nx in grid]
-    boxes = rng.random((2, 5, 4)).astype(np.float32)
+    heads = [rng.normal(0, 1, (2, 3, ny, nx, 5 + NC)).astype(np.float32) for ny, nx in GRID]
+    boxes = rng.random((2, M_LABELS, 4)).astype(np.float32)
     boxes[0, 0] = np.nan  # garbage in padding must not leak
-    valid = np.zeros((2, 5), bool)
-    hyp = dict(box=0.05, obj=0.7, cls=0.5, cls_pw=1.0, obj_pw=1.0, anchor_t=4.0)
-    f = lambda h: yloss.compute_loss(h, boxes, np.zeros((2, 5), np.int32), valid, ANCHORS, hyp)
-    (total, items), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(heads)
+    valid = np.zeros((2, M_LABELS), bool)
+    fn = _loss_fn(tuple(sorted(PLAIN_HYP.items())), True)
+    (total, items), grads = fn(heads, boxes, np.zeros((2, M_LABELS), np.int32), valid)
     assert float(items["lbox"]) == 0.0 and float(items["lcls"]) == 0.0
-    expected = 0.7 * sum(bal * np.mean(np.logaddexp(0, h[..., 4].astype(np.float64)))
-                         for bal, h in zip([4.0, 1.0, 0.4], heads))
+    expected = PLAIN_HYP["obj"] * sum(bal * np.mean(np.logaddexp(0, h[..., 4].astype(np.float64)))
+                                      for bal, h in zip([4.0, 1.0, 0.4], heads))
     np.testing.assert_allclose(float(items["lobj"]), expected, rtol=1e-5)
     np.testing.assert_allclose(float(total), 2 * expected, rtol=1e-5)
     for g in grads:
@@ -304,20 +323,16 @@ def test_no_labels():
 
 def test_jit_grad_finite_and_single_trace():
     rng = np.random.default_rng(5)
-    grid = [(8, 10), (4, 5), (2, 3)]
-    heads = [rng.normal(0, 2, (2, 3, ny, nx, 7)).astype(np.float32) for ny, nx in grid]
-    hyp = dict(box=0.05, obj=1.0, cls=0.5, cls_pw=1.0, obj_pw=1.0, anchor_t=4.0)
-    traces = []
-
-    def f(h, b, c, v):
-        traces.append(1)
-        return yloss.compute_loss(h, b, c, v, ANCHORS, hyp)[0]
-
-    g = jax.jit(jax.grad(f))
-    for k in range(3):
-        valid = rng.random((2, 6)) < 0.7
-        boxes = rng.uniform(0.02, 0.98, (2, 6, 4)).astype(np.float32)
-        grads = g(heads, boxes, rng.integers(0, 2, (2, 6)).astype(np.int32), valid)
+    heads = [rng.normal(0, 2, (2, 3, ny, nx, 5 + NC)).astype(np.float32) for ny, nx in GRID]
+    fn = _loss_fn(tuple(sorted(PLAIN_HYP.items())), True)
+    traces = None
+    for k in range(4):
+        valid = rng.random((2, M_LABELS)) < 0.5
+        boxes = rng.uniform(0.02, 0.98, (2, M_LABELS, 4)).astype(np.float32)
+        (total, _), grads = fn(heads, boxes, rng.integers(0, NC, (2, M_LABELS)).astype(np.int32), valid)
+        assert np.isfinite(float(total))
         assert all(np.all(np.isfinite(x)) for x in grads)
         assert any(np.any(np.asarray(x)[..., :4] != 0) for x in grads)
-    assert len(traces) == 1
+        if traces is None:
+            traces = len(_TRACES)
+    assert len(_TRACES) == traces  # new label contents do not retrace

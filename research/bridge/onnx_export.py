@@ -179,12 +179,13 @@ def check_onnx(apply_fn: Callable[[jax.Array], Any], path: str, inputs: Sequence
     over all inputs, and an output is ok when ratio <= rtol (the project's acceptance rule).
     """
     runner = runner or OnnxRunner(path)
+    jitted = jax.jit(apply_fn)  # one compile per batch size instead of op-by-op dispatch
     names = runner.output_names
     agg = {n: {"max_abs_err": 0.0, "max_abs_out": 0.0} for n in names}
     per_input = []
     for x in inputs:
         x = np.asarray(x, dtype=np.float32)
-        ref = [np.asarray(a) for a in _leaves(apply_fn(x))]
+        ref = [np.asarray(a) for a in _leaves(jitted(x))]
         got = runner(x)
         if len(ref) != len(got):
             raise ValueError(f"JAX gives {len(ref)} outputs, ONNX {len(got)}")

@@ -27,7 +27,7 @@ entries back, which the tests use to reproduce the stock behaviour.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +46,42 @@ from jax2onnx.plugins.plugin_system import (
     import_all_plugins,
 )
 
-# The stock tree must be imported (and so registered) *before* our entries go in: its
-# import is lazy and would otherwise overwrite them at the first conversion.
-import_all_plugins()
+
+# Plugin subtrees not needed for Flax/JAX image models. jax2onnx's equinox plugins build
+# example modules at import time (~18 s of eager JAX on a 2-core CPU) and `examples` only
+# registers demo models. Set RESEARCH_ONNX_ALL_PLUGINS=1 to load everything anyway.
+_SKIPPED_PLUGIN_TREES = ("equinox", "examples")
+
+
+def _import_stock_plugins() -> None:
+    """Imports (and so registers) jax2onnx's plugin tree.
+
+    This must happen *before* our entries go in: jax2onnx imports its tree lazily at the
+    first conversion and that import would overwrite them. `import_all_plugins` is marked
+    done afterwards so the skipped subtrees are not pulled in later either.
+    """
+    import importlib
+    import os
+    from pathlib import Path
+
+    from jax2onnx.plugins import plugin_system as ps
+
+    if os.environ.get("RESEARCH_ONNX_ALL_PLUGINS", "0") not in ("", "0") or not hasattr(
+            ps, "_already_imported_plugins") or not hasattr(ps, "_import_tree"):
+        import_all_plugins()
+        return
+    if ps._already_imported_plugins:
+        return
+    root = Path(ps.__file__).parent
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and not child.name.startswith("_") and child.name not in _SKIPPED_PLUGIN_TREES:
+            ps._import_tree(child, f"jax2onnx.plugins.{child.name}")
+        elif child.suffix == ".py" and child.name not in ("__init__.py", "plugin_system.py"):
+            importlib.import_module(f"jax2onnx.plugins.{child.stem}")
+    ps._already_imported_plugins = True
+
+
+_import_stock_plugins()
 
 from jax2onnx.plugins.jax.lax import reduce_window as _stock_reduce_window  # noqa: E402
 
@@ -438,8 +471,9 @@ class ImageResizePlugin(PrimitiveLeafPlugin):
         the source coordinate is a tie, e.g. a 2x nearest downsample: JAX takes
         floor((o + 0.5) * in / out) = rows 1, 3, 5, ..., ONNX took rows 0, 2, 4, ...
 
-    The mapping (opset >= 18; only the resized axes are touched, so the batch may be
-    symbolic):
+    The mapping (Resize needs opset >= 13, >= 18 with antialias, else the fallbacks below;
+    full-rank `sizes`, computed from Shape(x) when the batch is symbolic; un-resized axes
+    keep scale 1):
       * nearest, integer upsampling factor on every resized axis (YOLOv5's 2x): Resize
         mode=nearest, half_pixel, round_prefer_ceil, `axes` + `sizes` (no ties can occur);
         any other nearest: one Gather per axis with JAX's own float32 indices;
@@ -495,7 +529,7 @@ class ImageResizePlugin(PrimitiveLeafPlugin):
             raise NotImplementedError(f"resize method {method!r}")
         else:
             downs = any(out_shape[i] < in_shape[i] for i in axes)
-            native = opset >= 18 and (
+            native = opset >= (18 if antialias and downs else 13) and (
                 method == "linear"
                 or (method == "cubic" and rank == 4 and set(axes) <= {1, 2} and (antialias or not downs)))
             if native:
@@ -504,7 +538,7 @@ class ImageResizePlugin(PrimitiveLeafPlugin):
                                              antialias=aa, exclude_outside=aa)
                 if method == "cubic":
                     attrs.update(cubic_coeff_a=-0.5, exclude_outside=1)
-                result = self._resize_node(ctx, x_val, out_shape, axes, dt, **attrs)
+                result = self._resize_node(ctx, x_val, in_shape, out_shape, axes, dt, **attrs)
             else:
                 result = self._matmul(ctx, x_val, in_shape, out_shape, axes, dt, method, antialias,
                                       np.dtype(np.float64) if dt == ir.DataType.DOUBLE else out_dtype)
@@ -512,19 +546,37 @@ class ImageResizePlugin(PrimitiveLeafPlugin):
 
     # -- pieces ----------------------------------------------------------------------
     @staticmethod
-    def _resize_node(ctx: Any, x_val: ir.Value, out_shape: tuple, axes: list[int], dt: ir.DataType,
-                     **attrs: Any) -> ir.Value:
+    def _resize_node(ctx: Any, x_val: ir.Value, in_shape: tuple, out_shape: tuple, axes: list[int],
+                     dt: ir.DataType, **attrs: Any) -> ir.Value:
+        """Resize with a full-rank `sizes` input.
+
+        Not the opset-18 `axes` attribute: onnxruntime's transpose optimiser, when it pushes
+        the Conv layout Transposes through a Resize, permutes `sizes` with the 4-d perm and
+        breaks a 2-element `sizes` ("Number of elements of input 'sizes' (0) does not match
+        the number of axes (2)"). With a symbolic batch, `sizes` is built at run time as
+        Shape(x) * keep + target.
+        """
+        rank = len(in_shape)
         empty = np.asarray([], dtype=np.float32)
         roi = ctx.builder.add_initializer_from_array(name=ctx.fresh_name("resize_roi"), array=empty)
         scales = ctx.builder.add_initializer_from_array(name=ctx.fresh_name("resize_scales"), array=empty)
-        sizes = _const_i64(ctx, np.asarray([out_shape[i] for i in axes], np.int64), "resize_sizes")
+        if all(isinstance(d, (int, np.integer)) for d in out_shape):
+            sizes = _const_i64(ctx, np.asarray(out_shape, np.int64), "resize_sizes")
+        else:
+            keep = np.asarray([0 if i in axes else 1 for i in range(rank)], np.int64)
+            target = np.asarray([int(out_shape[i]) if i in axes else 0 for i in range(rank)], np.int64)
+            shp = _emit(ctx, "Shape", [x_val], [rank], ir.DataType.INT64, ctx.fresh_name("resize_shape"))
+            kept = _emit(ctx, "Mul", [shp, _const_i64(ctx, keep, "resize_keep")], [rank],
+                         ir.DataType.INT64, ctx.fresh_name("resize_kept"))
+            sizes = _emit(ctx, "Add", [kept, _const_i64(ctx, target, "resize_target")], [rank],
+                          ir.DataType.INT64, ctx.fresh_name("resize_sizes"))
         return _emit(ctx, "Resize", [x_val, roi, scales, sizes], out_shape, dt,
-                     ctx.fresh_name("resize"), axes=list(axes), **attrs)
+                     ctx.fresh_name("resize"), **attrs)
 
     def _nearest(self, ctx: Any, x_val: ir.Value, in_shape: tuple, out_shape: tuple, axes: list[int],
                  dt: ir.DataType, opset: int) -> ir.Value:
-        if opset >= 18 and all(out_shape[i] % in_shape[i] == 0 for i in axes):
-            return self._resize_node(ctx, x_val, out_shape, axes, dt, mode="nearest",
+        if opset >= 13 and all(out_shape[i] % in_shape[i] == 0 for i in axes):
+            return self._resize_node(ctx, x_val, in_shape, out_shape, axes, dt, mode="nearest",
                                      coordinate_transformation_mode="half_pixel",
                                      nearest_mode="round_prefer_ceil")
         cur, dims = x_val, list(in_shape)

@@ -111,7 +111,8 @@ def _pair_iou(x1, y1, x2, y2, area, bx1, by1, bx2, by2, barea, zero):
     w = np.maximum(zero, np.minimum(x2, bx2) - np.maximum(x1, bx1))
     h = np.maximum(zero, np.minimum(y2, by2) - np.maximum(y1, by1))
     inter = w * h
-    return inter / (area + barea - inter)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 for empty boxes -> NaN, never suppresses
+        return inter / (area + barea - inter)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float, max_keep: int | None = None) -> np.ndarray:
@@ -161,6 +162,52 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float, max_keep: int |
             alive = np.flatnonzero(~(iou.astype(np.float64) > thr)) + 1
             pos, x1, y1, x2, y2, area = pos[alive], x1[alive], y1[alive], x2[alive], y2[alive], area[alive]
     return order[np.asarray(keep, dtype=np.int64)]
+
+
+# Above this many detections per image, NMS runs on independent class groups (see `_batched_nms`).
+_PER_CLASS_MIN_DET = 1000
+
+
+def _batched_nms(offset_boxes, scores, cls, iou_thres, max_det):
+    """`nms` of class-offset boxes, first `max_det` kept; indices into the (conf-sorted) rows.
+
+    With a small `max_det` one global greedy pass that stops after `max_det` kept boxes is
+    cheapest. With a large one (nearly everything kept) the greedy runs on groups of classes
+    whose offset boxes cannot interact: classes are grouped so that the x-extents (of the float
+    values actually used) of different groups at most touch. Any cross-group pair then has
+    min(x2) - max(x1) <= 0, so intersection 0, IoU 0 (or NaN) and no suppression, and the
+    result is identical to the global pass. With the usual class offset every class is its
+    own group; in agnostic mode everything is one group.
+    """
+    n = offset_boxes.shape[0]
+    if max_det <= _PER_CLASS_MIN_DET or n <= 1024:
+        return nms(offset_boxes, scores, iou_thres, max_keep=max_det)
+    lo_box = np.minimum(offset_boxes[:, 0], offset_boxes[:, 2])
+    hi_box = np.maximum(offset_boxes[:, 0], offset_boxes[:, 2])
+    if not (np.isfinite(lo_box).all() and np.isfinite(hi_box).all()):
+        return nms(offset_boxes, scores, iou_thres, max_keep=max_det)
+    uniq, inv = np.unique(cls, return_inverse=True)
+    lo = np.full(uniq.shape[0], np.inf)
+    hi = np.full(uniq.shape[0], -np.inf)
+    np.minimum.at(lo, inv, lo_box)
+    np.maximum.at(hi, inv, hi_box)
+    by_lo = np.argsort(lo, kind="stable")
+    group = np.empty(uniq.shape[0], dtype=np.int64)
+    g, reach = -1, -np.inf
+    for c in by_lo:  # sweep: a class starts a new group when it begins at or after all before it end
+        if lo[c] >= reach:
+            g += 1
+        reach = max(reach, hi[c])
+        group[c] = g
+    if g == 0:
+        return nms(offset_boxes, scores, iou_thres, max_keep=max_det)
+    row_group = group[inv]
+    keep = []
+    for k in range(g + 1):
+        rows = np.flatnonzero(row_group == k)
+        keep.append(rows[nms(offset_boxes[rows], scores[rows], iou_thres, max_keep=max_det)])
+    # Rows are already in stable descending conf order, so row order is the global kept order.
+    return np.sort(np.concatenate(keep))[:max_det]
 
 
 def _top_stable(values: np.ndarray, k: int) -> np.ndarray:
@@ -241,6 +288,6 @@ def non_max_suppression(pred, conf_thres: float = 0.25, iou_thres: float = 0.45,
         box = xywh2xyxy(x[i, :4])
         det = np.concatenate([box, cls_conf[i, j, None], j[:, None].astype(dtype)], axis=1)
         offset = det[:, 5:6] * dtype.type(0 if agnostic else max_wh)
-        keep = nms(det[:, :4] + offset, det[:, 4], iou_thres, max_keep=max_det)
+        keep = _batched_nms(det[:, :4] + offset, det[:, 4], det[:, 5], iou_thres, max_det)
         output.append(det[keep])
     return output
