@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 0  # > 0 overrides num_epochs
 
     c.log_every_steps = 20
-    c.eval_every_steps = 500
+    c.eval_every_steps = 500  # and at the end; 0 = no evaluation while training
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 3
     c.async_checkpoints = True

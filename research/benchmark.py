@@ -269,16 +269,20 @@ def _block(out):
     return out
 
 
-def time_calls(call: Callable[[int], Any], repeats: int, warmup: int) -> list[float]:
-    """Milliseconds of `repeats` calls of call(i) (outputs blocked on), after `warmup` calls."""
+def time_calls(call: Callable[[int], Any], repeats: int, warmup: int) -> tuple[list[float], float]:
+    """Wall milliseconds of `repeats` calls of call(i) (outputs blocked on), after `warmup` calls,
+    and the process CPU milliseconds per call (all threads; less sensitive to other processes)."""
     for i in range(warmup):
         _block(call(i))
     times = []
+    c0 = os.times()
     for i in range(repeats):
         t0 = time.perf_counter()
         _block(call(warmup + i))
         times.append((time.perf_counter() - t0) * 1000.0)
-    return times
+    c1 = os.times()
+    cpu_ms = ((c1.user - c0.user) + (c1.system - c0.system)) * 1000.0 / max(repeats, 1)
+    return times, cpu_ms
 
 
 def _cost_flops(compiled) -> float | None:
@@ -309,12 +313,14 @@ def _memory_analysis(compiled) -> dict | None:
     return out or None
 
 
-def _record(what: str, batch: int, image_size: int, times_ms: list[float], **extra) -> dict:
+def _record(what: str, batch: int, image_size: int, times_ms: list[float], cpu_ms: float | None = None,
+            **extra) -> dict:
     med = float(statistics.median(times_ms))
     rec = {"what": what, "batch": int(batch), "image_size": int(image_size), "median_ms": med,
            "min_ms": float(min(times_ms)), "max_ms": float(max(times_ms)), "repeats": len(times_ms),
            "times_ms": [round(t, 3) for t in times_ms], "images_per_s": batch / (med / 1000.0),
-           "compile_s": None, "lower_s": None, "flops": None, "flops_per_s": None, "peak_rss_mb": None}
+           "compile_s": None, "lower_s": None, "flops": None, "flops_per_s": None, "peak_rss_mb": None,
+           "cpu_ms_per_call": cpu_ms}
     rec.update(extra)
     if rec.get("flops"):
         rec["flops_per_s"] = rec["flops"] / (med / 1000.0)
@@ -348,15 +354,15 @@ def measure_infer(spec: BenchSpec, batch: int, repeats: int, warmup: int, counte
         _block(fwd(variables, images))  # first call
         size_first = fwd._cache_size()
         counter.start()
-        times = time_calls(lambda i: fwd(variables, images), repeats, max(warmup - 1, 0))
+        times, cpu_ms = time_calls(lambda i: fwd(variables, images), repeats, max(warmup - 1, 0))
         n_compiles = counter.stop()
     size_end = fwd._cache_size()
-    rec = _record("infer", batch, s, times, compile_s=compile_s, lower_s=lower_s, flops=_cost_flops(compiled),
+    rec = _record("infer", batch, s, times, cpu_ms, compile_s=compile_s, lower_s=lower_s, flops=_cost_flops(compiled),
                   xla_memory=_memory_analysis(compiled), **rss.record())
     rec["recompilation"] = {"jit_cache_size_after_first_call": size_first, "jit_cache_size_end": size_end,
                             "backend_compiles_after_first_call": n_compiles,
                             "ok": size_end == size_first == 1 and n_compiles == 0}
-    rec["_output"] = np.asarray(fwd(variables, images[:1]))  # for the ONNX check, dropped from the json
+    rec["_output"] = np.asarray(fwd(variables, images))  # for the ONNX check, dropped from the json
     return rec
 
 
@@ -392,24 +398,24 @@ def measure_train_step(spec: BenchSpec, batch: int, repeats: int, warmup: int,
         out = _block(call(0))
         size_first = step_fn._cache_size()
         counter.start()
-        times = time_calls(call, repeats, max(warmup - 1, 0))
+        times, cpu_ms = time_calls(call, repeats, max(warmup - 1, 0))
         n_compiles = counter.stop()
     metrics = jax.tree_util.tree_map(np.asarray, out[1])
     loss_first = float(metrics["train/loss"])
     counter.start()
-    times_acc = time_calls(lambda i: call(repeats + warmup + i, update=False), repeats, 1)
+    times_acc, cpu_acc = time_calls(lambda i: call(repeats + warmup + i, update=False), repeats, 1)
     n_compiles_acc = counter.stop()
     size_end = step_fn._cache_size()
     flops = _cost_flops(compiled)
     common = dict(compile_s=compile_s, lower_s=lower_s, flops=flops, xla_memory=_memory_analysis(compiled))
-    rec = _record("train_step", batch, s, times, **common, **rss.record())
+    rec = _record("train_step", batch, s, times, cpu_ms, **common, **rss.record())
     rec["loss_first_step"] = loss_first
     rec["note"] = "forward + backward + optimiser update + EMA every call (trainer.train_step, do_update=True)"
     rec["recompilation"] = {"jit_cache_size_after_first_call": size_first, "jit_cache_size_end": size_end,
                             "backend_compiles_after_first_call": n_compiles + n_compiles_acc,
                             "ok": size_end == size_first == 1 and n_compiles + n_compiles_acc == 0,
                             "checked": "hyper-parameters change every call; do_update True then False"}
-    acc = _record("train_step_accumulate", batch, s, times_acc, **common)
+    acc = _record("train_step_accumulate", batch, s, times_acc, cpu_acc, **common)
     acc["note"] = ("same compiled step with do_update=False (gradient accumulation only); flops are the "
                    "whole step's (XLA counts both cond branches), so flops_per_s is approximate")
     acc["flops_per_s"] = None
@@ -437,8 +443,8 @@ def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir
         runner = OnnxRunner(path)
         session_s = time.perf_counter() - t0
         images = np.random.RandomState(1).rand(batch, s, s, 3).astype(np.float32)
-        times = time_calls(lambda i: runner(images), repeats, warmup)
-    rec = _record("onnx_infer", batch, s, times, compile_s=session_s, flops=flops_batch, **rss.record())
+        times, cpu_ms = time_calls(lambda i: runner(images), repeats, warmup)
+    rec = _record("onnx_infer", batch, s, times, cpu_ms, compile_s=session_s, flops=flops_batch, **rss.record())
     rec["export_s"] = export_s
     rec["onnx_path"] = os.path.abspath(path)
     rec["onnx_mb"] = os.path.getsize(path) / MB
@@ -449,8 +455,8 @@ def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir
         rec["onnxruntime"] = ort.__version__
     except Exception:
         pass
-    if reference is not None:
-        got = runner(images[:1])[0]
+    if reference is not None:  # the same images as measure_infer's (same seed)
+        got = runner(images)[0]
         ref = np.asarray(reference)
         err = float(np.max(np.abs(got.astype(np.float64) - ref)))
         rec["max_abs_err_vs_jax"] = err
@@ -669,6 +675,14 @@ XLA_CANDIDATES: dict[str, str] = {
     "thunk_runtime_false": "--xla_cpu_use_thunk_runtime=false",
     "not_a_flag_intra_op": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
 }
+# Probed only, to record what this jaxlib rejects (each aborts the process when used).
+PROBE_ONLY: dict[str, str] = {
+    "intra_op_alone": "intra_op_parallelism_threads=1",
+    "intra_op_dashed": "--intra_op_parallelism_threads=1",
+    "disable_new_fusion_emitters": "--xla_cpu_disable_new_fusion_emitters=true",
+    "use_multi_output_fusion": "--xla_cpu_use_multi_output_fusion=true",
+    "bad_xnn_fusion_type_value": "--xla_cpu_experimental_xnn_fusion_type=bogus",
+}
 # Options aimed at compile time (tests compile the tiny model at 64 px over and over).
 COMPILE_CANDIDATES: dict[str, str] = {
     "default": "",
@@ -760,7 +774,9 @@ def _summary(res: dict) -> dict:
         return {"error": res["error"][-400:]}
     s = {}
     for r in res["records"]:
-        s[r["what"]] = {k: r.get(k) for k in ("median_ms", "min_ms", "compile_s", "flops_per_s", "peak_rss_mb")}
+        s[r["what"]] = {k: r.get(k) for k in ("median_ms", "min_ms", "cpu_ms_per_call", "compile_s", "flops_per_s",
+                                              "peak_rss_mb")}
+    s["load_average"] = res.get("load_average")
     s["process_wall_s"] = res.get("process_wall_s")
     s["recompilation_ok"] = res["recompilation"]["ok"]
     return s
@@ -779,8 +795,8 @@ def xla_flags_study(args) -> dict:
         with open(out, "w") as f:
             json.dump(_jsonable(report), f, indent=2)
 
-    allflags = {**XLA_CANDIDATES, **COMPILE_CANDIDATES}
-    for name in dict.fromkeys(names + cnames):
+    allflags = {**XLA_CANDIDATES, **COMPILE_CANDIDATES, **PROBE_ONLY}
+    for name in dict.fromkeys(names + cnames + ([] if args.skip_probe_only else list(PROBE_ONLY))):
         flags = allflags[name]
         if name in report["probe"] or not flags:
             report["probe"][name] = {"flags": flags, "accepted": True}
@@ -859,6 +875,8 @@ def _aggregate(runs: dict, whats: Sequence[str]) -> dict:
         agg = {"flags": v["flags"]}
         for w in whats:
             agg[f"{w}_ms"] = min(r[w]["median_ms"] for r in rounds)
+            agg[f"{w}_min_ms"] = min(r[w]["min_ms"] for r in rounds)
+            agg[f"{w}_cpu_ms"] = min(r[w]["cpu_ms_per_call"] for r in rounds)
             agg[f"{w}_compile_s"] = min(r[w]["compile_s"] for r in rounds)
         agg["process_wall_s"] = min(r["process_wall_s"] for r in rounds)
         out[name] = agg
@@ -869,6 +887,7 @@ def _aggregate(runs: dict, whats: Sequence[str]) -> dict:
                 continue
             for w in whats:
                 agg[f"{w}_ms_over_default"] = agg[f"{w}_ms"] / base[f"{w}_ms"]
+                agg[f"{w}_cpu_over_default"] = agg[f"{w}_cpu_ms"] / base[f"{w}_cpu_ms"]
                 agg[f"{w}_compile_over_default"] = agg[f"{w}_compile_s"] / base[f"{w}_compile_s"]
     return out
 
@@ -906,6 +925,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--compile_candidates", default="", help=f"study: comma list of {sorted(COMPILE_CANDIDATES)}")
     p.add_argument("--skip_runtime", action="store_true")
     p.add_argument("--skip_compile", action="store_true")
+    p.add_argument("--skip_probe_only", action="store_true", help="study: do not probe the known-bad flags")
     p.add_argument("--stages", default="infer,train")
     p.add_argument("--config_arg", default="", help="worker: configs/yolov5.py argument, e.g. 'smoke'")
     p.add_argument("--out", default="")

@@ -67,7 +67,17 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     sharding = replicated(mesh)
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+    # Through numpy: every process holds the same values, and a global sharding accepts them.
+    return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+
+
+def local_copy(tree: Any) -> Any:
+    """Replicated global arrays -> this process's own copy (numpy), for host-local work."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+    return jax.tree_util.tree_map(get, tree)
 
 
 def fetch(tree: Any) -> Any:

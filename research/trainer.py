@@ -275,7 +275,8 @@ def _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng, w
         if step % config.checkpoint_every_steps == 0 or step == total_steps:
             _check_finite(pending, keep_last=False)
             ckpt.save(step, state, _iterator_state(it))
-        if evaluators and (step % config.eval_every_steps == 0 or step == total_steps):
+        if evaluators and config.eval_every_steps > 0 and (step % config.eval_every_steps == 0
+                                                           or step == total_steps):
             for ev in evaluators:
                 results = dict(ev.run(state))
                 writer.write(step, results)

@@ -133,20 +133,24 @@ class DetectionEvaluator:
     def predictions(self, state) -> Iterator[tuple[dict, np.ndarray]]:
         cfg = self.task.config
         loader = self.task.dataset.loader(cfg.data.eval_split, train=False, batch_size=cfg.eval.batch_size,
-                                          hyp=cfg.hyp, seed=0)
+                                          hyp=cfg.hyp, seed=0, process_index=0, process_count=1)
         if self.onnx_path:
             from research.bridge.onnx_export import OnnxRunner
             runner = OnnxRunner(self.onnx_path)
             run = lambda images: runner(images.astype(np.float32) / 255.0)[0]  # noqa: E731
         else:
             variables = state.eval_variables(cfg.eval.use_ema) if hasattr(state, "eval_variables") else state
+            variables = parallel.local_copy(variables)
             run = lambda images: np.asarray(self.fwd(variables, images))  # noqa: E731
         for batch in loader:
             pred = run(batch["image"])
             yield batch, pred
 
     def run(self, state):
+        """Yields (name, value); process 0 evaluates the whole split with a local copy."""
         from research.evaluation.coco import CocoDetectionEvaluator
+        if jax.process_index() != 0:
+            return
         cfg = self.task.config
         gt_images, gt_boxes, gt_labels, dets = [], [], [], []
         for batch, pred in self.predictions(state):

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The two quickstart commands (README.md):
+#   bash run.sh          main job: set up .venv if needed, train YOLOv5 on the embedded `shapes`
+#                        data, evaluate (JAX and exported ONNX), draw predictions, export .pt/.onnx
+#   bash run.sh test     the test suite (what CI runs)
+# Extra arguments after `test` go to pytest; after the main job's name they go to launch.py.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ] || [ requirements.txt -nt .venv/.installed ]; then
+  echo "== setting up .venv with $("$PY" --version) from requirements.txt"
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r requirements.txt
+  touch .venv/.installed
+fi
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+
+if [ "${1:-}" = "test" ]; then
+  shift
+  exec .venv/bin/python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider tests "$@"
+fi
+
+WORKDIR=${WORKDIR:-workdirs/yolov5_shapes}
+exec .venv/bin/python launch.py --config=configs/yolov5.py --workdir="$WORKDIR" --mode=all "$@"
