@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.depth_multiple = 0.0  # > 0 overrides the variant's
     c.model.width_multiple = 0.0
     c.model.dtype = "float32"  # "bfloat16" for mixed precision on GPUs
+    c.model.init_from = ""  # an official PyTorch state_dict (.pt weights_only / .safetensors)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = arg.data

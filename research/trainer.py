@@ -124,8 +124,8 @@ def train_step(state: TrainState, batch: dict, hyper: dict, do_update: jax.Array
     params, opt_state, accum, ema_p, ema_s, opt_step, last_update = jax.lax.cond(do_update, apply, skip, None)
     metrics = dict(metrics)
     metrics["train/loss"] = loss
-    metrics["train/grad_norm"] = optax.global_norm(grads)
-    metrics["train/param_norm"] = optax.global_norm(params)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
+    metrics["train/param_norm"] = optax.tree.norm(params)
     new_state = state.replace(step=state.step + 1, opt_step=opt_step, last_update=last_update, params=params,
                               batch_stats=new_batch_stats, opt_state=opt_state, grad_accum=accum,
                               ema_params=ema_p, ema_batch_stats=ema_s)

@@ -61,8 +61,15 @@ class Task:
 
     # ---------------------------------------------------------------- training pieces
     def init_variables(self, rng) -> dict:
+        """Random init, or the official PyTorch state_dict named by config.model.init_from."""
         s = self.config.data.image_size
         variables = jax.jit(lambda r: self.model.init(r, jnp.zeros((1, s, s, 3)), train=False))(rng)
+        if self.config.model.init_from:
+            from research.bridge import torch_bridge
+            from research.yolov5 import bridge
+            sd = torch_bridge.load_state_dict_file(self.config.model.init_from)
+            variables = bridge.from_torch(self.model, sd, variables)
+            logging.info("initialised from %s", self.config.model.init_from)
         return dict(variables)
 
     def make_optimizer(self, params):
