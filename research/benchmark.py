@@ -876,7 +876,8 @@ def _aggregate(runs: dict, whats: Sequence[str]) -> dict:
         for w in whats:
             agg[f"{w}_ms"] = min(r[w]["median_ms"] for r in rounds)
             agg[f"{w}_min_ms"] = min(r[w]["min_ms"] for r in rounds)
-            agg[f"{w}_cpu_ms"] = min(r[w]["cpu_ms_per_call"] for r in rounds)
+            cpu = [r[w]["cpu_ms_per_call"] for r in rounds if r[w].get("cpu_ms_per_call")]
+            agg[f"{w}_cpu_ms"] = min(cpu) if cpu else None  # os.times ticks are 10 ms: tiny calls read 0
             agg[f"{w}_compile_s"] = min(r[w]["compile_s"] for r in rounds)
         agg["process_wall_s"] = min(r["process_wall_s"] for r in rounds)
         out[name] = agg
@@ -886,28 +887,32 @@ def _aggregate(runs: dict, whats: Sequence[str]) -> dict:
             if "error" in agg:
                 continue
             for w in whats:
-                agg[f"{w}_ms_over_default"] = agg[f"{w}_ms"] / base[f"{w}_ms"]
-                agg[f"{w}_cpu_over_default"] = agg[f"{w}_cpu_ms"] / base[f"{w}_cpu_ms"]
-                agg[f"{w}_compile_over_default"] = agg[f"{w}_compile_s"] / base[f"{w}_compile_s"]
+                for key, suffix in (("ms", "ms"), ("cpu_ms", "cpu"), ("compile_s", "compile")):
+                    num, den = agg[f"{w}_{key}"], base[f"{w}_{key}"]
+                    agg[f"{w}_{suffix}_over_default"] = num / den if num is not None and den else None
     return out
 
 
 def print_study(report: dict) -> None:
+    def f(v, w=6, d=2):
+        return f"{v:{w}.{d}f}" if isinstance(v, (int, float)) else f"{'-':>{w}s}"
+
     for key, title in (("runtime_summary", "yolov5 runtime"), ("compile_summary", "tiny 64px compile")):
         summ = report.get(key)
         if not summ:
             continue
-        print(f"== {title} (min over rounds of medians; ratios to default)")
-        print(f"{'candidate':32s} {'infer ms':>9s} {'x':>6s} {'train ms':>9s} {'x':>6s} "
+        print(f"== {title} (min over rounds of medians; x = ratio to default)")
+        print(f"{'candidate':32s} {'infer ms':>9s} {'x':>6s} {'cpu x':>6s} {'train ms':>9s} {'x':>6s} {'cpu x':>6s} "
               f"{'infer comp s':>12s} {'train comp s':>12s} {'x':>6s}")
         for name, a in summ.items():
             if "error" in a:
                 print(f"{name:32s} error")
                 continue
-            print(f"{name:32s} {a['infer_ms']:9.1f} {a.get('infer_ms_over_default', float('nan')):6.2f} "
-                  f"{a['train_step_ms']:9.1f} {a.get('train_step_ms_over_default', float('nan')):6.2f} "
-                  f"{a['infer_compile_s']:12.2f} {a['train_step_compile_s']:12.2f} "
-                  f"{a.get('train_step_compile_over_default', float('nan')):6.2f}")
+            print(f"{name:32s} {f(a['infer_ms'], 9, 1)} {f(a.get('infer_ms_over_default'))} "
+                  f"{f(a.get('infer_cpu_over_default'))} {f(a['train_step_ms'], 9, 1)} "
+                  f"{f(a.get('train_step_ms_over_default'))} {f(a.get('train_step_cpu_over_default'))} "
+                  f"{f(a['infer_compile_s'], 12)} {f(a['train_step_compile_s'], 12)} "
+                  f"{f(a.get('train_step_compile_over_default'))}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -403,7 +403,12 @@ def build_model(cfg: str | Mapping[str, Any] | None = None, *, variant: str | No
     """Builds a YOLOv5 from a yaml path / dict (default: the official v6.0 layout) and a variant."""
     cfg = load_yaml_cfg(cfg, variant=variant, nc=nc)
     parse_model(cfg)  # validate early, with layer-numbered errors
-    return YOLOv5(cfg=_freeze(cfg), dtype=dtype, param_dtype=param_dtype)
+    model = YOLOv5(cfg=_freeze(cfg), dtype=dtype, param_dtype=param_dtype)
+    # Strides of the Detect inputs from a 256 x 256 probe, as the official Model does.
+    out, _ = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 256, 256, 3)),
+                                                           decode=False))
+    strides = tuple(256 // h.shape[2] for h in out["heads"])
+    return model.clone(strides=strides) if strides != model.strides else model
 
 
 def _freeze(obj):
