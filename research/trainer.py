@@ -233,6 +233,9 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
     finally:
         ckpt.close()  # waits for an async save in flight, so the last good checkpoint is whole
     final = {}
+    compiles = step_fn._cache_size() if hasattr(step_fn, "_cache_size") else -1
+    logging.info("train step compiled %d time(s) in this run (static shapes: expect 1)", compiles)
+    final["perf/train_step_compiles"] = compiles
     if evaluators:
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             for line in f:

@@ -36,6 +36,7 @@ def test_all_mode_writes_artefacts(run_all):
     assert train and all(np.isfinite(r["train/loss"]) for r in train)
     assert {"perf/steps_per_sec", "train/grad_norm", "hyper/lr_weight"} <= set(train[-1])
     assert json.load(open(os.path.join(workdir, "config.json")))["network"] == "yolov5"
+    assert results["perf/train_step_compiles"] == 1  # no recompilation after the first step
 
 
 def test_onnx_eval_equals_jax_eval(run_all):
