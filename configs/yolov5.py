@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ema = True
 
     c.batch_size = 64 if arg.data == "coco" else 16  # global, over all devices and hosts
-    c.num_epochs = 300 if arg.data == "coco" else 30
+    c.num_epochs = 300
     c.total_steps = 0  # > 0 overrides num_epochs
 
     c.log_every_steps = 20
@@ -97,6 +97,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
+
+    if arg.data == "shapes":
+        # CPU recipe for the embedded data (not official): a short schedule learns faster with an
+        # optimiser update every batch, lr0 0.02, one warmup epoch and the unscaled loss gains
+        # (train.py's scaling by nc/80 and (imgsz/640)^2 shrinks cls 13x and obj 25x here).
+        c.nbs = 16
+        c.hyp.lr0 = 0.02
+        c.hyp.warmup_epochs = 1.0
+        c.scale_hyp = False
+        c.num_epochs = 11
+        c.eval_every_steps = 275
 
     if arg.smoke:
         c.model.variant = "tiny"
