@@ -33,6 +33,10 @@ def run(config, workdir: str, mode: str) -> dict:
         results.update(task.export(workdir))
     if mode == "all" and config.export.onnx:
         results.update(task.evaluate(workdir, onnx=True))
+    if mode in ("train", "all"):
+        results["checkpoints"] = os.path.join(workdir, "checkpoints")
+        results["curves"] = os.path.join(workdir, "curves.png")
+        results["metrics"] = os.path.join(workdir, "metrics.jsonl")
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"results_{mode}.json"), "w") as f:
             json.dump(results, f, indent=2, default=str)
