@@ -32,6 +32,7 @@ reports our ratio to them when the benchmark is at their setting (yolov5s, 640, 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import importlib
@@ -466,20 +467,18 @@ def measure_train_step(spec: BenchSpec, batch: int, repeats: int, warmup: int,
                             "checked": "hyper-parameters change every call; do_update True then False"}
     acc = _record("train_step_accumulate", batch, s, times_acc, cpu_acc, **common)
     acc["note"] = ("same compiled step with do_update=False (gradient accumulation only); flops are the "
-                   "whole step's (XLA counts both cond branches), so flops_per_s is approximate")
+                   "whole step's (XLA counts both cond branches), so no flops_per_s")
     acc["flops_per_s"] = None
     acc["recompilation"] = rec["recompilation"]
     return [rec, acc]
 
 
 def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir: str,
-                 reference: np.ndarray | None, flops_b1: float | None, flops_batch: float | None) -> dict:
+                 reference: np.ndarray | None, flops: float | None) -> dict:
+    """Exports `infer_fn` (dynamic batch, as `--mode=export`) and times ONNX Runtime's CPU session."""
     import jax
 
-    try:
-        from research.bridge.onnx_export import OnnxRunner, export_onnx
-    except ImportError:  # TODO(lead): the bridge is being written; remove once it always exists
-        raise
+    from research.bridge.onnx_export import OnnxRunner, export_onnx
     s = spec.image_size
     variables = jax.tree_util.tree_map(np.asarray, spec.variables)
     path = os.path.join(out_dir, f"{spec.name}_{spec.variant}_{s}.onnx")
@@ -493,7 +492,7 @@ def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir
         session_s = time.perf_counter() - t0
         images = np.random.RandomState(1).rand(batch, s, s, 3).astype(np.float32)
         times, cpu_ms = time_calls(lambda i: runner(images), repeats, warmup)
-    rec = _record("onnx_infer", batch, s, times, cpu_ms, compile_s=session_s, flops=flops_batch, **rss.record())
+    rec = _record("onnx_infer", batch, s, times, cpu_ms, compile_s=session_s, flops=flops, **rss.record())
     rec["export_s"] = export_s
     rec["onnx_path"] = os.path.abspath(path)
     rec["onnx_mb"] = os.path.getsize(path) / MB
@@ -635,8 +634,7 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
             if out_dir is None:
                 raise ValueError("the onnx stage needs out_dir")
             os.makedirs(out_dir, exist_ok=True)
-            records.append(measure_onnx(spec, infer_batch, repeats, warmup, out_dir, ref_out, None,
-                                        infer_flops))
+            records.append(measure_onnx(spec, infer_batch, repeats, warmup, out_dir, ref_out, infer_flops))
         if "train" in stages:
             records.extend(measure_train_step(spec, train_batch, repeats, warmup, counter))
     finally:
@@ -855,7 +853,8 @@ def xla_flags_study(args) -> dict:
             json.dump(_jsonable(report), f, indent=2)
 
     allflags = {**XLA_CANDIDATES, **COMPILE_CANDIDATES, **PROBE_ONLY}
-    for name in dict.fromkeys(names + cnames + ([] if args.skip_probe_only else list(PROBE_ONLY))):
+    to_probe = ([] if args.skip_runtime else names) + ([] if args.skip_compile else cnames)
+    for name in dict.fromkeys(to_probe + ([] if args.skip_probe_only else list(PROBE_ONLY))):
         flags = allflags[name]
         if name in report["probe"] or not flags:
             report["probe"][name] = {"flags": flags, "accepted": True}
@@ -864,24 +863,24 @@ def xla_flags_study(args) -> dict:
         print(f"probe {name:32s} accepted={report['probe'][name]['accepted']} "
               f"{report['probe'][name]['message']}", flush=True)
     save()
-    default_vals = None
     if not args.skip_runtime:
         for rnd in range(args.rounds):
             for name in names:
                 if not report["probe"][name]["accepted"]:
                     continue
                 res = _run_worker(XLA_CANDIDATES[name], variant=args.variant, image_size=args.image_size,
-                                  stages="infer,train", repeats=args.repeats, infer_batch=args.infer_batch,
+                                  stages=args.study_stages, repeats=args.repeats, infer_batch=args.infer_batch,
                                   train_batch=args.train_batch)
                 s = _summary(res)
                 report["runtime"].setdefault(name, {"flags": XLA_CANDIDATES[name], "rounds": []})["rounds"].append(s)
-                print(f"[round {rnd}] {name:32s} " + (
-                    f"infer {s['infer']['median_ms']:.1f} ms (compile {s['infer']['compile_s']:.1f} s)  "
-                    f"train {s['train_step']['median_ms']:.1f} ms (compile {s['train_step']['compile_s']:.1f} s)"
-                    if "error" not in s else f"ERROR {s['error'][-200:]}"), flush=True)
+                print(f"[round {rnd}] {name:32s} " + ("  ".join(
+                    f"{w} {s[w]['median_ms']:.1f} ms (cpu {s[w]['cpu_ms_per_call'] or 0:.0f} ms, compile "
+                    f"{s[w]['compile_s']:.1f} s)" for w in ("infer", "train_step") if w in s)
+                    if "error" not in s else f"ERROR {s['error'][-200:]}") + f"  load {s.get('load_average')}",
+                    flush=True)
                 save()
-        report["runtime_summary"] = _aggregate(report["runtime"], ("infer", "train_step"))
-    del default_vals
+        whats = tuple(w for w, st in (("infer", "infer"), ("train_step", "train")) if st in args.study_stages)
+        report["runtime_summary"] = _aggregate(report["runtime"], whats)
     if not args.skip_compile:
         for rnd in range(args.rounds):
             for name in cnames:
@@ -967,6 +966,7 @@ def print_study(report: dict) -> None:
             if "error" in a:
                 print(f"{name:32s} error")
                 continue
+            a = collections.defaultdict(lambda: None, a)
             print(f"{name:32s} {f(a['infer_ms'], 9, 1)} {f(a.get('infer_ms_over_default'))} "
                   f"{f(a.get('infer_cpu_over_default'))} {f(a['train_step_ms'], 9, 1)} "
                   f"{f(a.get('train_step_ms_over_default'))} {f(a.get('train_step_cpu_over_default'))} "
@@ -990,7 +990,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--skip_runtime", action="store_true")
     p.add_argument("--skip_compile", action="store_true")
     p.add_argument("--skip_probe_only", action="store_true", help="study: do not probe the known-bad flags")
-    p.add_argument("--stages", default="infer,train")
+    p.add_argument("--stages", default="infer,train", help="worker: stages to measure")
+    p.add_argument("--study_stages", default="infer,train", help="study: 'infer' screens flags fast")
     p.add_argument("--config_arg", default="", help="worker: configs/yolov5.py argument, e.g. 'smoke'")
     p.add_argument("--out", default="")
     p.add_argument("--out_dir", default="")

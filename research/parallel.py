@@ -67,8 +67,22 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     sharding = replicated(mesh)
-    # Through numpy: every process holds the same values, and a global sharding accepts them.
-    return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+    # Every process holds the same values: build the global arrays from local copies, with no
+    # cross-process check (a collective that would time out while another process compiles).
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+    """Waits until every process gets here (no-op for one process).
+
+    Gloo's CPU collectives give up after 30 s when a peer is late, e.g. still compiling; a
+    barrier through the coordination service before the first collective avoids that.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination client JAX's own multi-process tests use
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def local_copy(tree: Any) -> Any:
