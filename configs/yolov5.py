@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.depth_multiple = 0.0  # > 0 overrides the variant's
     c.model.width_multiple = 0.0
     c.model.dtype = "float32"  # "bfloat16" for mixed precision on GPUs
+    # How convolutions compute (same parameters and outputs): "auto" = "dot" on CPU (matrix
+    # products, faster there), "lax" on GPU/TPU. See research/conv.py.
+    c.model.conv_impl = "auto"
     c.model.init_from = ""  # an official PyTorch state_dict (.pt weights_only / .safetensors)
 
     c.data = ml_collections.ConfigDict()
@@ -92,6 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.benchmark.train_batch_size = 2
     c.benchmark.variant = "s"
     c.benchmark.repeats = 10
+    # A local clone of ultralytics/yolov5 (with its requirements importable): the official
+    # PyTorch model is then timed in the same run and the json reports measured ratios.
+    c.benchmark.torch_repo = ""
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator_address = ""

@@ -93,6 +93,10 @@ class BenchSpec:
     use_ema: bool
     hyperparams: Callable[[int], dict]
     onnx_output_names: Sequence[str] | None = None
+    export_fn: Callable[[dict, Any], Any] | None = None  # what the ONNX export traces (default infer_fn)
+    # module with a `main(argv)` that times the official PyTorch model from a local checkout
+    # (--repo --variant --image_size --infer_batch --train_batch --repeats --out json)
+    torch_reference_module: str | None = None
     info: dict = dataclasses.field(default_factory=dict)
 
 
@@ -115,7 +119,7 @@ def yolov5_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Bench
             cfg = task_lib.load_yaml_cfg(config.model.yaml or None, variant=variant, nc=nc)
             dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
                      "float16": jnp.float16}[config.model.dtype]
-            self.model = task_lib.build_model(cfg, dtype=dtype)
+            self.model = task_lib.build_model(cfg, dtype=dtype, conv_impl=config.model.conv_impl)
             self.use_ema = bool(config.ema)
             hyp = dict(config.hyp)
             if config.scale_hyp:
@@ -140,6 +144,11 @@ def yolov5_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Bench
     def infer_fn(v, images):
         return model.apply(v, images, train=False)["pred"]
 
+    onnx_model = model.clone(conv_impl="lax")  # as `--mode=export` writes it
+
+    def export_fn(v, images):
+        return onnx_model.apply(v, images, train=False)["pred"]
+
     def make_batch(batch_size: int) -> dict:
         rs = np.random.RandomState(0)
         n_boxes = min(4, max_labels)
@@ -155,6 +164,7 @@ def yolov5_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Bench
     from research.yolov5.model import count_params
     return BenchSpec(
         name="yolov5", variant=variant, image_size=image_size, variables=variables, infer_fn=infer_fn,
+        export_fn=export_fn, torch_reference_module="research.yolov5.official_torch",
         make_batch=make_batch, loss_fn=task.loss_fn, tx=task.make_optimizer(variables["params"]),
         ema_decay=task.ema_decay, optimizer_kwargs=task.optimizer_kwargs, use_ema=task.use_ema,
         hyperparams=task.hyperparams, onnx_output_names=["pred"],
@@ -475,7 +485,7 @@ def measure_train_step(spec: BenchSpec, batch: int, repeats: int, warmup: int,
 
 def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir: str,
                  reference: np.ndarray | None, flops: float | None) -> dict:
-    """Exports `infer_fn` (dynamic batch, as `--mode=export`) and times ONNX Runtime's CPU session."""
+    """Exports `export_fn` (dynamic batch, as `--mode=export`) and times ONNX Runtime's CPU session."""
     import jax
 
     from research.bridge.onnx_export import OnnxRunner, export_onnx
@@ -484,7 +494,8 @@ def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir
     path = os.path.join(out_dir, f"{spec.name}_{spec.variant}_{s}.onnx")
     with RssSampler() as rss:
         t0 = time.perf_counter()
-        export_onnx(lambda x: spec.infer_fn(variables, x), np.zeros((1, s, s, 3), np.float32), path,
+        fn = spec.export_fn or spec.infer_fn
+        export_onnx(lambda x: fn(variables, x), np.zeros((1, s, s, 3), np.float32), path,
                     dynamic_batch=True, output_names=spec.onnx_output_names)
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -560,6 +571,31 @@ def _load() -> list[float]:
         return []
 
 
+def measure_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_batch: int,
+                            repeats: int) -> list[dict]:
+    """Times the official PyTorch model (from the checkout `repo`) in a subprocess, so its
+    thread pool and imports stay out of this process; records like ours, what='torch_*'."""
+    if not spec.torch_reference_module:
+        raise ValueError(f"{spec.name}: no official PyTorch reference runner")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "torch.json")
+        cmd = [sys.executable, "-m", spec.torch_reference_module, f"--repo={repo}", f"--variant={spec.variant}",
+               f"--image_size={spec.image_size}", f"--infer_batch={infer_batch}",
+               f"--train_batch={train_batch}", f"--repeats={repeats}", f"--out={out}"]
+        proc = subprocess.run(cmd, cwd=_root(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"official PyTorch benchmark from {repo} failed:\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            res = json.load(f)
+    recs = []
+    for key, what, batch in (("infer", "torch_infer", infer_batch), ("infer_fused", "torch_infer_fused", infer_batch),
+                             ("train_step", "torch_train_step", train_batch)):
+        r = _record(what, batch, spec.image_size, res[key])
+        r["note"] = f"official PyTorch {res['torch_version']} ({res['threads']} threads) from {repo}"
+        recs.append(r)
+    return recs
+
+
 def _comparable_to_reference(spec: BenchSpec, infer_batch: int, train_batch: int) -> dict[str, bool]:
     same_model = (spec.name == REFERENCE_SETTING["network"] and spec.variant == REFERENCE_SETTING["variant"]
                   and spec.image_size == REFERENCE_SETTING["image_size"])
@@ -592,6 +628,10 @@ def ratios(records: list[dict], spec: BenchSpec, infer_batch: int, train_batch: 
             out[f"{key}_meets_target"] = r["median_ms"] <= b
         else:
             out[f"{key}_over_torch_reference"] = None
+    for ours, theirs in (("infer", "torch_infer_fused"), ("onnx_infer", "torch_infer_fused"),
+                         ("infer", "torch_infer"), ("train_step", "torch_train_step")):
+        if ours in by and theirs in by:  # measured in this run: the figures to quote
+            out[f"{ours}_over_{theirs}_measured"] = by[ours]["median_ms"] / by[theirs]["median_ms"]
     if comp["infer"] and by.get("infer", {}).get("flops"):
         out["xla_flops_over_official_gflops"] = by["infer"]["flops"] / (REFERENCE_YOLOV5S_GFLOPS_640 * 1e9)
     out["comparable_to_reference"] = comp
@@ -617,12 +657,16 @@ def table(records: list[dict]) -> str:
 
 
 def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: int, warmup: int = 2,
-              stages: Sequence[str] = ("infer", "onnx", "train"), out_dir: str | None = None) -> dict:
+              stages: Sequence[str] = ("infer", "onnx", "train"), out_dir: str | None = None,
+              torch_repo: str = "") -> dict:
     """Measures the given stages of `spec`; returns {'records', 'ratios', 'recompilation', ...}."""
     counter = CompileCounter()
     records: list[dict] = []
     load_before = _load()
     t_start = time.perf_counter()
+    torch_before = None
+    if torch_repo:  # timed before and after ours: a slow drift of a shared machine cancels in the ratio
+        torch_before = measure_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats)
     try:
         ref_out, infer_flops = None, None
         if "infer" in stages:
@@ -637,6 +681,12 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
             records.append(measure_onnx(spec, infer_batch, repeats, warmup, out_dir, ref_out, infer_flops))
         if "train" in stages:
             records.extend(measure_train_step(spec, train_batch, repeats, warmup, counter))
+        if torch_repo:
+            after = measure_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats)
+            for a, b in zip(torch_before, after):
+                records.append({**_record(a["what"], a["batch"], a["image_size"], a["times_ms"] + b["times_ms"]),
+                                "note": a["note"] + "; timed before and after ours",
+                                "median_ms_before": a["median_ms"], "median_ms_after": b["median_ms"]})
     finally:
         counter.close()
     recomp = {r["what"]: r["recompilation"] for r in records if "recompilation" in r}
@@ -666,7 +716,8 @@ def run(config, workdir: str) -> dict:
     b = config.benchmark
     spec = make_spec(config)
     result = benchmark(spec, infer_batch=int(b.batch_size), train_batch=int(b.train_batch_size),
-                       repeats=max(int(b.repeats), 1), out_dir=os.path.join(workdir, "benchmark"))
+                       repeats=max(int(b.repeats), 1), out_dir=os.path.join(workdir, "benchmark"),
+                       torch_repo=b.get("torch_repo", ""))
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "benchmark.json")
     with open(path, "w") as f:

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from research.conv import Conv2D, resolve_impl
+
 Dtype = Any
 
 VARIANTS = {  # depth_multiple, width_multiple of the official yolov5{n,s,m,l,x}.yaml
@@ -177,14 +179,14 @@ class Conv(nn.Module):
     act: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         p = self.kernel // 2 if self.padding is None else self.padding
-        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                    padding=((p, p), (p, p)), feature_group_count=self.groups, use_bias=False,
-                    kernel_init=torch_conv_init(), dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="conv")(x)
+        x = Conv2D(self.features, self.kernel, self.stride, p, self.groups, impl=self.conv_impl,
+                   kernel_init=torch_conv_init(), dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
                          dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
         return nn.silu(x) if self.act else x
@@ -197,11 +199,12 @@ class Bottleneck(nn.Module):
     expansion: float = 0.5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         hidden = int(self.features * self.expansion)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
         y = Conv(hidden, 1, 1, name="cv1", **kw)(x, train)
         y = Conv(self.features, 3, 1, groups=self.groups, name="cv2", **kw)(y, train)
         return x + y if self.shortcut and x.shape[-1] == self.features else y
@@ -216,11 +219,12 @@ class C3(nn.Module):
     expansion: float = 0.5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         hidden = int(self.features * self.expansion)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
         a = Conv(hidden, 1, 1, name="cv1", **kw)(x, train)
         b = Conv(hidden, 1, 1, name="cv2", **kw)(x, train)
         for j in range(self.n):
@@ -240,10 +244,11 @@ class SPPF(nn.Module):
     k: int = 5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
         x = Conv(x.shape[-1] // 2, 1, 1, name="cv1", **kw)(x, train)
         y1 = max_pool_same(x, self.k)
         y2 = max_pool_same(y1, self.k)
@@ -256,10 +261,11 @@ class SPP(nn.Module):
     ks: tuple[int, ...] = (5, 9, 13)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
         x = Conv(x.shape[-1] // 2, 1, 1, name="cv1", **kw)(x, train)
         pools = [max_pool_same(x, k) for k in self.ks]
         return Conv(self.features, 1, 1, name="cv2", **kw)(jnp.concatenate([x] + pools, -1), train)
@@ -283,6 +289,7 @@ class Detect(nn.Module):
     strides: tuple[int, ...] = (8, 16, 32)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @property
     def na(self) -> int:
@@ -306,9 +313,9 @@ class Detect(nn.Module):
         no, na = self.nc + 5, self.na
         heads, decoded = [], []
         for i, x in enumerate(xs):
-            y = nn.Conv(na * no, (1, 1), kernel_init=torch_conv_init(),
-                        bias_init=self._bias_init(self.strides[i], x.shape[-1]),
-                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"m.{i}")(x)
+            y = Conv2D(na * no, 1, use_bias=True, impl=self.conv_impl, kernel_init=torch_conv_init(),
+                       bias_init=self._bias_init(self.strides[i], x.shape[-1]),
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=f"m.{i}")(x)
             b, ny, nx, _ = y.shape
             y = y.astype(jnp.float32).reshape(b, ny, nx, na, no).transpose(0, 3, 1, 2, 4)
             heads.append(y)
@@ -350,6 +357,7 @@ class YOLOv5(nn.Module):
     strides: tuple[int, ...] = (8, 16, 32)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @property
     def specs(self) -> tuple[LayerSpec, ...]:
@@ -374,7 +382,7 @@ class YOLOv5(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False, decode: bool | None = None):
         """x: [B, H, W, 3] in [0, 1]. Returns {'heads': [...], 'pred': [B, N, 5+nc] (eval)}."""
         decode = (not train) if decode is None else decode
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
         x = x.astype(self.dtype)
         outputs: list[Any] = []
         for spec in self.specs:
@@ -399,11 +407,12 @@ class YOLOv5(nn.Module):
 
 def build_model(cfg: str | Mapping[str, Any] | None = None, *, variant: str | None = None,
                 nc: int | None = None, dtype: Dtype = jnp.float32,
-                param_dtype: Dtype = jnp.float32) -> YOLOv5:
+                param_dtype: Dtype = jnp.float32, conv_impl: str = "auto") -> YOLOv5:
     """Builds a YOLOv5 from a yaml path / dict (default: the official v6.0 layout) and a variant."""
     cfg = load_yaml_cfg(cfg, variant=variant, nc=nc)
     parse_model(cfg)  # validate early, with layer-numbered errors
-    model = YOLOv5(cfg=_freeze(cfg), dtype=dtype, param_dtype=param_dtype)
+    resolve_impl(conv_impl)  # a typo fails here, not at the first trace
+    model = YOLOv5(cfg=_freeze(cfg), dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl)
     # Strides of the Detect inputs from a 256 x 256 probe, as the official Model does.
     out, _ = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 256, 256, 3)),
                                                            decode=False))

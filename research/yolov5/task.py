@@ -29,7 +29,7 @@ def model_from_config(config, nc: int) -> YOLOv5:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(m.dtype)
     if dtype is None:
         raise ValueError(f"config.model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
-    return build_model(cfg, dtype=dtype)
+    return build_model(cfg, dtype=dtype, conv_impl=m.conv_impl)
 
 
 class Task:
@@ -270,8 +270,12 @@ def export(self: Task, workdir: str) -> dict:
         from research.bridge.onnx_export import export_onnx
         s = cfg.data.image_size
 
+        # ONNX `Conv` nodes (what ONNX Runtime and TensorRT fuse and tune), whatever the JAX
+        # model computes its convolutions with.
+        onnx_model = self.model.clone(conv_impl="lax")
+
         def apply_fn(images):
-            return self.model.apply(variables, images, train=False)["pred"]
+            return onnx_model.apply(variables, images, train=False)["pred"]
 
         results["onnx"] = export_onnx(apply_fn, np.zeros((1, s, s, 3), np.float32),
                                       os.path.join(out_dir, "model.onnx"), dynamic_batch=True,

@@ -1,0 +1,136 @@
+"""2-D convolution for every network here, with a CPU-friendly computation.
+
+`Conv2D` has exactly `flax.linen.Conv`'s parameters (`kernel` HWIO, optional `bias`), so
+checkpoints and the torch bridge do not depend on how it computes. `impl` picks the computation:
+
+  "lax"  `lax.conv_general_dilated` for the forward and XLA's own gradients.
+  "dot"  the same sums arranged for XLA:CPU, where a matrix product runs much faster than a
+         convolution of the same FLOPs:
+           * a 1x1 convolution is one `dot` over the channels (forward and both gradients);
+           * a k x k convolution keeps XLA's forward and input gradient, and computes its
+             kernel gradient as k*k matrix products (one per tap: shifted input^T @ output
+             gradient) where that measured faster (`_tap_weight_grad_pays`).
+  "auto" "dot" on the CPU backend, "lax" elsewhere (GPU/TPU convolutions are tuned already).
+
+Measured on a 2-core CPU (`docs/yolov5.md`, benchmark section): YOLOv5s 640 px inference
+-25 %, train step b2 about -40 %. Outputs equal "lax" to float rounding (tests/test_conv.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ("auto", "lax", "dot")
+Dtype = Any
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl {impl!r}: expected one of {CONV_IMPLS}")
+    if impl == "auto":
+        return "dot" if jax.default_backend() == "cpu" else "lax"
+    return impl
+
+
+def _lax_conv(x, w, stride: int, padding: int, groups: int = 1):
+    p = padding
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups)
+
+
+def _tap(xp, i: int, j: int, ho: int, wo: int, stride: int):
+    """The input pixels that kernel tap (i, j) meets, for every output position: [B, ho, wo, C]."""
+    return xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride, :]
+
+
+def _tap_weight_grad_pays(cin: int, cout: int, stride: int) -> bool:
+    # From per-layer timings of XLA's kernel gradient against per-tap products on a 2-core
+    # CPU: strided convolutions gain 1.5-2.5x, stride-1 ones from 64 input channels on;
+    # stride-1 convolutions with few channels at high resolution lose.
+    return (stride > 1 and cin * cout >= 96) or cin >= 64
+
+
+def tap_weight_grad(x, dy, k: int, stride: int, padding: int):
+    """d(loss)/d(kernel) [k, k, Cin, Cout] from the input x and output gradient dy, per tap."""
+    _, ho, wo, cout = dy.shape
+    cin = x.shape[-1]
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    d2 = dy.reshape(-1, cout)
+    rows = []
+    for i in range(k):
+        rows.append(jnp.stack([
+            jnp.dot(_tap(x, i, j, ho, wo, stride).reshape(-1, cin).T, d2,
+                    preferred_element_type=jnp.float32) for j in range(k)]))
+    return jnp.stack(rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_tap_grad(x, w, stride: int, padding: int):
+    return _lax_conv(x, w, stride, padding)
+
+
+def _conv_tap_grad_fwd(x, w, stride, padding):
+    return _lax_conv(x, w, stride, padding), (x, w)
+
+
+def _conv_tap_grad_bwd(stride, padding, res, dy):
+    x, w = res
+    (dx,) = jax.vjp(lambda x_: _lax_conv(x_, w, stride, padding), x)[1](dy)
+    dw = tap_weight_grad(x, dy, w.shape[0], stride, padding).astype(w.dtype)
+    return dx, dw
+
+
+_conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
+
+
+def conv2d(x, w, stride: int = 1, padding: int = 0, groups: int = 1, impl: str = "auto"):
+    """NHWC x, HWIO w, symmetric zero padding; the same result for every `impl`."""
+    impl = resolve_impl(impl)
+    k, kw, cin, cout = w.shape
+    if impl == "lax" or groups != 1 or k != kw:
+        return _lax_conv(x, w, stride, padding, groups)
+    if k == 1:
+        if padding:
+            x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        if stride > 1:
+            x = x[:, ::stride, ::stride, :]
+        return jnp.dot(x, w.reshape(cin, cout))
+    if _tap_weight_grad_pays(cin, cout, stride):
+        return _conv_tap_grad(x, w, stride, padding)
+    return _lax_conv(x, w, stride, padding)
+
+
+class Conv2D(nn.Module):
+    """`nn.Conv` with square kernels, symmetric padding and a choice of computation (`impl`)."""
+
+    features: int
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    use_bias: bool = False
+    impl: str = "auto"
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cin = x.shape[-1]
+        if cin % self.groups:
+            raise ValueError(f"{self.name}: {cin} input channels not divisible by groups={self.groups}")
+        k = self.param("kernel", self.kernel_init,
+                       (self.kernel, self.kernel, cin // self.groups, self.features), self.param_dtype)
+        y = conv2d(x.astype(self.dtype), k.astype(self.dtype), self.stride, self.padding, self.groups,
+                   self.impl)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y

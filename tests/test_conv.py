@@ -1,0 +1,85 @@
+"""research/conv.py: every computation gives lax's convolution and gradients, nn.Conv's parameters."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import conv
+
+# (batch, size, cin, cout, kernel, stride, padding, groups): each routing branch of conv2d
+CASES = [
+    (2, 9, 5, 7, 1, 1, 0, 1),    # 1x1: one dot
+    (2, 9, 5, 7, 1, 2, 0, 1),    # 1x1 strided: subsample, dot
+    (2, 12, 3, 32, 6, 2, 2, 1),  # YOLOv5 stem: per-tap kernel gradient (stride 2, cin*cout >= 96)
+    (2, 10, 16, 8, 3, 2, 1, 1),  # strided 3x3: per-tap kernel gradient
+    (1, 6, 64, 8, 3, 1, 1, 1),   # stride 1, 64 channels: per-tap kernel gradient
+    (2, 8, 8, 8, 3, 1, 1, 1),    # stride 1, few channels: lax
+    (2, 8, 8, 8, 3, 1, 1, 2),    # grouped: lax
+]
+
+
+def _inputs(b, s, cin, cout, k, groups, seed=0):
+    rs = np.random.RandomState(seed)
+    x = jnp.asarray(rs.randn(b, s, s, cin).astype(np.float32))
+    w = jnp.asarray(rs.randn(k, k, cin // groups, cout).astype(np.float32) / np.sqrt(k * k * cin))
+    return x, w
+
+
+@pytest.mark.parametrize("b,s,cin,cout,k,stride,pad,groups", CASES)
+def test_dot_equals_lax_forward_and_gradients(b, s, cin, cout, k, stride, pad, groups):
+    x, w = _inputs(b, s, cin, cout, k, groups)
+
+    def loss(impl):
+        # a non-uniform weighting of the output, so every output gradient entry differs
+        def f(x, w):
+            y = conv.conv2d(x, w, stride, pad, groups, impl)
+            return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
+        return f
+
+    y_lax = conv.conv2d(x, w, stride, pad, groups, "lax")
+    y_dot = conv.conv2d(x, w, stride, pad, groups, "dot")
+    assert y_dot.shape == y_lax.shape
+    np.testing.assert_allclose(y_dot, y_lax, rtol=1e-5, atol=1e-5)
+    g_lax = jax.grad(loss("lax"), argnums=(0, 1))(x, w)
+    g_dot = jax.grad(loss("dot"), argnums=(0, 1))(x, w)
+    for a, c in zip(g_dot, g_lax):
+        assert float(jnp.max(jnp.abs(c))) > 1e-3  # a real gradient, not zeros on both sides
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_routing_takes_the_per_tap_gradient_where_it_pays():
+    x, w = _inputs(1, 6, 64, 8, 3, 1)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, 1, 1, 1, "dot"))(x, w))
+    assert "custom_vjp_call" in jaxpr
+    x, w = _inputs(1, 6, 8, 8, 3, 1)
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, 1, 1, 1, "dot"))(x, w))
+    x, w = _inputs(1, 6, 8, 8, 1, 1)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, 1, 0, 1, "dot"))(x, w))
+    assert conv.resolve_impl("auto") == ("dot" if jax.default_backend() == "cpu" else "lax")
+
+
+def test_bfloat16_kernel_gradient_stays_close():
+    x, w = _inputs(2, 10, 16, 8, 3, 1)
+    f = lambda impl: jax.grad(  # noqa: E731
+        lambda w: jnp.sum(conv.conv2d(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), 2, 1, 1, impl)
+                          .astype(jnp.float32) ** 2))(w)
+    ref = jax.grad(lambda w: jnp.sum(conv.conv2d(x, w, 2, 1, 1, "lax") ** 2))(w)
+    np.testing.assert_allclose(f("dot"), ref, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_conv2d_module_has_nn_conv_parameters_and_outputs():
+    x, _ = _inputs(2, 8, 6, 4, 3, 1)
+    ours = conv.Conv2D(4, 3, stride=2, padding=1, use_bias=True, impl="dot")
+    ref = nn.Conv(4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=True)
+    v = ref.init(jax.random.PRNGKey(0), x)
+    v = jax.tree_util.tree_map(lambda a: a + 0.1, v)  # a non-zero bias
+    assert jax.tree_util.tree_structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree_util.tree_structure(v)
+    np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_impl_is_an_error():
+    x, w = _inputs(1, 4, 2, 2, 1, 1)
+    with pytest.raises(ValueError, match="conv_impl 'fast'"):
+        conv.conv2d(x, w, impl="fast")
