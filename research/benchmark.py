@@ -24,9 +24,11 @@ Networks plug in with a `BenchSpec` (model variables, inference function, loss/o
 a synthetic batch): `research.<network>.task.benchmark_spec(config, variant=, image_size=)`
 when the task module defines it, else a builder registered in `SPEC_BUILDERS` here.
 
-Reference figures (the issue; same 2-core CPU; official ultralytics PyTorch code, which cannot
-run here since torchvision is not installable) are the `REFERENCE_*` constants; the json
-reports our ratio to them when the benchmark is at their setting (yolov5s, 640, b1 / b2).
+The official PyTorch model can be timed in the same run, before and after ours, so that the
+ratios are measured on one machine at one time: `--config.benchmark.torch_repo=PATH` (a clone of
+ultralytics/yolov5 whose requirements import; `research/yolov5/official_torch.py`). Without it,
+the issue's figures for that model on the same 2-core CPU (the `REFERENCE_*` constants) give the
+`*_over_torch_reference` ratios when the benchmark is at their setting (yolov5s, 640, b1 / b2).
 """
 
 from __future__ import annotations
@@ -700,7 +702,7 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
             "REFERENCE_YOLOV5S_GFLOPS_640": REFERENCE_YOLOV5S_GFLOPS_640,
             "REFERENCE_SETTING": REFERENCE_SETTING,
             "source": "issue figures for the official ultralytics PyTorch YOLOv5s on the same 2-core CPU "
-                      "(not run here: torchvision is not installable); GFLOPs from the ultralytics README",
+                      "(benchmark.torch_repo measures it in this run instead); GFLOPs from the ultralytics README",
         },
         "model": {"network": spec.name, "variant": spec.variant, "image_size": spec.image_size, **spec.info},
         "settings": {"infer_batch": infer_batch, "train_batch": train_batch, "repeats": repeats,
