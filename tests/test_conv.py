@@ -16,6 +16,9 @@ CASES = [
     (2, 10, 16, 8, 3, 2, 1, 1),  # strided 3x3: per-tap kernel gradient
     (1, 6, 64, 8, 3, 1, 1, 1),   # stride 1, 64 channels: per-tap kernel gradient
     (2, 8, 8, 8, 3, 1, 1, 1),    # stride 1, few channels: lax
+    (2, 11, 3, 8, 3, 2, 1, 1),   # strided, few channels: phase input gradient, lax kernel gradient
+    (1, 11, 2, 4, 6, 2, 2, 1),   # odd size, 6x6 stride 2: phases of unequal tap counts
+    (1, 13, 2, 3, 5, 3, 0, 1),   # stride 3, no padding: input rows no tap reaches
     (2, 8, 8, 8, 3, 1, 1, 2),    # grouped: lax
 ]
 
@@ -55,6 +58,8 @@ def test_routing_takes_the_per_tap_gradient_where_it_pays():
     assert "custom_vjp_call" in jaxpr
     x, w = _inputs(1, 6, 8, 8, 3, 1)
     assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, 1, 1, 1, "dot"))(x, w))
+    x, w = _inputs(1, 6, 8, 8, 3, 1)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, 2, 1, 1, "dot"))(x, w))
     x, w = _inputs(1, 6, 8, 8, 1, 1)
     assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, 1, 0, 1, "dot"))(x, w))
     assert conv.resolve_impl("auto") == ("dot" if jax.default_backend() == "cpu" else "lax")
