@@ -146,7 +146,7 @@ def yolov5_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Bench
     def infer_fn(v, images):
         return model.apply(v, images, train=False)["pred"]
 
-    onnx_model = model.clone(conv_impl="lax")  # as `--mode=export` writes it
+    onnx_model = model.for_export()  # as `--mode=export` writes it
 
     def export_fn(v, images):
         return onnx_model.apply(v, images, train=False)["pred"]
@@ -573,10 +573,10 @@ def _load() -> list[float]:
         return []
 
 
-def measure_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_batch: int,
-                            repeats: int) -> list[dict]:
+def time_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_batch: int,
+                         repeats: int) -> dict:
     """Times the official PyTorch model (from the checkout `repo`) in a subprocess, so its
-    thread pool and imports stay out of this process; records like ours, what='torch_*'."""
+    thread pool and imports stay out of this process: {'infer', 'infer_fused', 'train_step': ms}."""
     if not spec.torch_reference_module:
         raise ValueError(f"{spec.name}: no official PyTorch reference runner")
     with tempfile.TemporaryDirectory() as tmp:
@@ -588,12 +588,19 @@ def measure_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_
         if proc.returncode != 0:
             raise RuntimeError(f"official PyTorch benchmark from {repo} failed:\n{proc.stderr[-3000:]}")
         with open(out) as f:
-            res = json.load(f)
+            return json.load(f)
+
+
+def torch_records(spec: BenchSpec, repo: str, before: dict, after: dict, infer_batch: int,
+                  train_batch: int) -> list[dict]:
+    """Records like ours (what='torch_*') from timings taken before and after ours."""
     recs = []
-    for key, what, batch in (("infer", "torch_infer", infer_batch), ("infer_fused", "torch_infer_fused", infer_batch),
-                             ("train_step", "torch_train_step", train_batch)):
-        r = _record(what, batch, spec.image_size, res[key])
-        r["note"] = f"official PyTorch {res['torch_version']} ({res['threads']} threads) from {repo}"
+    for key, batch in (("infer", infer_batch), ("infer_fused", infer_batch), ("train_step", train_batch)):
+        r = _record(f"torch_{key}", batch, spec.image_size, before[key] + after[key])
+        r["note"] = (f"official PyTorch {before['torch_version']} ({before['threads']} threads) from {repo}; "
+                     "timed before and after ours")
+        r["median_ms_before"] = float(statistics.median(before[key]))
+        r["median_ms_after"] = float(statistics.median(after[key]))
         recs.append(r)
     return recs
 
@@ -668,7 +675,7 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
     t_start = time.perf_counter()
     torch_before = None
     if torch_repo:  # timed before and after ours: a slow drift of a shared machine cancels in the ratio
-        torch_before = measure_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats)
+        torch_before = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats)
     try:
         ref_out, infer_flops = None, None
         if "infer" in stages:
@@ -684,11 +691,8 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
         if "train" in stages:
             records.extend(measure_train_step(spec, train_batch, repeats, warmup, counter))
         if torch_repo:
-            after = measure_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats)
-            for a, b in zip(torch_before, after):
-                records.append({**_record(a["what"], a["batch"], a["image_size"], a["times_ms"] + b["times_ms"]),
-                                "note": a["note"] + "; timed before and after ours",
-                                "median_ms_before": a["median_ms"], "median_ms_after": b["median_ms"]})
+            after = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats)
+            records.extend(torch_records(spec, torch_repo, torch_before, after, infer_batch, train_batch))
     finally:
         counter.close()
     recomp = {r["what"]: r["recompilation"] for r in records if "recompilation" in r}

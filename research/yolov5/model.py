@@ -378,6 +378,11 @@ class YOLOv5(nn.Module):
         """[nl, na, 2], the official `Detect.anchors` buffer (anchors divided by stride)."""
         return self.anchors_pixels / np.asarray(self.strides, np.float32)[:, None, None]
 
+    def for_export(self) -> "YOLOv5":
+        """The same model computing with XLA convolutions: exported graphs then hold `Conv`
+        nodes, which ONNX Runtime and TensorRT fuse and tune (faster there than matmuls)."""
+        return self.clone(conv_impl="lax")
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, decode: bool | None = None):
         """x: [B, H, W, 3] in [0, 1]. Returns {'heads': [...], 'pred': [B, N, 5+nc] (eval)}."""

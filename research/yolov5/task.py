@@ -270,9 +270,7 @@ def export(self: Task, workdir: str) -> dict:
         from research.bridge.onnx_export import export_onnx
         s = cfg.data.image_size
 
-        # ONNX `Conv` nodes (what ONNX Runtime and TensorRT fuse and tune), whatever the JAX
-        # model computes its convolutions with.
-        onnx_model = self.model.clone(conv_impl="lax")
+        onnx_model = self.model.for_export()
 
         def apply_fn(images):
             return onnx_model.apply(variables, images, train=False)["pred"]
