@@ -6,7 +6,9 @@ checkpoints and the torch bridge do not depend on how it computes. `impl` picks 
   "lax"  `lax.conv_general_dilated` for the forward and XLA's own gradients.
   "dot"  the same sums arranged for XLA:CPU, where a matrix product runs much faster than a
          convolution of the same FLOPs:
-           * a 1x1 convolution is one `dot` over the channels (forward and both gradients);
+           * a 1x1 convolution is one `dot` over the channels, forward and both gradients
+             (the kernel gradient written as `x^T @ dy` in a custom VJP: autodiff's form of
+             it made XLA:CPU write a transposed copy of `dy` for every layer, 7 % of a step);
            * a k x k convolution keeps XLA's forward; its kernel gradient is k*k matrix
              products (one per tap: shifted input^T @ output gradient) where that measured
              faster (`_tap_weight_grad_pays`), and a strided one's input gradient is one matrix
@@ -131,6 +133,27 @@ def _conv_custom_grad_bwd(stride, padding, tap_dw, res, dy):
 _conv_custom_grad.defvjp(_conv_custom_grad_fwd, _conv_custom_grad_bwd)
 
 
+@jax.custom_vjp
+def _dot_1x1(x, w2):
+    """x [..., Cin] @ w2 [Cin, Cout]; the kernel gradient as x^T @ dy (see the module doc)."""
+    return jnp.dot(x, w2)
+
+
+def _dot_1x1_fwd(x, w2):
+    return jnp.dot(x, w2), (x, w2)
+
+
+def _dot_1x1_bwd(res, g):
+    x, w2 = res
+    cin, cout = w2.shape
+    dx = jnp.dot(g, w2.T)
+    dw = jnp.dot(x.reshape(-1, cin).T, g.reshape(-1, cout), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w2.dtype)
+
+
+_dot_1x1.defvjp(_dot_1x1_fwd, _dot_1x1_bwd)
+
+
 def conv2d(x, w, stride: int = 1, padding: int = 0, groups: int = 1, impl: str = "auto"):
     """NHWC x, HWIO w, symmetric zero padding; the same result for every `impl`."""
     impl = resolve_impl(impl)
@@ -142,7 +165,7 @@ def conv2d(x, w, stride: int = 1, padding: int = 0, groups: int = 1, impl: str =
             x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
         if stride > 1:
             x = x[:, ::stride, ::stride, :]
-        return jnp.dot(x, w.reshape(cin, cout))
+        return _dot_1x1(x, w.reshape(cin, cout))
     tap_dw = _tap_weight_grad_pays(cin, cout, stride)
     if tap_dw or stride > 1:
         return _conv_custom_grad(x, w, stride, padding, tap_dw)

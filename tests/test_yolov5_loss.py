@@ -229,6 +229,33 @@ def test_against_torch_reference_crowded(variant):
             np.testing.assert_allclose(np.asarray(g), t.grad.numpy(), rtol=1e-3, atol=1e-5 * float(t.grad.abs().max()))
 
 
+def test_nhwc_layout_equals_official_layout():
+    """The training loss reads the Detect conv's own layout [B, ny, nx, na, no]: same values and
+    (transposed) gradients as the official [B, na, ny, nx, no], on the crowded case."""
+    rng = np.random.default_rng(3)
+    heads = [rng.normal(0, 1.5, (2, 3, ny, nx, 5 + NC)).astype(np.float32) for ny, nx in GRID]
+    boxes, classes, valid = yloss.targets_to_padded(_crowded_case(rng, 2, 14, NC, GRID), 2, M_LABELS)
+
+    def f(layout):
+        def loss(hs):
+            if layout == "nhwc":
+                hs = [h.transpose(0, 2, 3, 1, 4) for h in hs]
+            total, items = yloss.compute_loss(hs, boxes, classes, valid, ANCHORS, PLAIN_HYP, layout=layout)
+            return total, items
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(heads)
+
+    (t_off, i_off), g_off = f("official")
+    (t_nhwc, i_nhwc), g_nhwc = f("nhwc")
+    assert float(t_off) > 0
+    np.testing.assert_allclose(float(t_nhwc), float(t_off), rtol=1e-6)
+    for k in i_off:
+        np.testing.assert_allclose(float(i_nhwc[k]), float(i_off[k]), rtol=1e-6)
+    for a, b in zip(g_nhwc, g_off):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="layout 'nchw'"):
+        yloss.compute_loss(heads, boxes, classes, valid, ANCHORS, PLAIN_HYP, layout="nchw")
+
+
 def test_duplicate_cells_last_candidate_wins():
     """Two labels with the same centre share every cell; the later row sets the objectness target,
     so lobj(A, B) == lobj(B alone) and lobj(B, A) == lobj(A alone)."""

@@ -84,3 +84,14 @@ def test_decode_matches_formula():
     row = np.asarray(out["pred"])[0, n0 + a * 16 + y * 4 + x]
     np.testing.assert_allclose(row[:4], exp, rtol=1e-5)
     np.testing.assert_allclose(row[4:], s[0, a, y, x, 4:], rtol=1e-6)
+
+
+def test_heads_nhwc_are_the_official_heads_transposed():
+    model = build_model(variant="tiny", nc=2)
+    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    x = jax.random.uniform(jax.random.PRNGKey(3), (2, 64, 64, 3))
+    for train in (False, True):
+        out = model.apply(v, x, train=train, mutable=["batch_stats"])[0] if train else model.apply(v, x)
+        for off, nhwc in zip(out["heads"], out["heads_nhwc"]):
+            assert nhwc.shape == (2, off.shape[2], off.shape[3], 3, 7)
+            np.testing.assert_array_equal(np.asarray(nhwc).transpose(0, 3, 1, 2, 4), off)

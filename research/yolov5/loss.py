@@ -204,11 +204,13 @@ def _level_candidates(boxes, valid, anchors, nx, ny, anchor_t):
 
 def compute_loss(heads: Sequence[jax.Array], boxes: jax.Array, classes: jax.Array,
                  valid: jax.Array, anchors: jax.Array,
-                 hyp: Mapping[str, float]) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 hyp: Mapping[str, float], layout: str = "official") -> tuple[jax.Array, dict[str, jax.Array]]:
     """Official YOLOv5 v7.0 ComputeLoss (autobalance off, gr = 1.0, sort_obj_iou off).
 
     Args:
-      heads: nl raw Detect outputs, each `[B, na, ny, nx, 5 + nc]` logits.
+      heads: nl raw Detect outputs, each `[B, na, ny, nx, 5 + nc]` logits (`layout="official"`)
+        or `[B, ny, nx, na, 5 + nc]` (`layout="nhwc"`: the Detect convolution's own output
+        reshaped, so training skips the transposes to and from the official layout).
       boxes: `[B, M, 4]` normalized cx, cy, w, h of the padded labels.
       classes: `[B, M]` int class ids.
       valid: `[B, M]` bool, which label slots are real.
@@ -221,6 +223,8 @@ def compute_loss(heads: Sequence[jax.Array], boxes: jax.Array, classes: jax.Arra
       `(total, {"lbox", "lobj", "lcls"})`: the parts are already multiplied by their gains and
       `total = (lbox + lobj + lcls) * B`, as the official loss. Computed in float32.
     """
+    if layout not in ("official", "nhwc"):
+        raise ValueError(f"heads layout {layout!r}: expected 'official' or 'nhwc'")
     nl = len(heads)
     anchors = jnp.asarray(anchors, jnp.float32)
     if anchors.shape[0] != nl:
@@ -244,13 +248,19 @@ def compute_loss(heads: Sequence[jax.Array], boxes: jax.Array, classes: jax.Arra
     batch = heads[0].shape[0]
     for i, head in enumerate(heads):
         head = jnp.asarray(head, jnp.float32)
-        B, na, ny, nx, no = head.shape
+        if layout == "nhwc":
+            B, ny, nx, na, no = head.shape
+        else:
+            B, na, ny, nx, no = head.shape
         nc = no - 5
         M = valid.shape[1]
         mask, gi, gj, txy, twh, a = _level_candidates(boxes, valid, anchors[i], nx, ny, anchor_t)
 
         b = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None, None, None], mask.shape)
-        cell = ((b * na + a) * ny + gj) * nx + gi                     # [B, 5, na, M]
+        if layout == "nhwc":
+            cell = ((b * ny + gj) * nx + gi) * na + a                 # [B, 5, na, M]
+        else:
+            cell = ((b * na + a) * ny + gj) * nx + gi
         flat = head.reshape(B * na * ny * nx, no)
         pred = flat[cell]                                            # [B, 5, na, M, no]
 
@@ -275,7 +285,7 @@ def compute_loss(heads: Sequence[jax.Array], boxes: jax.Array, classes: jax.Arra
         iou_t = jnp.maximum(jax.lax.stop_gradient(iou), 0.0)
         tobj = jnp.zeros((ncell,), jnp.float32).at[cell.reshape(-1)].add(
             jnp.where(winner, iou_t, 0.0).reshape(-1))
-        tobj = tobj.reshape(B, na, ny, nx)
+        tobj = tobj.reshape(head.shape[:-1])
 
         if nc > 1:
             is_cls = classes[..., None] == jnp.arange(nc, dtype=jnp.int32)  # [B, M, nc]

@@ -26,6 +26,8 @@ import numpy as np
 import yaml
 
 from research.conv import Conv2D, resolve_impl
+from research.norm import BatchNormAct
+from research.pool import max_pool_same
 
 Dtype = Any
 
@@ -187,9 +189,8 @@ class Conv(nn.Module):
         x = Conv2D(self.features, self.kernel, self.stride, p, self.groups, impl=self.conv_impl,
                    kernel_init=torch_conv_init(), dtype=self.dtype, param_dtype=self.param_dtype,
                    name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
-        return nn.silu(x) if self.act else x
+        return BatchNormAct(momentum=BN_MOMENTUM, epsilon=BN_EPS, act="silu" if self.act else "none",
+                            dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
 
 
 class Bottleneck(nn.Module):
@@ -232,11 +233,6 @@ class C3(nn.Module):
         return Conv(self.features, 1, name="cv3", **kw)(jnp.concatenate([a, b], axis=-1), train)
 
 
-def max_pool_same(x, k: int):
-    p = k // 2
-    return nn.max_pool(x, (k, k), strides=(1, 1), padding=((p, p), (p, p)))
-
-
 class SPPF(nn.Module):
     """Spatial pyramid pooling, fast: three chained k x k max pools."""
 
@@ -250,9 +246,9 @@ class SPPF(nn.Module):
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
         x = Conv(x.shape[-1] // 2, 1, 1, name="cv1", **kw)(x, train)
-        y1 = max_pool_same(x, self.k)
-        y2 = max_pool_same(y1, self.k)
-        y3 = max_pool_same(y2, self.k)
+        y1 = max_pool_same(x, self.k, train)
+        y2 = max_pool_same(y1, self.k, train)
+        y3 = max_pool_same(y2, self.k, train)
         return Conv(self.features, 1, 1, name="cv2", **kw)(jnp.concatenate([x, y1, y2, y3], -1), train)
 
 
@@ -267,7 +263,7 @@ class SPP(nn.Module):
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
         x = Conv(x.shape[-1] // 2, 1, 1, name="cv1", **kw)(x, train)
-        pools = [max_pool_same(x, k) for k in self.ks]
+        pools = [max_pool_same(x, k, train) for k in self.ks]
         return Conv(self.features, 1, 1, name="cv2", **kw)(jnp.concatenate([x] + pools, -1), train)
 
 
@@ -279,7 +275,10 @@ def upsample_nearest(x, scale: int):
 class Detect(nn.Module):
     """Per-level 1x1 conv heads plus the official inference decoding.
 
-    Returns the raw heads `[B, na, ny, nx, 5 + nc]` and, when `decode`, the decoded boxes
+    Returns the raw heads `[B, na, ny, nx, 5 + nc]` ("heads"), the same logits in the
+    convolution's own layout `[B, ny, nx, na, 5 + nc]` ("heads_nhwc": what the training loss
+    reads, so no transposes run; under jit whichever is unused costs nothing) and, when `decode`,
+    the decoded boxes
     `[B, N, 5 + nc]` (xywh in input pixels, objectness and class probabilities), anchor-major
     per level as the official `Detect.forward` in eval mode.
     """
@@ -311,17 +310,19 @@ class Detect(nn.Module):
     @nn.compact
     def __call__(self, xs: Sequence[jax.Array], decode: bool = True):
         no, na = self.nc + 5, self.na
-        heads, decoded = [], []
+        heads, heads_nhwc, decoded = [], [], []
         for i, x in enumerate(xs):
             y = Conv2D(na * no, 1, use_bias=True, impl=self.conv_impl, kernel_init=torch_conv_init(),
                        bias_init=self._bias_init(self.strides[i], x.shape[-1]),
                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"m.{i}")(x)
             b, ny, nx, _ = y.shape
-            y = y.astype(jnp.float32).reshape(b, ny, nx, na, no).transpose(0, 3, 1, 2, 4)
+            y = y.astype(jnp.float32).reshape(b, ny, nx, na, no)
+            heads_nhwc.append(y)
+            y = y.transpose(0, 3, 1, 2, 4)
             heads.append(y)
             if decode:
                 decoded.append(self._decode(y, i))
-        out = {"heads": heads}
+        out = {"heads": heads, "heads_nhwc": heads_nhwc}
         if decode:
             out["pred"] = jnp.concatenate(decoded, axis=1)
         return out

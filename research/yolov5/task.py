@@ -80,8 +80,8 @@ class Task:
         images = batch["image"].astype(jnp.float32) / 255.0
         out, mutated = self.model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                         mutable=["batch_stats"])
-        total, items = loss_lib.compute_loss(out["heads"], batch["boxes"], batch["classes"], batch["valid"],
-                                             self.anchors, self.loss_hyp)
+        total, items = loss_lib.compute_loss(out["heads_nhwc"], batch["boxes"], batch["classes"], batch["valid"],
+                                             self.anchors, self.loss_hyp, layout="nhwc")
         metrics = {f"train/{k}": v for k, v in items.items()}
         return total, (metrics, mutated["batch_stats"])
 
