@@ -4,13 +4,13 @@
 `batch_stats/{mean,var}`, same running-average rule and the same `E[x^2] - E[x]^2` batch
 variance), so checkpoints and the torch bridge do not change, and then applies `act`.
 
-Why: in training, XLA keeps `x - mean`, the normalised `z` and `act(z)` as three full-size
-arrays for the backward pass, and on CPU those elementwise passes over the activations cost a
-quarter of a YOLOv5 train step. Here the training forward is one `custom_vjp` function that
-saves only the convolution output and per-channel vectors: the forward is one reduction pass
-(sum and sum of squares) and one elementwise pass; the backward recomputes `z` and `act(z)`
-from the input (one reduction pass for the two channel sums, one elementwise pass for the input
-gradient). The values equal `nn.BatchNorm` + `act` to float rounding (tests/test_norm.py).
+Why: with flax's BatchNorm and autodiff, XLA kept `x - mean`, the normalised `z` and `act(z)`
+as separate full-size arrays (three elementwise passes per layer in the forward). Here the
+training forward is one `custom_vjp` function that saves only the convolution output and
+per-channel vectors: one reduction pass (sum and sum of squares) and one elementwise pass. The
+backward recomputes `z` and `act'(z)` from the saved input, writes `dz` once (XLA:CPU's channel
+reductions read it), takes the two channel sums and then the input gradient. The values equal
+`nn.BatchNorm` + `act` to float rounding (tests/test_norm.py).
 
 Statistics are over every axis but the last, so under `jax.jit` with a batch sharded over the
 `data` mesh they are global-batch statistics (XLA inserts the cross-device sums).
