@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.nbs = 64  # nominal batch size: gradients accumulate up to it
     c.max_grad_norm = 10.0
     c.ema = True
+    c.autoanchor = True  # train.py's check_anchors before a new run (its --noautoanchor = False)
 
     c.batch_size = 64 if arg.data == "coco" else 16  # global, over all devices and hosts
     c.num_epochs = 300
@@ -77,6 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.max_det = 300
     c.eval.batch_size = 32
     c.eval.use_ema = True
+    # ground truth: "auto" = the COCO folder's annotation json (as val.py), the loader's labels
+    # for `shapes`; "labels" = always the loader's labels; or a path to a COCO json
+    c.eval.annotations = "auto"
     c.eval.onnx = False  # --mode=eval evaluates workdir/export/model.onnx through ONNX Runtime
 
     c.predict = ml_collections.ConfigDict()

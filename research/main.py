@@ -20,6 +20,8 @@ def run(config, workdir: str, mode: str) -> dict:
         from research import benchmark
         return benchmark.run(config, workdir)
     task = tasks.get_task(config)
+    if hasattr(task, "prepare"):  # workdir-specific set-up (YOLOv5: the anchors this run uses)
+        task.prepare(workdir, mode)
     results: dict = {}
     if mode in ("train", "all"):
         from research import trainer

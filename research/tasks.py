@@ -3,6 +3,7 @@
 A task is what a network adds to the shared trainer (`research/trainer.py`):
 
   model, use_ema, total_steps, steps_per_epoch
+  prepare(workdir, mode)   [optional] set-up that depends on the workdir, before any mode runs
   init_variables(rng) -> {'params', 'batch_stats'?}
   make_optimizer(params) -> optax transform (its `update` may take `step=` the iteration)
   loss_fn(params, batch_stats, batch, rng) -> (loss, (metrics, new_batch_stats))   [jit-able]

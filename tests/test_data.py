@@ -595,3 +595,37 @@ def test_corrupt_image_is_logged_and_substituted(tmp_path, caplog):
 def test_data_path_never_imports_tensorflow():
   import sys  # pylint: disable=g-import-not-at-top
   assert 'tensorflow' not in sys.modules
+
+
+# --------------------------------------------------------------------- mixup
+
+
+def test_mixup_blends_and_keeps_both_label_sets():
+  rng = np.random.default_rng(0)
+  a, b = np.full((8, 8, 3), 200, np.uint8), np.full((8, 8, 3), 0, np.uint8)
+  la, lb = np.array([[1, 0, 0, 4, 4]], np.float32), np.array([[2, 4, 4, 8, 8]], np.float32)
+  img, lab = T.mixup(a, la, b, lb, rng)
+  assert img.dtype == np.uint8 and 60 < img[0, 0, 0] < 140  # r ~ Beta(32, 32), near 0.5
+  np.testing.assert_array_equal(lab, np.concatenate([la, lb]))
+
+
+def test_train_transform_mixup(shapes_builder):
+  source = pipeline.DetectionSource(shapes_builder.data_dir, 'train')
+  base = {**T.DEFAULT_HYP, 'mosaic': 1.0}
+
+  def run(hyp, seed):
+    op = pipeline.TrainTransform(source, 64, hyp, max_labels=64)
+    return op.random_map(source[3], np.random.default_rng(seed))
+
+  n_plain = n_mix = 0
+  for seed in range(6):
+    plain = run({**base, 'mixup': 0.0}, seed)
+    # mixup 0 draws nothing from the generator: same example as a hyp without the key
+    no_key = run({k: v for k, v in base.items() if k != 'mixup'}, seed)
+    np.testing.assert_array_equal(plain['image'], no_key['image'])
+    mixed = run({**base, 'mixup': 1.0}, seed)
+    n_plain += int(plain['valid'].sum())
+    n_mix += int(mixed['valid'].sum())
+  assert n_mix > 1.5 * n_plain  # two mosaics' labels
+  with pytest.raises(ValueError, match='copy_paste'):
+    pipeline.TrainTransform(source, 64, {**base, 'copy_paste': 0.1}, max_labels=8)

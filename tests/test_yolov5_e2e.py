@@ -24,7 +24,7 @@ def run_all(tmp_path_factory):
 
 def test_all_mode_writes_artefacts(run_all):
     c, workdir, results = run_all
-    for f in ("config.json", "metrics.jsonl", "curves.png", "parameters.txt", "export/model.pt",
+    for f in ("config.json", "autoanchor.json", "metrics.jsonl", "curves.png", "parameters.txt", "export/model.pt",
               "export/model.safetensors", "export/model.onnx", "results_all.json"):
         assert os.path.exists(os.path.join(workdir, f)), f
     assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -47,6 +47,7 @@ def test_onnx_eval_equals_jax_eval(run_all):
     assert results["eval_onnx/mAP50"] == pytest.approx(results["eval/mAP50"], rel=0.05)
     assert results["eval_onnx/mAP50_95"] == pytest.approx(results["eval/mAP50_95"], rel=0.05)
     task = Task(c)
+    task.prepare(workdir, "eval")  # the anchors the run recorded
     from research.yolov5.task import _restore
     state = _restore(task, workdir)
     ev_jax, ev_onnx = DetectionEvaluator(task), DetectionEvaluator(task, os.path.join(workdir, "export/model.onnx"))

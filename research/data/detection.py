@@ -72,6 +72,35 @@ class DetectionData:
             worker_count=self.config.num_workers, process_index=process_index, process_count=process_count)
         return _ResumableLoader(loader, iterator_state)
 
+    def label_sizes(self, split: str):
+        """(image sizes [n, 2] w, h; per-image normalized label w, h) without decoding images."""
+        return pipeline.label_sizes(self.builder.data_dir, split)
+
+    def annotation_file(self, split: str, setting: str) -> str | None:
+        """The COCO annotation json that scores `split` (`config.eval.annotations` = setting).
+
+        "auto": for `coco`, the folder's own file for that split (as val.py scores COCO with
+        instances_val2017.json: crowd regions ignored, official areas); None otherwise, and the
+        ground truth is built from the loader's labels. "" / "labels": always the labels. Any
+        other value is a path that must exist.
+        """
+        if setting in ("", "labels"):
+            return None
+        if setting != "auto":
+            if not os.path.isfile(setting):
+                raise FileNotFoundError(f"config.eval.annotations not found: {setting}")
+            return setting
+        if self.config.name != "coco":
+            return None
+        from research.data import coco
+        rel = getattr(coco.CocoConfig, f"{split}_annotations", None)
+        path = os.path.join(self.config.manual_dir, rel) if rel else None
+        if path is None or not os.path.isfile(path):
+            logging.warning("eval: no annotation file for split %r (%s); scoring against the loader's labels",
+                            split, path)
+            return None
+        return path
+
     def coco_gt(self, images, boxes, labels):
         from research.evaluation.coco import coco_gt_from_arrays
         return coco_gt_from_arrays(images, boxes, labels, self.class_names, self.label_to_category_id)

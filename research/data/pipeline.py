@@ -186,6 +186,42 @@ class DetectionSource:
                        f'{self._split!r} failed to load, starting at {i}')
 
 
+def label_sizes(dataset_dir: str, split: str) -> tuple[np.ndarray, list]:
+  """Image sizes and normalized label sizes of a split, without decoding images.
+
+  Returns ``(shapes, wh)``: ``shapes`` [n, 2] (width, height) read from each
+  encoded image's header, ``wh`` a list of [m, 2] normalized (w, h) per image
+  (crowd boxes removed). Records whose image header cannot be read are skipped
+  with a warning, as the loader does.
+  """
+  import io
+  from PIL import Image
+  ds = tfds.builder_from_directory(str(dataset_dir)).as_data_source(
+      split, decoders={'image': tfds.decode.SkipDecoding()})
+  shapes, wh = [], []
+  for i in range(len(ds)):
+    rec = ds[i]
+    try:
+      data = rec['image']
+      if isinstance(data, np.ndarray) and data.ndim == 3:
+        size = (data.shape[1], data.shape[0])
+      else:
+        with Image.open(io.BytesIO(data)) as im:
+          size = im.size
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('data: split %r record %d (%s): image header unreadable '
+                      '(%s); skipped for the anchor check', split, i,
+                      _as_str(rec.get('image/filename', '')), e)
+      continue
+    obj = rec.get('objects', {})
+    bbox = np.asarray(obj.get('bbox', []), np.float32).reshape(-1, 4)
+    if 'is_crowd' in obj:
+      bbox = bbox[~np.asarray(obj['is_crowd'], bool).reshape(-1)]
+    shapes.append(size)
+    wh.append(np.stack([bbox[:, 3] - bbox[:, 1], bbox[:, 2] - bbox[:, 0]], 1))
+  return np.asarray(shapes, np.float32).reshape(-1, 2), wh
+
+
 def _pack(img: np.ndarray, labels_n: np.ndarray, image_id: int,
           max_labels: int) -> dict[str, np.ndarray]:
   """Fixed-size arrays from normalized (n, 5) [cls, cx, cy, w, h] labels."""
@@ -228,6 +264,10 @@ class TrainTransform(grain.transforms.RandomMap):
     self.image_size = int(image_size)
     self.hyp = {**T.DEFAULT_HYP, **dict(hyp or {})}
     self.max_labels = int(max_labels)
+    if self.hyp.get('copy_paste', 0.0) > 0:
+      raise ValueError(
+          f"hyp copy_paste={self.hyp['copy_paste']}: copy-paste pastes object "
+          'segments, and these datasets store boxes only; set it to 0')
 
   def _resized(self, ex):
     img, (h0, w0), (h, w) = T.load_image(ex['image'], self.image_size, True)
@@ -245,6 +285,13 @@ class TrainTransform(grain.transforms.RandomMap):
 
       img, labels = T.load_mosaic(load_fn, element['index'],
                                   self.source.num_records, s, rng, hyp)
+      # MixUp with a second mosaic (official: only after a mosaic). No random
+      # draw when mixup is 0, so recipes without it keep their augmentations.
+      if hyp.get('mixup', 0.0) > 0 and rng.random() < hyp['mixup']:
+        j = int(rng.integers(0, self.source.num_records))
+        img2, labels2 = T.load_mosaic(lambda k: self._resized(self.source[k]),
+                                      j, self.source.num_records, s, rng, hyp)
+        img, labels = T.mixup(img, labels, img2, labels2, rng)
     else:
       img, labels = self._resized(element)
       img, ratio, pad = T.letterbox(img, s, auto=False, scaleup=True)

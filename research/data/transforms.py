@@ -41,12 +41,13 @@ DEFAULT_HYP: Mapping[str, float] = {
     'flipud': 0.0,
     'fliplr': 0.5,
     'mosaic': 1.0,
+    'mixup': 0.0,
 }
 
 __all__ = [
     'PAD_VALUE', 'DEFAULT_HYP', 'load_image', 'scale_labels', 'letterbox',
     'letterbox_labels', 'random_perspective', 'box_candidates', 'mosaic_center', 'mosaic4',
-    'load_mosaic', 'augment_hsv', 'hflip', 'vflip', 'xyxy_to_cxcywhn',
+    'load_mosaic', 'mixup', 'augment_hsv', 'hflip', 'vflip', 'xyxy_to_cxcywhn',
     'empty_labels',
 ]
 
@@ -301,6 +302,14 @@ def load_mosaic(load_fn: Callable[[int], tuple[np.ndarray, np.ndarray]],
       degrees=hyp.get('degrees', 0.0), translate=hyp.get('translate', 0.0),
       scale=hyp.get('scale', 0.0), shear=hyp.get('shear', 0.0),
       perspective=hyp.get('perspective', 0.0), border=(border, border))
+
+
+def mixup(img: np.ndarray, labels: np.ndarray, img2: np.ndarray,
+          labels2: np.ndarray, rng: np.random.Generator):
+  """MixUp as YOLOv5: blend ratio r ~ Beta(32, 32), labels of both images kept."""
+  r = rng.beta(32.0, 32.0)
+  out = (img * r + img2 * (1 - r)).astype(np.uint8)
+  return out, np.concatenate([labels, labels2], 0)
 
 
 def augment_hsv(img: np.ndarray, rng: np.random.Generator, hgain=0.5,

@@ -19,9 +19,15 @@ from research.yolov5 import postprocess
 from research.yolov5.model import VARIANTS, YOLOv5, build_model, load_yaml_cfg
 
 
-def model_from_config(config, nc: int) -> YOLOv5:
+AUTOANCHOR_FILE = "autoanchor.json"
+
+
+def model_from_config(config, nc: int, anchors: list | None = None) -> YOLOv5:
+    """The model the config names; `anchors` ([nl][na*2] pixels) replace the yaml's (autoanchor)."""
     m = config.model
     cfg = load_yaml_cfg(m.yaml or None, variant=m.variant or None, nc=nc)
+    if anchors is not None:
+        cfg["anchors"] = [list(map(float, level)) for level in anchors]
     if m.depth_multiple > 0:
         cfg["depth_multiple"] = m.depth_multiple
     if m.width_multiple > 0:
@@ -59,6 +65,48 @@ class Task:
             batch_size=config.batch_size, cos_lr=config.cos_lr, nbs=config.nbs)
         self.anchors = jnp.asarray(self.model.anchors_stride_units)
 
+    # ---------------------------------------------------------------- workdir set-up
+    def prepare(self, workdir: str, mode: str) -> None:
+        """Anchors for this workdir: those `autoanchor.json` records, else (a new training run with
+        `config.autoanchor`) the official anchor check on the training labels, recorded there."""
+        path = os.path.join(workdir, AUTOANCHOR_FILE)
+        if os.path.exists(path):
+            import json
+            with open(path) as f:
+                report = json.load(f)
+            try:
+                anchors = np.asarray(report["anchors"], np.float32)
+                assert anchors.shape == self.model.anchors_pixels.shape
+            except (KeyError, TypeError, ValueError, AssertionError) as e:
+                raise ValueError(f"{path}: not an anchor record for this model (anchors of shape "
+                                 f"{tuple(self.model.anchors_pixels.shape)} expected): {e!r}") from e
+            self._set_anchors(anchors)
+            return
+        fresh = not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(
+            os.path.join(workdir, "checkpoints"))
+        if mode not in ("train", "all") or not self.config.autoanchor or not fresh:
+            return
+        from research.yolov5 import autoanchor
+        shapes, wh = self.dataset.label_sizes(self.config.data.train_split)
+        report = autoanchor.check_anchors(shapes, wh, self.model.anchors_pixels, float(self.config.hyp.anchor_t),
+                                          self.config.data.image_size, seed=self.config.seed)
+        if report["changed"]:
+            self._set_anchors(np.asarray(report["anchors"], np.float32))
+        if jax.process_index() == 0:  # every process computed the same anchors from the same seed
+            import json
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(tmp, path)
+
+    def _set_anchors(self, anchors_px: np.ndarray) -> None:
+        if np.array_equal(anchors_px, self.model.anchors_pixels):
+            return
+        self.model = model_from_config(self.config, len(self.class_names),
+                                       anchors=anchors_px.reshape(anchors_px.shape[0], -1).tolist())
+        self.anchors = jnp.asarray(self.model.anchors_stride_units)
+        logging.info("anchors (pixels): %s", anchors_px.reshape(anchors_px.shape[0], -1).round(1).tolist())
+
     # ---------------------------------------------------------------- training pieces
     def init_variables(self, rng) -> dict:
         """Random init, or the official PyTorch state_dict named by config.model.init_from."""
@@ -68,7 +116,9 @@ class Task:
             from research.bridge import torch_bridge
             from research.yolov5 import bridge
             sd = torch_bridge.load_state_dict_file(self.config.model.init_from)
-            variables = bridge.from_torch(self.model, sd, variables)
+            # the checkpoint's anchors are the cfg's; autoanchor may have changed this run's since
+            base = model_from_config(self.config, len(self.class_names))
+            variables = bridge.from_torch(base, sd, variables)
             logging.info("initialised from %s", self.config.model.init_from)
         return dict(variables)
 
@@ -122,6 +172,14 @@ class Task:
     def after_training(self, workdir: str) -> None:
         after_training(self, workdir)
 
+    def coco_gt_file(self, path: str):
+        """pycocotools COCO of an annotation json, loaded once per task."""
+        cache = self.__dict__.setdefault("_coco_gt_files", {})
+        if path not in cache:
+            from research.evaluation.coco import load_coco_gt
+            cache[path] = load_coco_gt(path)
+        return cache[path]
+
     def predict_fn(self):
         @jax.jit
         def fwd(variables, images):
@@ -174,7 +232,11 @@ class DetectionEvaluator:
                 d[:, :4] = postprocess.scale_boxes(batch["image"].shape[1:3], d[:, :4], info["orig_hw"],
                                                    ratio_pad=info["ratio_pad"])
                 dets.append((info["coco"]["id"], d))
-        gt = self.task.dataset.coco_gt(gt_images, gt_boxes, gt_labels)
+        ann = self.task.dataset.annotation_file(cfg.data.eval_split, cfg.eval.annotations)
+        if ann:  # the dataset's own file; only the evaluated images count (as val.py)
+            gt = self.task.coco_gt_file(ann)
+        else:
+            gt = self.task.dataset.coco_gt(gt_images, gt_boxes, gt_labels)
         ev = CocoDetectionEvaluator(gt, self.task.dataset.label_to_category_id)
         for image_id, d in dets:
             ev.add(image_id, d[:, :4], d[:, 4], d[:, 5].astype(np.int64))

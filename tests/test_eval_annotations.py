@@ -1,0 +1,88 @@
+"""The evaluator scores COCO against the folder's annotation json (config.eval.annotations)."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from configs.yolov5 import get_config
+from research.yolov5.task import DetectionEvaluator, Task
+
+
+def _coco_folder(root):
+    for d in ("annotations", "train2017", "val2017"):
+        os.makedirs(root / d)
+    cv2.imwrite(str(root / "val2017" / "p.png"), np.full((60, 80, 3), 90, np.uint8))
+    cv2.imwrite(str(root / "val2017" / "q.png"), np.full((40, 50, 3), 90, np.uint8))
+    cv2.imwrite(str(root / "train2017" / "t.png"), np.full((40, 50, 3), 90, np.uint8))
+    cats = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
+    val = {"images": [{"id": 7, "file_name": "p.png", "height": 60, "width": 80},
+                      {"id": 8, "file_name": "q.png", "height": 40, "width": 50}],
+           "annotations": [
+               {"id": 1, "image_id": 7, "category_id": 1, "bbox": [20, 10, 30, 20], "area": 600, "iscrowd": 0},
+               # a crowd region: ignored by COCOeval, dropped by the loader
+               {"id": 2, "image_id": 7, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 1},
+               # reaches outside the image: the loader clips it to [30, 20, 20, 20], the file keeps it
+               {"id": 3, "image_id": 8, "category_id": 3, "bbox": [30, 20, 40, 40], "area": 1600, "iscrowd": 0}],
+           "categories": cats}
+    train = {"images": [{"id": 1, "file_name": "t.png", "height": 40, "width": 50}],
+             "annotations": [{"id": 9, "image_id": 1, "category_id": 3, "bbox": [5, 5, 10, 10], "iscrowd": 0}],
+             "categories": cats}
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(val))
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(train))
+
+
+class _GroundTruthAsPredictions(DetectionEvaluator):
+    """Detections = the loader's ground-truth boxes, in network-input pixels, confidence 1."""
+
+    def predictions(self, state):
+        loader = self.task.dataset.loader("validation", train=False, batch_size=2, hyp=self.task.config.hyp,
+                                          seed=0, process_index=0, process_count=1)
+        for batch in loader:
+            s = batch["image"].shape[1]
+            pred = np.zeros((len(batch["image"]), 10, 85), np.float32)
+            for i in range(len(pred)):
+                for j in np.flatnonzero(batch["valid"][i]):
+                    pred[i, j, :4] = batch["boxes"][i, j] * s
+                    pred[i, j, 4] = 1.0
+                    pred[i, j, 5 + batch["classes"][i, j]] = 1.0
+            yield batch, pred
+
+
+@pytest.fixture(scope="module")
+def coco_task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    _coco_folder(root)
+    c = get_config("data=coco")
+    c.data.manual_dir = str(root)
+    c.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    c.data.image_size, c.data.max_labels, c.data.num_workers = 64, 4, 0
+    c.model.variant = "tiny"
+    c.eval.batch_size = 2
+    return c, root
+
+
+def _score(c, setting):
+    c.eval.annotations = setting
+    res = dict(_GroundTruthAsPredictions(Task(c)).run(None))
+    return [round(res["eval/mAP50"], 6), round(res["eval/mAP50_95"], 6)]
+
+
+def test_annotation_file_is_the_ground_truth(coco_task):
+    c, root = coco_task
+    assert _score(c, "labels") == [1.0, 1.0]
+    # against the file: the person is found (its crowd region does not count), the clipped car box
+    # overlaps the file's car box by IoU 0.25 only: AP 1 for person, 0 for car
+    assert _score(c, "auto") == [0.5, 0.5]
+    path = str(root / "annotations" / "instances_val2017.json")
+    assert _score(c, path) == [0.5, 0.5]
+    with pytest.raises(FileNotFoundError, match="config.eval.annotations not found"):
+        _score(c, str(root / "nope.json"))
+
+
+def test_shapes_auto_uses_the_labels(tmp_path):
+    c = get_config("smoke")
+    c.data.data_dir = str(tmp_path / "tfds")
+    assert Task(c).dataset.annotation_file("validation", "auto") is None
