@@ -81,6 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ground truth: "auto" = the COCO folder's annotation json (as val.py), the loader's labels
     # for `shapes`; "labels" = always the loader's labels; or a path to a COCO json
     c.eval.annotations = "auto"
+    # val.py's rectangular batches (aspect-ratio order, each batch letterboxed to its own shape,
+    # square 640 images at 672): on for COCO as val.py; `shapes` images are square and stay at
+    # image_size. The ONNX evaluation is always square (the export has a fixed input size).
+    c.eval.rect = arg.data == "coco"
     c.eval.onnx = False  # --mode=eval evaluates workdir/export/model.onnx through ONNX Runtime
 
     c.predict = ml_collections.ConfigDict()

@@ -629,3 +629,37 @@ def test_train_transform_mixup(shapes_builder):
   assert n_mix > 1.5 * n_plain  # two mosaics' labels
   with pytest.raises(ValueError, match='copy_paste'):
     pipeline.TrainTransform(source, 64, {**base, 'copy_paste': 0.1}, max_labels=8)
+
+
+# ------------------------------------------------------------- rect eval
+
+
+def test_rect_batch_shapes_as_val_py():
+  sizes = np.array([[640, 480], [480, 640], [640, 640], [1000, 200]])  # (w, h)
+  order, shapes = pipeline.rect_batch_shapes(sizes, 2, 640, 32)
+  np.testing.assert_array_equal(order, [3, 0, 2, 1])  # by h / w
+  # batch 0: ratios 0.2 and 0.75 -> (0.75 * 640, 640) + half a stride, rounded up to strides
+  np.testing.assert_array_equal(shapes, [[512, 672], [672, 672]])
+  _, sq = pipeline.rect_batch_shapes(np.array([[640, 640]]), 1, 640, 32)
+  np.testing.assert_array_equal(sq, [[672, 672]])
+
+
+def test_rect_eval_loader_shapes_and_boxes_back(tmp_path):
+  root = tmp_path / 'coco'
+  _write_coco(root)
+  builder = pipeline.prepare('coco_detection_local', str(tmp_path / 'tfds'), manual_dir=str(root))
+  loader = pipeline.make_detection_loader(
+      builder, 'train', image_size=64, batch_size=1, train=False, process_index=0,
+      process_count=1, num_epochs=1, max_labels=4, rect_stride=32)
+  batches = list(loader)
+  # h/w 0.75 (60x80) and 0.8 (40x50): ceil(r * 64 / 32 + 0.5) strides high, ceil(2.5) wide
+  assert [b['image'].shape[1:3] for b in batches] == [(64, 96), (96, 96)]
+  b = next(b for b in batches if b['image_id'][0] == 1)
+  h, w = b['image'].shape[1:3]
+  cx, cy, bw, bh = b['boxes'][0, 0] * np.array([w, h, w, h])
+  back = pipeline.boxes_to_original(np.array([[cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]]),
+                                    b['ratio'][0], b['pad'][0], b['orig_hw'][0])
+  np.testing.assert_allclose(back[0], [20, 10, 50, 30], atol=0.1)
+  with pytest.raises(ValueError, match='single-process evaluation'):
+    pipeline.make_detection_loader(builder, 'train', image_size=64, batch_size=1, train=True,
+                                   process_index=0, process_count=1, rect_stride=32)

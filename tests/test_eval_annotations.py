@@ -34,18 +34,24 @@ def _coco_folder(root):
     (root / "annotations" / "instances_train2017.json").write_text(json.dumps(train))
 
 
+SHAPES = []
+
+
 class _GroundTruthAsPredictions(DetectionEvaluator):
     """Detections = the loader's ground-truth boxes, in network-input pixels, confidence 1."""
 
     def predictions(self, state):
+        rect = max(self.task.model.strides) if self.task.config.eval.rect else 0
         loader = self.task.dataset.loader("validation", train=False, batch_size=2, hyp=self.task.config.hyp,
-                                          seed=0, process_index=0, process_count=1)
+                                          seed=0, process_index=0, process_count=1, rect_stride=rect)
+        SHAPES.clear()
         for batch in loader:
-            s = batch["image"].shape[1]
+            SHAPES.append(batch["image"].shape[1:3])
+            hw = np.array(batch["image"].shape[1:3])
             pred = np.zeros((len(batch["image"]), 10, 85), np.float32)
             for i in range(len(pred)):
                 for j in np.flatnonzero(batch["valid"][i]):
-                    pred[i, j, :4] = batch["boxes"][i, j] * s
+                    pred[i, j, :4] = batch["boxes"][i, j] * hw[[1, 0, 1, 0]]
                     pred[i, j, 4] = 1.0
                     pred[i, j, 5 + batch["classes"][i, j]] = 1.0
             yield batch, pred
@@ -64,15 +70,18 @@ def coco_task(tmp_path_factory):
     return c, root
 
 
-def _score(c, setting):
-    c.eval.annotations = setting
+def _score(c, setting, rect=True):
+    c.eval.annotations, c.eval.rect = setting, rect
     res = dict(_GroundTruthAsPredictions(Task(c)).run(None))
     return [round(res["eval/mAP50"], 6), round(res["eval/mAP50_95"], 6)]
 
 
 def test_annotation_file_is_the_ground_truth(coco_task):
     c, root = coco_task
+    assert _score(c, "labels", rect=False) == [1.0, 1.0]
+    assert SHAPES == [(64, 64)]
     assert _score(c, "labels") == [1.0, 1.0]
+    assert SHAPES == [(96, 96)]  # rect: one batch holding ratios 0.75 and 0.8 -> (64 * 0.8 / 32 + 0.5) strides
     # against the file: the person is found (its crowd region does not count), the clipped car box
     # overlaps the file's car box by IoU 0.25 only: AP 1 for person, 0 for car
     assert _score(c, "auto") == [0.5, 0.5]

@@ -64,12 +64,13 @@ class DetectionData:
 
     def loader(self, split: str, *, train: bool, batch_size: int, hyp, seed: int,
                iterator_state: dict | None = None, process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, rect_stride: int = 0):
         hyp = {k: float(v) for k, v in dict(hyp).items()}
         loader = pipeline.make_detection_loader(
             self.builder, split, image_size=self.config.image_size, batch_size=batch_size, train=train,
             hyp=hyp, max_labels=self.config.max_labels, seed=seed, num_epochs=None if train else 1,
-            worker_count=self.config.num_workers, process_index=process_index, process_count=process_count)
+            worker_count=self.config.num_workers, process_index=process_index, process_count=process_count,
+            rect_stride=rect_stride)
         return _ResumableLoader(loader, iterator_state)
 
     def label_sizes(self, split: str):

@@ -186,6 +186,34 @@ class DetectionSource:
                        f'{self._split!r} failed to load, starting at {i}')
 
 
+def _record_size(rec) -> tuple[int, int]:
+  """(width, height) of a record's image from its encoded header (no decoding)."""
+  import io
+  from PIL import Image
+  data = rec['image']
+  if isinstance(data, np.ndarray) and data.ndim == 3:
+    return int(data.shape[1]), int(data.shape[0])
+  with Image.open(io.BytesIO(data)) as im:
+    return im.size
+
+
+def _open_records(dataset_dir: str, split: str):
+  return tfds.builder_from_directory(str(dataset_dir)).as_data_source(
+      split, decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def image_sizes(dataset_dir: str, split: str) -> np.ndarray:
+  """[n, 2] (width, height) of every record's image; NaN where unreadable."""
+  ds = _open_records(dataset_dir, split)
+  out = np.full((len(ds), 2), np.nan, np.float32)
+  for i in range(len(ds)):
+    try:
+      out[i] = _record_size(ds[i])
+    except Exception:  # pylint: disable=broad-except
+      pass  # the loader reports and substitutes it
+  return out
+
+
 def label_sizes(dataset_dir: str, split: str) -> tuple[np.ndarray, list]:
   """Image sizes and normalized label sizes of a split, without decoding images.
 
@@ -194,20 +222,12 @@ def label_sizes(dataset_dir: str, split: str) -> tuple[np.ndarray, list]:
   (crowd boxes removed). Records whose image header cannot be read are skipped
   with a warning, as the loader does.
   """
-  import io
-  from PIL import Image
-  ds = tfds.builder_from_directory(str(dataset_dir)).as_data_source(
-      split, decoders={'image': tfds.decode.SkipDecoding()})
+  ds = _open_records(dataset_dir, split)
   shapes, wh = [], []
   for i in range(len(ds)):
     rec = ds[i]
     try:
-      data = rec['image']
-      if isinstance(data, np.ndarray) and data.ndim == 3:
-        size = (data.shape[1], data.shape[0])
-      else:
-        with Image.open(io.BytesIO(data)) as im:
-          size = im.size
+      size = _record_size(rec)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('data: split %r record %d (%s): image header unreadable '
                       '(%s); skipped for the anchor check', split, i,
@@ -220,6 +240,52 @@ def label_sizes(dataset_dir: str, split: str) -> tuple[np.ndarray, list]:
     shapes.append(size)
     wh.append(np.stack([bbox[:, 3] - bbox[:, 1], bbox[:, 2] - bbox[:, 0]], 1))
   return np.asarray(shapes, np.float32).reshape(-1, 2), wh
+
+
+def rect_batch_shapes(sizes: np.ndarray, batch_size: int, image_size: int,
+                      stride: int, pad: float = 0.5):
+  """val.py's rectangular batches: (order, [n_batches, 2] (h, w) shapes).
+
+  Images are sorted by aspect ratio h/w; each batch of ``batch_size`` gets the
+  smallest stride-multiple shape that holds its most extreme ratio with the
+  long side ``image_size`` (plus ``pad`` strides, as val.py: 672 for square
+  640 images). Unreadable sizes count as square.
+  """
+  sizes = np.asarray(sizes, np.float64).reshape(-1, 2)
+  ar = np.where(np.isfinite(sizes).all(1) & (sizes[:, 0] > 0),
+                sizes[:, 1] / np.maximum(sizes[:, 0], 1e-9), 1.0)
+  order = np.argsort(ar, kind='stable')
+  ar = ar[order]
+  nb = int(math.ceil(len(ar) / batch_size))
+  shapes = np.ones((nb, 2))
+  for i in range(nb):
+    ari = ar[i * batch_size:(i + 1) * batch_size]
+    mini, maxi = ari.min(), ari.max()
+    if maxi < 1:
+      shapes[i] = [maxi, 1]
+    elif mini > 1:
+      shapes[i] = [1, 1 / mini]
+  shapes = (np.ceil(shapes * image_size / stride + pad).astype(int) * stride)
+  return order, shapes
+
+
+class RectSource:
+  """A padded DetectionSource read in aspect-ratio order, each element tagged
+  with its batch's letterbox shape (``rect_shape``)."""
+
+  def __init__(self, source: DetectionSource, order, shapes, batch_size: int):
+    self.source, self.order = source, np.asarray(order)
+    self.shapes, self.batch_size = np.asarray(shapes), int(batch_size)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    i = int(index)
+    j = int(self.order[i]) if i < len(self.order) else i
+    ex = dict(self.source[j])
+    ex['rect_shape'] = self.shapes[i // self.batch_size]
+    return ex
 
 
 def _pack(img: np.ndarray, labels_n: np.ndarray, image_id: int,
@@ -322,15 +388,16 @@ class EvalTransform(grain.transforms.Map):
 
   def map(self, element):
     s = self.image_size
+    shape = tuple(int(v) for v in element.get('rect_shape', (s, s)))  # (h, w)
     if element.get('pad'):
-      out = _pack(np.full((s, s, 3), T.PAD_VALUE, np.uint8),
+      out = _pack(np.full(shape + (3,), T.PAD_VALUE, np.uint8),
                   np.zeros((0, 5), np.float32), -1, self.max_labels)
       out.update(orig_hw=np.zeros((2,), np.int32), ratio=np.float32(1.0),
                  pad=np.zeros((2,), np.float32))
       return out
     img, (h0, w0), (h, w) = T.load_image(element['image'], s, False)
     labels = T.scale_labels(element['labels'], w / w0, h / h0)
-    img, ratio, pad = T.letterbox(img, s, auto=False, scaleup=False)
+    img, ratio, pad = T.letterbox(img, shape, auto=False, scaleup=False)
     labels = T.letterbox_labels(labels, ratio, pad)
     out = _pack(img, _normalized(img, labels), element['image_id'],
                 self.max_labels)
@@ -361,7 +428,8 @@ def make_detection_loader(
     seed: int = 0, shuffle: bool | None = None, num_epochs: int | None = None,
     worker_count: int = 0, process_index: int | None = None,
     process_count: int | None = None, drop_remainder: bool | None = None,
-    worker_buffer_size: int = 1, read_threads: int = 4) -> grain.DataLoader:
+    worker_buffer_size: int = 1, read_threads: int = 4,
+    rect_stride: int = 0) -> grain.DataLoader:
   """Builds the grain DataLoader for one process.
 
   Args:
@@ -386,6 +454,9 @@ def make_detection_loader(
       ``drop_remainder=False`` the split is padded to full global batches.
     worker_buffer_size: batches prefetched per worker.
     read_threads: grain reader threads.
+    rect_stride: evaluation only: > 0 gives val.py's rectangular batches
+      (images in aspect-ratio order, each batch letterboxed to its own shape,
+      a multiple of this stride); 0 = every image square ``image_size``.
 
   Returns:
     ``grain.DataLoader``; ``iter(loader)`` supports ``get_state``/``set_state``.
@@ -415,6 +486,14 @@ def make_detection_loader(
   elif n < batch_size:
     raise ValueError(f'split {split!r} has {n} examples < global batch '
                      f'{batch_size} with drop_remainder')
+
+  if rect_stride:
+    if train or process_count != 1 or drop_remainder:
+      raise ValueError('rectangular batches are for single-process evaluation '
+                       '(train=False, process_count=1, no drop_remainder)')
+    order, shapes = rect_batch_shapes(image_sizes(builder.data_dir, split),
+                                      batch_size, image_size, rect_stride)
+    source = RectSource(source, order, shapes, batch_size)
 
   shard = grain.sharding.ShardOptions(shard_index=process_index,
                                       shard_count=process_count,

@@ -197,8 +197,16 @@ class DetectionEvaluator:
 
     def predictions(self, state) -> Iterator[tuple[dict, np.ndarray]]:
         cfg = self.task.config
+        rect = bool(cfg.eval.rect)
+        if rect and self.onnx_path:
+            logging.info("eval: the exported ONNX model has a fixed %d px input; square batches, not rect",
+                         cfg.data.image_size)
+            rect = False
+        # rect: val.py's aspect-ratio batches (each shape compiles once; the last batch of a shape
+        # is padded to the full batch, so the compiled shapes are the distinct batch shapes)
         loader = self.task.dataset.loader(cfg.data.eval_split, train=False, batch_size=cfg.eval.batch_size,
-                                          hyp=cfg.hyp, seed=0, process_index=0, process_count=1)
+                                          hyp=cfg.hyp, seed=0, process_index=0, process_count=1,
+                                          rect_stride=max(self.task.model.strides) if rect else 0)
         if self.onnx_path:
             from research.bridge.onnx_export import OnnxRunner
             runner = OnnxRunner(self.onnx_path)
