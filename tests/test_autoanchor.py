@@ -92,6 +92,9 @@ def test_task_records_and_reuses_anchors(tmp_path):
     (wd / AUTOANCHOR_FILE).write_text(json.dumps({"anchors": [[1, 2]]}))
     with pytest.raises(ValueError, match=AUTOANCHOR_FILE):
         _tiny_task(tmp_path)[1].prepare(str(wd), "eval")
+    (wd / AUTOANCHOR_FILE).write_text('{"anchors": [[1, 2')  # cut short
+    with pytest.raises(ValueError, match=AUTOANCHOR_FILE):
+        _tiny_task(tmp_path)[1].prepare(str(wd), "eval")
 
 
 def test_autoanchor_off_and_resumed_runs_skip_the_check(tmp_path):

@@ -72,9 +72,9 @@ class Task:
         path = os.path.join(workdir, AUTOANCHOR_FILE)
         if os.path.exists(path):
             import json
-            with open(path) as f:
-                report = json.load(f)
             try:
+                with open(path) as f:
+                    report = json.load(f)
                 anchors = np.asarray(report["anchors"], np.float32)
                 assert anchors.shape == self.model.anchors_pixels.shape
             except (KeyError, TypeError, ValueError, AssertionError) as e:
