@@ -41,6 +41,7 @@ the program's main module must be importable (``if __name__ == '__main__'``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -202,15 +203,29 @@ def _open_records(dataset_dir: str, split: str):
       split, decoders={'image': tfds.decode.SkipDecoding()})
 
 
-def image_sizes(dataset_dir: str, split: str) -> np.ndarray:
-  """[n, 2] (width, height) of every record's image; NaN where unreadable."""
+def _sizes_and_records(dataset_dir: str, split: str):
+  """Yields (index, record, (width, height) or the header's read error)."""
   ds = _open_records(dataset_dir, split)
-  out = np.full((len(ds), 2), np.nan, np.float32)
   for i in range(len(ds)):
+    rec = ds[i]
     try:
-      out[i] = _record_size(ds[i])
-    except Exception:  # pylint: disable=broad-except
-      pass  # the loader reports and substitutes it
+      yield i, rec, _record_size(rec)
+    except Exception as e:  # pylint: disable=broad-except
+      yield i, rec, e
+
+
+@functools.lru_cache(maxsize=8)
+def image_sizes(dataset_dir: str, split: str) -> np.ndarray:
+  """[n, 2] (width, height) of every record's image; NaN where unreadable.
+
+  Cached per split (read-only): rectangular evaluation asks at every evaluation.
+  """
+  out = np.full((0, 2), np.nan, np.float32)
+  sizes = [s if isinstance(s, tuple) else (np.nan, np.nan)
+           for _, _, s in _sizes_and_records(dataset_dir, split)]
+  if sizes:  # unreadable ones: the loader reports and substitutes them
+    out = np.asarray(sizes, np.float32)
+  out.flags.writeable = False
   return out
 
 
@@ -222,16 +237,12 @@ def label_sizes(dataset_dir: str, split: str) -> tuple[np.ndarray, list]:
   (crowd boxes removed). Records whose image header cannot be read are skipped
   with a warning, as the loader does.
   """
-  ds = _open_records(dataset_dir, split)
   shapes, wh = [], []
-  for i in range(len(ds)):
-    rec = ds[i]
-    try:
-      size = _record_size(rec)
-    except Exception as e:  # pylint: disable=broad-except
+  for i, rec, size in _sizes_and_records(dataset_dir, split):
+    if not isinstance(size, tuple):
       logging.warning('data: split %r record %d (%s): image header unreadable '
                       '(%s); skipped for the anchor check', split, i,
-                      _as_str(rec.get('image/filename', '')), e)
+                      _as_str(rec.get('image/filename', '')), size)
       continue
     obj = rec.get('objects', {})
     bbox = np.asarray(obj.get('bbox', []), np.float32).reshape(-1, 4)
@@ -491,7 +502,7 @@ def make_detection_loader(
     if train or process_count != 1 or drop_remainder:
       raise ValueError('rectangular batches are for single-process evaluation '
                        '(train=False, process_count=1, no drop_remainder)')
-    order, shapes = rect_batch_shapes(image_sizes(builder.data_dir, split),
+    order, shapes = rect_batch_shapes(image_sizes(str(builder.data_dir), split),
                                       batch_size, image_size, rect_stride)
     source = RectSource(source, order, shapes, batch_size)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from typing import Any, Iterator
@@ -71,7 +72,6 @@ class Task:
         `config.autoanchor`) the official anchor check on the training labels, recorded there."""
         path = os.path.join(workdir, AUTOANCHOR_FILE)
         if os.path.exists(path):
-            import json
             try:
                 with open(path) as f:
                     report = json.load(f)
@@ -93,7 +93,6 @@ class Task:
         if report["changed"]:
             self._set_anchors(np.asarray(report["anchors"], np.float32))
         if jax.process_index() == 0:  # every process computed the same anchors from the same seed
-            import json
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(report, f, indent=1)
