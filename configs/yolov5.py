@@ -4,7 +4,7 @@ Default (CPU, embedded `shapes` data, ~10 minutes of training on 2 cores):
 
   python launch.py --config=configs/yolov5.py --workdir=workdirs/yolov5_shapes --mode=all
 
-reaches mAP@0.5 of about 0.5 on the `shapes` validation split (docs/yolov5.md has the
+reaches mAP@0.5 of about 0.3-0.4 on the `shapes` validation split (docs/yolov5.md has the
 measured numbers). COCO from a local folder on GPUs, official recipe (300 epochs, 640 px):
 
   python launch.py --config=configs/yolov5.py:variant=s,data=coco \
@@ -53,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     c.data.num_train_examples = 2000 if arg.data == "shapes" else 0  # shapes: images generated
     c.data.num_eval_examples = 200 if arg.data == "shapes" else 0
+    # train.py's --cache: training images decoded and resized once into a memory-mapped file
+    # under data_dir (up to 3 * image_size^2 bytes per image), shared by the loader's workers
+    c.data.cache_images = False
 
     c.hyp = ml_collections.ConfigDict(HYP_SCRATCH_LOW)
     c.scale_hyp = True  # train.py's box/cls/obj scaling by nl, nc and image size
@@ -61,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_grad_norm = 10.0
     c.ema = True
     c.autoanchor = True  # train.py's check_anchors before a new run (its --noautoanchor = False)
+    # train.py's --multi-scale: every iteration resizes the batch to a random multiple of 32 in
+    # [0.5, 1.5] x image_size (each size compiles the train step once)
+    c.multi_scale = False
 
     c.batch_size = 64 if arg.data == "coco" else 16  # global, over all devices and hosts
     c.num_epochs = 300

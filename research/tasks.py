@@ -11,6 +11,8 @@ A task is what a network adds to the shared trainer (`research/trainer.py`):
   ema_decay(opt_step) -> decay (jit-able) or None
   train_loader(iterator_state) -> iterable of this process's batch slices (get_state/set_state)
   to_device(local_batch) -> dict of numpy arrays fed to the step
+  transform_batch(global_batch, step) -> batch   [optional] device-side change before the step
+                           (e.g. multi-scale resize; each new batch shape compiles the step once)
   evaluators() -> objects with run(state) yielding (name, value)
   predict(state, workdir) / export(state, workdir) / benchmark(workdir)
 """

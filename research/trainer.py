@@ -227,14 +227,17 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
     step = int(state.step)
     last_opt_iter = int(state.last_update)
     it = iter(loader)
+    compiled: dict = {}
     try:
         state, step = _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng,
-                            writer, ckpt, evaluators, last_opt_iter)
+                            writer, ckpt, evaluators, last_opt_iter, compiled)
     finally:
         ckpt.close()  # waits for an async save in flight, so the last good checkpoint is whole
     final = {}
-    # The loop runs one ahead-of-time executable; jit's own cache must not have compiled more.
-    final["perf/train_step_compiles"] = 1 + (step_fn._cache_size() if hasattr(step_fn, "_cache_size") else 0)
+    # The loop runs one ahead-of-time executable per batch shape; jit's own cache must not have
+    # compiled more.
+    final["perf/train_step_compiles"] = len(compiled) + (
+        step_fn._cache_size() if hasattr(step_fn, "_cache_size") else 0)
     if evaluators:
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             for line in f:
@@ -245,28 +248,33 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
 
 
 def _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng, writer, ckpt,
-          evaluators, last_opt_iter):
+          evaluators, last_opt_iter, compiled):
     pending: list[tuple[int, dict]] = []
-    compiled = None
     t_last, step_last = time.time(), step
     examples_per_step = config.batch_size
+    transform = getattr(task, "transform_batch", None)
     while step < total_steps:
         local = next(it)
         batch = parallel.global_batch(task.to_device(local), mesh)
+        if transform is not None:  # e.g. YOLOv5's multi-scale resize, on the sharded batch
+            batch = transform(batch, step)
         hyper = task.hyperparams(step)
         accumulate = task.accumulate(step)
         do_update = (step - last_opt_iter) >= accumulate
         if do_update:
             last_opt_iter = step
         args = (state, batch, {k: np.float32(v) for k, v in hyper.items()}, np.bool_(do_update), step_rng)
-        if compiled is None:
-            # Compile once, ahead of time: a shape or dtype change later is an error, not a silent
+        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        if key not in compiled:
+            # Compiled ahead of time, once per batch shape (one shape unless the task varies it,
+            # as multi-scale training does): a dtype change of the state is an error, not a silent
             # recompile, and all processes meet after compiling, before the first collective.
             t0 = time.time()
-            compiled = step_fn.lower(*args).compile()
-            logging.info("train step compiled in %.1f s", time.time() - t0)
-            parallel.barrier("train_step_compiled")
-        state, metrics = compiled(*args)
+            compiled[key] = step_fn.lower(*args).compile()
+            logging.info("train step compiled in %.1f s for batch %s (%d shape%s so far)", time.time() - t0,
+                         {k: tuple(s) for k, s, _ in key}, len(compiled), "s" * (len(compiled) > 1))
+            parallel.barrier(f"train_step_compiled_{len(compiled)}")
+        state, metrics = compiled[key](*args)
         step += 1
         pending.append((step, metrics))
         # Check the previous step's loss while this one runs (no stall of the device queue).

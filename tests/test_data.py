@@ -1,5 +1,6 @@
 """Tests of research/data: tfds builders, YOLOv5 transforms, grain pipeline."""
 
+import itertools
 import json
 import logging as py_logging
 import os
@@ -663,3 +664,142 @@ def test_rect_eval_loader_shapes_and_boxes_back(tmp_path):
   with pytest.raises(ValueError, match='single-process evaluation'):
     pipeline.make_detection_loader(builder, 'train', image_size=64, batch_size=1, train=True,
                                    process_index=0, process_count=1, rect_stride=32)
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+
+
+def _jpeg_with_orientation(raw_bgr, orientation):
+  import io
+  from PIL import Image
+  im = Image.fromarray(cv2.cvtColor(raw_bgr, cv2.COLOR_BGR2RGB))
+  exif = im.getexif()
+  exif[0x0112] = orientation
+  buf = io.BytesIO()
+  im.save(buf, 'JPEG', quality=95, exif=exif.tobytes())
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_apply_orientation_matches_pil_exif_transpose(orientation):
+  import io
+  from PIL import Image, ImageOps
+  rng = np.random.default_rng(orientation)
+  raw = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+  im = Image.fromarray(raw)
+  exif = im.getexif()
+  exif[0x0112] = orientation
+  buf = io.BytesIO()
+  im.save(buf, 'PNG', exif=exif.tobytes())
+  pil = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
+  np.testing.assert_array_equal(coco.apply_orientation(raw, orientation), pil)
+  assert coco.exif_orientation(buf.getvalue()) == orientation
+
+
+def test_coco_exif_orientation_keeps_boxes_on_their_objects(tmp_path, caplog):
+  """Three ways a tagged JPEG can be annotated; each loads in the frame of its boxes."""
+  root = tmp_path / 'coco'
+  os.makedirs(root / 'annotations')
+  os.makedirs(root / 'train2017')
+  box = [8, 10, 20, 16]  # x, y, w, h in the annotated frame
+  def drawn(h, w):
+    img = np.full((h, w, 3), 40, np.uint8)
+    x, y, bw, bh = box
+    img[y:y + bh, x:x + bw] = 230
+    return img
+  images, anns = [], []
+  # 1: turned 90 degrees (tag 6), annotated as displayed (json size = displayed 64 x 40)
+  shown = drawn(64, 40)
+  raw = np.ascontiguousarray(np.swapaxes(shown[:, ::-1], 0, 1))  # stored 40 x 64
+  np.testing.assert_array_equal(coco.apply_orientation(raw, 6), shown)
+  (root / 'train2017' / 'a.jpg').write_bytes(_jpeg_with_orientation(raw, 6))
+  images.append({'id': 1, 'file_name': 'a.jpg', 'height': 64, 'width': 40})
+  # 2: tag 6 too, but annotated on the stored pixels (json size = stored 40 x 64)
+  (root / 'train2017' / 'b.jpg').write_bytes(_jpeg_with_orientation(drawn(40, 64), 6))
+  images.append({'id': 2, 'file_name': 'b.jpg', 'height': 40, 'width': 64})
+  # 3: upside down (tag 3), no size in the json: displayed frame, as cv2.imread shows it
+  (root / 'train2017' / 'c.jpg').write_bytes(
+      _jpeg_with_orientation(np.ascontiguousarray(drawn(64, 48)[::-1, ::-1]), 3))
+  images.append({'id': 3, 'file_name': 'c.jpg'})
+  for i in (1, 2, 3):
+    anns.append({'id': i, 'image_id': i, 'category_id': 1, 'bbox': box, 'iscrowd': 0})
+  (root / 'annotations' / 'instances_train2017.json').write_text(json.dumps(
+      {'images': images, 'annotations': anns, 'categories': [{'id': 1, 'name': 'person'}]}))
+  with caplog.at_level(py_logging.WARNING):
+    builder = pipeline.prepare('coco_detection_local', str(tmp_path / 'tfds'),
+                               manual_dir=str(root), config=coco.CocoConfig(
+                                   name='exif', splits=('train',)))
+  log = caplog.text
+  assert 'a.jpg: EXIF orientation 6 applied' in log
+  assert 'b.jpg: EXIF orientation 6, but the annotation file gives the stored size' in log
+  assert 'c.jpg: EXIF orientation 3 applied' in log
+  source = pipeline.DetectionSource(builder.data_dir, 'train')
+  sizes = pipeline.image_sizes(builder.data_dir, 'train')
+  expect_hw = {1: (64, 40), 2: (40, 64), 3: (64, 48)}
+  for i in range(source.num_records):
+    ex = source[i]
+    img, (_, x1, y1, x2, y2) = ex['image'], ex['labels'][0]
+    assert img.shape[:2] == expect_hw[ex['image_id']]
+    assert tuple(sizes[i][::-1]) == img.shape[:2]  # header size = decoded size
+    np.testing.assert_allclose([x1, y1, x2 - x1, y2 - y1], box, atol=1e-3)
+    inside = img[int(y1) + 1:int(y2) - 1, int(x1) + 1:int(x2) - 1].mean()
+    mask = np.ones(img.shape[:2], bool)
+    mask[int(y1) - 1:int(y2) + 1, int(x1) - 1:int(x2) + 1] = False
+    assert inside > 200 and img[mask].mean() < 60, (ex['image_id'], inside, img[mask].mean())
+
+
+# ----------------------------------------------------------------------------- image cache
+
+
+def test_image_cache_gives_the_same_batches(tmp_path, monkeypatch):
+  from research.data import image_cache
+  data_dir = tmp_path / 'tfds'
+  builder = pipeline.prepare('shapes_detection', str(data_dir), config=_tiny_config('cache'))
+  hyp = {'mosaic': 0.5, 'degrees': 5}
+  # 48 px: the 64 px images are resized, so the cache holds what load_image makes of them
+  plain = list(itertools.islice(iter(_loader(builder, image_size=48, hyp=hyp)), 3))
+  cached_loader = _loader(builder, image_size=48, hyp=hyp, cache_images=True)
+  data_path, index_path = image_cache.cache_paths(builder.data_dir, 'train', 48)
+  assert os.path.getsize(data_path) == TINY['num_train'] * 48 * 48 * 3
+  cached = list(itertools.islice(iter(cached_loader), 3))
+  for a, b in zip(plain, cached):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_allclose(a['boxes'], b['boxes'], atol=1e-6)
+    np.testing.assert_array_equal(a['image_id'], b['image_id'])
+  # a later loader maps the existing cache (no rebuild), and only training loaders take one
+  mtime = os.path.getmtime(data_path)
+  monkeypatch.setattr(image_cache, '_load_resized', None)  # would fail if it rebuilt
+  next(iter(_loader(builder, image_size=48, cache_images=True)))
+  assert os.path.getmtime(data_path) == mtime
+  with pytest.raises(ValueError, match='cache_images is for training'):
+    _loader(builder, 'validation', image_size=48, train=False, cache_images=True)
+  # the pixels do come from the cache file
+  with open(data_path, 'r+b') as f:
+    f.write(bytes(os.path.getsize(data_path)))
+  blank = next(iter(_loader(builder, image_size=48, hyp=hyp, cache_images=True)))
+  assert not np.array_equal(blank['image'], plain[0]['image'])
+  assert blank['image'].mean() < 0.8 * plain[0]['image'].mean()
+
+
+def test_image_cache_reports_too_little_disk(tmp_path, monkeypatch, shapes_builder):
+  from research.data import image_cache
+  import collections  # pylint: disable=g-import-not-at-top
+  usage = collections.namedtuple('usage', 'total used free')
+  monkeypatch.setattr(image_cache.shutil, 'disk_usage', lambda p: usage(10, 9, 1))
+  with pytest.raises(OSError, match='image cache for split .train. needs up to .* GiB in .*image_cache'):
+    _loader(shapes_builder, image_size=40, cache_images=True)
+  assert not os.path.exists(image_cache.cache_paths(shapes_builder.data_dir, 'train', 40)[1])
+
+
+def test_image_cache_keeps_corrupt_images_reported(tmp_path, caplog):
+  builder = BrokenImagesForTest(data_dir=str(tmp_path), file_format='array_record')
+  builder.download_and_prepare()
+  with caplog.at_level(py_logging.WARNING):
+    batches = list(pipeline.make_detection_loader(
+        builder, 'train', image_size=32, batch_size=3, train=True, process_index=0,
+        process_count=1, num_epochs=1, max_labels=4, hyp={'mosaic': 1.0}, cache_images=True))
+  ids = np.concatenate([b['image_id'] for b in batches])
+  assert 102 not in ids and len(ids) == 6
+  msgs = [r.getMessage() for r in caplog.records]
+  assert any('not cached' in m and 'image_id 102' in m for m in msgs)
+  assert any('image_id 102' in m and 'substituting' in m for m in msgs)

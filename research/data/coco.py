@@ -17,7 +17,13 @@ flag (crowd boxes are stored, flagged, and dropped by the training pipeline).
 Robustness: an unreadable/corrupt image is logged (absl warning naming the
 file) and skipped; a box with non-positive width/height is logged and dropped;
 a box reaching outside the image is logged and clipped (dropped if nothing is
-left); annotations of unknown categories are logged and dropped.  A missing
+left); annotations of unknown categories are logged and dropped.
+
+EXIF orientation: an image whose EXIF tag rotates or flips it is stored in the frame its
+boxes use, with the orientation applied (as ``cv2.imread`` in the official loader shows it),
+unless the tag turns it by 90 degrees and the annotation file's width/height are those of the
+unrotated pixels: then the boxes are taken in the stored frame.  Either way is logged with the
+file name, and the stored image decodes to exactly the frame of its boxes.  A missing
 root folder, annotation file or image folder raises ``FileNotFoundError``
 naming the path.
 
@@ -101,17 +107,76 @@ def label_to_category_id(labels, category_ids=COCO80_TO_91) -> np.ndarray:
   return np.asarray(category_ids, np.int64)[np.asarray(labels, np.int64)]
 
 
-def _decode_check(data: bytes):
-  """Decodes image bytes; returns (bytes to store, height, width) or None."""
-  arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+_EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(data: bytes) -> int:
+  """The EXIF orientation tag (1..8) of encoded image bytes; 1 when absent or unreadable."""
+  import io
+  from PIL import Image
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      o = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+  except Exception:  # pylint: disable=broad-except
+    return 1
+  return o if 1 <= o <= 8 else 1
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+  """Pixels as displayed: EXIF orientation 2..8 applied to an [H, W, ...] array (PIL's
+  `ImageOps.exif_transpose` convention)."""
+  ops = {
+      1: lambda a: a,
+      2: lambda a: a[:, ::-1],
+      3: lambda a: a[::-1, ::-1],
+      4: lambda a: a[::-1],
+      5: lambda a: np.swapaxes(a, 0, 1),
+      6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
+      7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+      8: lambda a: np.swapaxes(a, 0, 1)[::-1],
+  }
+  return np.ascontiguousarray(ops[int(orientation)](arr))
+
+
+def _orientation_frame(orientation: int, raw_hw, json_hw, fname: str) -> bool:
+  """Whether the annotations are in the displayed (EXIF-oriented) frame.
+
+  A 90-degree orientation (5..8) swaps height and width, so the annotation file's image size
+  tells which frame its boxes use; otherwise (flips, 180 degrees, no size in the file) the
+  official loader's choice holds: `cv2.imread` shows the image as oriented.
+  """
+  h, w = raw_hw
+  if orientation >= 5 and json_hw != (None, None):
+    if tuple(json_hw) == (h, w) and h != w:
+      logging.warning('coco: %s: EXIF orientation %d, but the annotation file gives the stored '
+                      'size %dx%d; boxes taken in the stored (unrotated) frame', fname,
+                      orientation, h, w)
+      return False
+  logging.warning('coco: %s: EXIF orientation %d applied to the pixels (as the image is shown '
+                  'and cv2.imread loads it); boxes taken in that frame', fname, orientation)
+  return True
+
+
+def _decode_check(data: bytes, json_hw=(None, None), fname: str = ''):
+  """Decodes image bytes; returns (bytes to store, height, width) or None.
+
+  The stored bytes decode (ignoring any EXIF orientation, as the loader does) to the pixel frame
+  the annotations use: an image whose EXIF orientation applies is stored re-encoded (PNG,
+  lossless) with the orientation applied.
+  """
+  arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # stored frame
   if arr is None or arr.ndim not in (2, 3) or arr.size == 0:
     return None
   is_jpeg = data[:3] == b'\xff\xd8\xff'
   is_png = data[:8] == b'\x89PNG\r\n\x1a\n'
-  if arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8 and (
+  orientation = exif_orientation(data)
+  oriented = orientation != 1 and _orientation_frame(orientation, arr.shape[:2], json_hw, fname)
+  if oriented:
+    arr = apply_orientation(arr, orientation)
+  if not oriented and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8 and (
       is_jpeg or is_png):
     return data, arr.shape[0], arr.shape[1]
-  # normalise anything else (grey, alpha, 16 bit, other formats) to RGB PNG
+  # normalise anything else (grey, alpha, 16 bit, other formats, re-oriented) to RGB PNG
   if arr.dtype != np.uint8:
     arr = cv2.convertScaleAbs(arr, alpha=255.0 / max(float(arr.max()), 1.0))
   if arr.ndim == 2 or arr.shape[2] == 1:
@@ -128,8 +193,9 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
                          tfds.core.GeneratorBasedBuilder):
   """COCO-format detection data read from a local folder."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'EXIF orientation: images stored in the frame of their boxes.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Put a COCO-format folder (annotations/instances_{train,val}2017.json, '
       'train2017/, val2017/) in manual_dir, or set CocoConfig.root.')
@@ -214,7 +280,7 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
     for image_id, fname, info in sorted(images, key=lambda x: x[0]):
       path = img_dir / fname
       try:
-        checked = _decode_check(path.read_bytes())
+        checked = _decode_check(path.read_bytes(), (info.get('height'), info.get('width')), fname)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('coco: skipping image %s (id %d): cannot read: %s',
                         os.fspath(path), image_id, e)

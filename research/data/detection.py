@@ -70,7 +70,7 @@ class DetectionData:
             self.builder, split, image_size=self.config.image_size, batch_size=batch_size, train=train,
             hyp=hyp, max_labels=self.config.max_labels, seed=seed, num_epochs=None if train else 1,
             worker_count=self.config.num_workers, process_index=process_index, process_count=process_count,
-            rect_stride=rect_stride)
+            rect_stride=rect_stride, cache_images=bool(train and self.config.cache_images))
         return _ResumableLoader(loader, iterator_state)
 
     def label_sizes(self, split: str):

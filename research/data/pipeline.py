@@ -99,7 +99,9 @@ def prepare(builder_name: str, data_dir: str, *, manual_dir: str | None = None,
 def _decode_rgb(data) -> np.ndarray:
   if isinstance(data, np.ndarray) and data.ndim == 3:
     return data
-  arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+  # the builders store pixels in the frame of the boxes: an EXIF orientation tag is not applied
+  # again here (image headers give the same size, see `_record_size`)
+  arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
   if arr is None or arr.ndim != 3 or arr.size == 0:
     raise ValueError('image bytes could not be decoded')
   return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
@@ -124,12 +126,14 @@ class DetectionSource:
   """
 
   def __init__(self, dataset_dir: str, split: str,
-               padded_length: int | None = None):
+               padded_length: int | None = None, image_cache=None):
     self._dataset_dir = str(dataset_dir)
     self._split = split
     self._ds = None
     self.num_records = len(self._open())
     self._length = max(int(padded_length or 0), self.num_records)
+    # `image_cache.ImageCache`: images come decoded and resized from it (labels follow)
+    self.image_cache = image_cache
 
   def _open(self):
     if self._ds is None:
@@ -150,12 +154,24 @@ class DetectionSource:
     return (f'DetectionSource({self._dataset_dir!r}, {self._split!r}, '
             f'num_records={self.num_records}, length={self._length})')
 
+  def decode_image(self, i: int) -> np.ndarray:
+    """Record i's image, decoded (uint8 HWC RGB); ValueError naming the file if it cannot be."""
+    rec = self._open()[i]
+    try:
+      return _decode_rgb(rec['image'])
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"image_id {int(rec.get('image_id', i))} "
+                       f"{_as_str(rec.get('image/filename', ''))}: {e}") from e
+
   def _decode(self, i: int) -> dict[str, Any]:
     rec = self._open()[i]
     image_id = int(rec.get('image_id', i))
     filename = _as_str(rec.get('image/filename', ''))
     try:
-      img = _decode_rgb(rec['image'])
+      if self.image_cache is not None:
+        img = self.image_cache.get(i)
+      else:
+        img = _decode_rgb(rec['image'])
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f'image_id {image_id} {filename}: {e}') from e
     h, w = img.shape[:2]
@@ -440,7 +456,7 @@ def make_detection_loader(
     worker_count: int = 0, process_index: int | None = None,
     process_count: int | None = None, drop_remainder: bool | None = None,
     worker_buffer_size: int = 1, read_threads: int = 4,
-    rect_stride: int = 0) -> grain.DataLoader:
+    rect_stride: int = 0, cache_images: bool = False) -> grain.DataLoader:
   """Builds the grain DataLoader for one process.
 
   Args:
@@ -468,6 +484,9 @@ def make_detection_loader(
     rect_stride: evaluation only: > 0 gives val.py's rectangular batches
       (images in aspect-ratio order, each batch letterboxed to its own shape,
       a multiple of this stride); 0 = every image square ``image_size``.
+    cache_images: training only: decoded, resized images come from a
+      memory-mapped cache built once under the dataset folder
+      (`research.data.image_cache`; the official ``--cache``).
 
   Returns:
     ``grain.DataLoader``; ``iter(loader)`` supports ``get_state``/``set_state``.
@@ -491,6 +510,13 @@ def make_detection_loader(
   builder = _resolve_builder(builder_name_or_builder, data_dir)
   source = DetectionSource(builder.data_dir, split)
   n = source.num_records
+  if cache_images:
+    if not train:
+      raise ValueError('cache_images is for training loaders (evaluation maps boxes back '
+                       'to the original images)')
+    from research.data import image_cache  # pylint: disable=g-import-not-at-top
+    index = image_cache.ensure(source, str(builder.data_dir), split, image_size)
+    source.image_cache = image_cache.ImageCache(index)
   if not train and not drop_remainder:
     padded = int(math.ceil(n / batch_size)) * batch_size
     source = DetectionSource(builder.data_dir, split, padded_length=padded)

@@ -155,6 +155,24 @@ class Task:
     def to_device(local: dict) -> dict:
         return {k: local[k] for k in ("image", "boxes", "classes", "valid")}
 
+    def transform_batch(self, batch: dict, step: int) -> dict:
+        """train.py's `--multi-scale` (config.multi_scale): the global batch resized on the devices.
+
+        As the official trainer: every iteration draws a size from [0.5, 1.5] x image_size in
+        multiples of the largest stride (at least 32), the images are resized bilinearly
+        (align_corners=False, no antialiasing, as `F.interpolate`); labels are normalised, so they
+        stay. The draw depends only on (seed, iteration), so a resumed run draws the same sizes.
+        Each size compiles the train step once.
+        """
+        if not self.config.multi_scale:
+            return batch
+        h, w = batch["image"].shape[1:3]
+        size = multi_scale_shape((h, w), self.config.data.image_size, max(max(self.model.strides), 32),
+                                 seed=self.config.seed, step=step)
+        if size == (h, w):
+            return batch
+        return dict(batch, image=_resize_bilinear(batch["image"], size))
+
     def evaluators(self):
         return [DetectionEvaluator(self)]
 
@@ -184,6 +202,23 @@ class Task:
         def fwd(variables, images):
             return self.model.apply(variables, images.astype(jnp.float32) / 255.0, train=False)["pred"]
         return fwd
+
+
+def multi_scale_shape(hw: tuple[int, int], image_size: int, gs: int, seed: int, step: int) -> tuple[int, int]:
+    """The (h, w) train.py's multi-scale gives a batch of shape `hw` at iteration `step`."""
+    rng = np.random.default_rng([int(seed), int(step), 0x6D53])  # independent of the data's streams
+    sz = int(rng.integers(int(image_size * 0.5), int(image_size * 1.5) + gs)) // gs * gs
+    sf = sz / max(hw)
+    if sf == 1:
+        return tuple(hw)
+    return tuple(math.ceil(x * sf / gs) * gs for x in hw)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _resize_bilinear(images, size):
+    """[B, H, W, C] -> [B, *size, C] float32, as F.interpolate(bilinear, align_corners=False)."""
+    b, _, _, c = images.shape
+    return jax.image.resize(images.astype(jnp.float32), (b, *size, c), "linear", antialias=False)
 
 
 class DetectionEvaluator:
