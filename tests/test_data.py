@@ -803,3 +803,14 @@ def test_image_cache_keeps_corrupt_images_reported(tmp_path, caplog):
   msgs = [r.getMessage() for r in caplog.records]
   assert any('not cached' in m and 'image_id 102' in m for m in msgs)
   assert any('image_id 102' in m and 'substituting' in m for m in msgs)
+
+
+def test_builders_leave_no_temp_directories(tmp_path, monkeypatch):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  scratch = tmp_path / 'scratch'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+  pipeline._register_builders()
+  builder = tfds.builder('shapes_detection/tiny', data_dir=str(tmp_path / 'tfds'))
+  assert not builder.is_prepared()  # tfds would look the metadata up on its bucket here
+  assert os.listdir(scratch) == []

@@ -7,6 +7,11 @@ without it ``download_and_prepare`` fails with ``ModuleNotFoundError:
 importlib_resources`` (tensorflow/datasets#11212).  ``SourceFileCodePath``
 returns the builder's source file directly, which is what tfds would have
 computed anyway (it is only used to look for a ``checksums.tsv`` next to it).
+
+The same mixin also skips tfds's look-up of pre-computed metadata on its GCS bucket
+(``DatasetInfo.initialize_from_bucket``, run whenever a builder is made for data not yet
+prepared): these datasets are local and never there, GCS access is off in this tfds, and the
+look-up left an empty ``/tmp/tmp*tfds`` directory behind each time.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ from tensorflow_datasets.core.utils import py_utils
 
 
 class SourceFileCodePath:
-  """Mixin for tfds builders: ``code_path`` = the file defining the class."""
+  """Mixin for tfds builders: ``code_path`` = the file defining the class; no bucket look-up."""
+
+  def dataset_info_from_configs(self, **kwargs):
+    info = super().dataset_info_from_configs(**kwargs)
+    info.initialize_from_bucket = lambda: None  # local data: nothing on the bucket
+    return info
 
   @py_utils.classproperty
   @classmethod
