@@ -14,10 +14,18 @@ checkpoints and the torch bridge do not depend on how it computes. `impl` picks 
              faster (`_tap_weight_grad_pays`), and a strided one's input gradient is one matrix
              product plus shifted sums per phase (`phase_input_grad`) instead of XLA's
              zero-dilated transposed convolution (2x faster per layer).
-  "auto" "dot" on the CPU backend, "lax" elsewhere (GPU/TPU convolutions are tuned already).
+  "onednn" (CPU) k x k convolutions through oneDNN, the library PyTorch's CPU convolutions use,
+         as XLA custom calls (`research/kernels`): forward and input gradient, and the kernel
+         gradient up to 64 input channels (above that the per-tap products of "dot" measured
+         faster); 1x1 convolutions as in "dot". Float32, groups 1; anything else as "dot".
+  "auto" "onednn" on the CPU backend where its kernels build and load (else "dot", logged
+         once with the reason), "lax" elsewhere (GPU/TPU convolutions are tuned already).
 
-Measured on a 2-core CPU (`docs/yolov5.md`, benchmark section): YOLOv5s 640 px inference
--25 %, train step b2 about -40 %. Outputs equal "lax" to float rounding (tests/test_conv.py).
+Measured on a 2-core CPU (`docs/yolov5.md`, benchmark section), YOLOv5s 640 px: "dot" against
+"lax" inference -25 %, train step b2 about -40 %; "onednn" against "dot" train step b2 -13 to
+-21 % (same process, alternating), most of it in the stem and the 320/160 px layers, where
+oneDNN's forward, input and kernel gradients are 1.5-3x faster than XLA's. Outputs equal "lax"
+to float rounding (tests/test_conv.py).
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ("auto", "lax", "dot")
+CONV_IMPLS = ("auto", "lax", "dot", "onednn")
 Dtype = Any
 
 
@@ -37,8 +46,23 @@ def resolve_impl(impl: str) -> str:
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl {impl!r}: expected one of {CONV_IMPLS}")
     if impl == "auto":
-        return "dot" if jax.default_backend() == "cpu" else "lax"
+        if jax.default_backend() != "cpu":
+            return "lax"
+        return "onednn" if _onednn_ok(explicit=False) else "dot"
+    if impl == "onednn":
+        _onednn_ok(explicit=True)
     return impl
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_ok(explicit: bool) -> bool:
+    from research.kernels import onednn
+    ok, why = onednn.available()
+    if not ok:
+        if explicit:
+            raise onednn.OnednnUnavailable(f"conv_impl 'onednn': {why}")
+        logging.warning("conv_impl auto: oneDNN kernels unavailable, XLA convolutions ('dot') instead: %s", why)
+    return ok
 
 
 def _lax_conv(x, w, stride: int, padding: int, groups: int = 1):
@@ -133,6 +157,33 @@ def _conv_custom_grad_bwd(stride, padding, tap_dw, res, dy):
 _conv_custom_grad.defvjp(_conv_custom_grad_fwd, _conv_custom_grad_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv(x, w, stride: int, padding: int):
+    from research.kernels import onednn
+    return onednn.conv(x, w, stride, padding)
+
+
+def _onednn_conv_fwd(x, w, stride, padding):
+    return _onednn_conv(x, w, stride, padding), (x, w)
+
+
+def _onednn_conv_bwd(stride, padding, res, dy):
+    from research.kernels import onednn
+    x, w = res
+    k, _, cin, cout = w.shape
+    dx = onednn.conv_input_grad(dy, w, x.shape, stride, padding)
+    if cin <= 64:  # oneDNN's kernel gradient wins with few input channels (1.5-4x per layer)
+        dw = onednn.conv_kernel_grad(x, dy, w.shape, stride, padding)
+    elif _tap_weight_grad_pays(cin, cout, stride):
+        dw = tap_weight_grad(x, dy, k, stride, padding)
+    else:
+        (dw,) = jax.vjp(lambda w_: _lax_conv(x, w_, stride, padding), w)[1](dy)
+    return dx, dw
+
+
+_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
 @jax.custom_vjp
 def _dot_1x1(x, w2):
     """x [..., Cin] @ w2 [Cin, Cout]; the kernel gradient as x^T @ dy (see the module doc)."""
@@ -166,6 +217,8 @@ def conv2d(x, w, stride: int = 1, padding: int = 0, groups: int = 1, impl: str =
         if stride > 1:
             x = x[:, ::stride, ::stride, :]
         return _dot_1x1(x, w.reshape(cin, cout))
+    if impl == "onednn" and x.dtype == jnp.float32 and w.dtype == jnp.float32:
+        return _onednn_conv(x, w, stride, padding)
     tap_dw = _tap_weight_grad_pays(cin, cout, stride)
     if tap_dw or stride > 1:
         return _conv_custom_grad(x, w, stride, padding, tap_dw)

@@ -106,3 +106,18 @@ def test_table_and_comparable_setting():
     assert r["xla_flops_over_official_gflops"] == pytest.approx(1.0)
     text = benchmark.table(recs)
     assert "train_step" in text and "onnx_infer" in text
+
+
+def test_custom_call_flops_counts_onednn_convolutions():
+    import jax
+    import jax.numpy as jnp
+
+    from research import benchmark, conv
+    x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 4))
+    macs = 2 * 8 * 8 * 4 * (3 * 3 * 8)  # output elements x taps x input channels
+    fwd = jax.jit(lambda x, w: conv.conv2d(x, w, 2, 1, impl="onednn")).lower(x, w).compile()
+    assert benchmark.custom_call_flops(fwd.as_text()) == 2 * macs
+    # gradients of a sum: input and kernel gradient; the unused forward is removed by XLA
+    grad = jax.jit(jax.grad(lambda x, w: conv.conv2d(x, w, 2, 1, impl="onednn").sum(), (0, 1)))
+    assert benchmark.custom_call_flops(grad.lower(x, w).compile().as_text()) == 2 * 2 * macs
+    assert benchmark._cost_flops(fwd) >= 2 * macs

@@ -1,5 +1,8 @@
 """research/conv.py: every computation gives lax's convolution and gradients, nn.Conv's parameters."""
 
+import os
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,7 +23,10 @@ CASES = [
     (1, 11, 2, 4, 6, 2, 2, 1),   # odd size, 6x6 stride 2: phases of unequal tap counts
     (1, 13, 2, 3, 5, 3, 0, 1),   # stride 3, no padding: input rows no tap reaches
     (2, 8, 8, 8, 3, 1, 1, 2),    # grouped: lax
+    (1, 6, 128, 8, 3, 1, 1, 1),  # onednn: > 64 input channels, per-tap kernel gradient
+    (1, 7, 96, 8, 3, 2, 1, 1),   # onednn: > 64 input channels, strided
 ]
+IMPLS = ["dot", "onednn"]
 
 
 def _inputs(b, s, cin, cout, k, groups, seed=0):
@@ -30,8 +36,9 @@ def _inputs(b, s, cin, cout, k, groups, seed=0):
     return x, w
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("b,s,cin,cout,k,stride,pad,groups", CASES)
-def test_dot_equals_lax_forward_and_gradients(b, s, cin, cout, k, stride, pad, groups):
+def test_impl_equals_lax_forward_and_gradients(b, s, cin, cout, k, stride, pad, groups, impl):
     x, w = _inputs(b, s, cin, cout, k, groups)
 
     def loss(impl):
@@ -42,11 +49,11 @@ def test_dot_equals_lax_forward_and_gradients(b, s, cin, cout, k, stride, pad, g
         return f
 
     y_lax = conv.conv2d(x, w, stride, pad, groups, "lax")
-    y_dot = conv.conv2d(x, w, stride, pad, groups, "dot")
+    y_dot = jax.jit(lambda x, w: conv.conv2d(x, w, stride, pad, groups, impl))(x, w)
     assert y_dot.shape == y_lax.shape
     np.testing.assert_allclose(y_dot, y_lax, rtol=1e-5, atol=1e-5)
     g_lax = jax.grad(loss("lax"), argnums=(0, 1))(x, w)
-    g_dot = jax.grad(loss("dot"), argnums=(0, 1))(x, w)
+    g_dot = jax.jit(jax.grad(loss(impl), argnums=(0, 1)))(x, w)
     for a, c in zip(g_dot, g_lax):
         assert float(jnp.max(jnp.abs(c))) > 1e-3  # a real gradient, not zeros on both sides
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
@@ -62,7 +69,52 @@ def test_routing_takes_the_per_tap_gradient_where_it_pays():
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, 2, 1, 1, "dot"))(x, w))
     x, w = _inputs(1, 6, 8, 8, 1, 1)
     assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, 1, 0, 1, "dot"))(x, w))
-    assert conv.resolve_impl("auto") == ("dot" if jax.default_backend() == "cpu" else "lax")
+    assert conv.resolve_impl("auto") == ("onednn" if jax.default_backend() == "cpu" else "lax")
+
+
+def _targets(fn, *args):
+    return set(re.findall(r"target_name=(\w+)", str(jax.make_jaxpr(fn)(*args))))
+
+
+def test_onednn_routing():
+    x, w = _inputs(1, 6, 32, 8, 3, 1)
+    fwd = lambda x, w: conv.conv2d(x, w, 2, 1, 1, "onednn")  # noqa: E731
+    grad = jax.grad(lambda x, w: jnp.sum(fwd(x, w)), argnums=(0, 1))
+    assert _targets(fwd, x, w) == {"OnednnConvFwd"}
+    assert _targets(grad, x, w) == {"OnednnConvFwd", "OnednnConvBwdData", "OnednnConvBwdW"}
+    x, w = _inputs(1, 6, 128, 8, 3, 1)  # many input channels: the per-tap kernel gradient
+    assert _targets(grad, x, w) == {"OnednnConvFwd", "OnednnConvBwdData"}
+    x, w = _inputs(1, 6, 32, 8, 1, 1)  # 1x1 and bfloat16: as "dot"
+    assert not _targets(fwd, x, w)
+    x, w = _inputs(1, 6, 32, 8, 3, 1)
+    assert not _targets(fwd, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def test_onednn_build_is_cached_and_reports_a_missing_compiler(tmp_path, monkeypatch):
+    from research.kernels import onednn
+    monkeypatch.setenv("RESEARCH_KERNEL_CACHE", str(tmp_path / "k"))
+    path = onednn.build()
+    assert path.startswith(str(tmp_path / "k")) and os.path.getsize(path) > 0
+    mtime = os.path.getmtime(path)
+    assert onednn.build() == path and os.path.getmtime(path) == mtime  # reused, not rebuilt
+    monkeypatch.setenv("RESEARCH_KERNEL_CACHE", str(tmp_path / "k2"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(onednn.OnednnUnavailable, match="C\\+\\+ compiler 'no-such-compiler' not found"):
+        onednn.build()
+
+
+def test_auto_falls_back_to_dot_where_onednn_is_unavailable(monkeypatch, caplog):
+    from research.kernels import onednn
+    monkeypatch.setattr(onednn, "available", lambda: (False, "no oneDNN here"))
+    conv._onednn_ok.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert conv.resolve_impl("auto") == "dot"
+        assert "no oneDNN here" in caplog.text
+        with pytest.raises(onednn.OnednnUnavailable, match="conv_impl 'onednn': no oneDNN here"):
+            conv.resolve_impl("onednn")
+    finally:
+        conv._onednn_ok.cache_clear()
 
 
 def test_bfloat16_kernel_gradient_stays_close():
@@ -71,7 +123,8 @@ def test_bfloat16_kernel_gradient_stays_close():
         lambda w: jnp.sum(conv.conv2d(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), 2, 1, 1, impl)
                           .astype(jnp.float32) ** 2))(w)
     ref = jax.grad(lambda w: jnp.sum(conv.conv2d(x, w, 2, 1, 1, "lax") ** 2))(w)
-    np.testing.assert_allclose(f("dot"), ref, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(ref))))
+    for impl in IMPLS:  # bfloat16 takes the "dot" computation under "onednn"
+        np.testing.assert_allclose(f(impl), ref, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(ref))))
 
 
 def test_conv2d_module_has_nn_conv_parameters_and_outputs():
