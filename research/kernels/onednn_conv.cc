@@ -130,16 +130,26 @@ std::shared_ptr<Entry> Get(const std::string& key, Make make) {
   return cache.emplace(key, e).first->second;
 }
 
+dnnl::reorder MakeReorder(const memory::desc& from, const memory::desc& to) {
+  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+}
+
+// The primitive's weight layout `prim_md` against the user's HWIO; the reorder goes into the
+// primitive's layout (forward, input gradient) or back to HWIO (kernel gradient).
+void SetWeights(Entry& e, const Geo& g, const memory::desc& prim_md, bool into_prim) {
+  e.wei_md = prim_md;
+  e.wei_hwio = memory::desc(g.wei(), dt::f32, tag::hwio);
+  e.need_reorder = e.wei_md != e.wei_hwio;
+  if (e.need_reorder)
+    e.reorder = into_prim ? MakeReorder(e.wei_hwio, e.wei_md) : MakeReorder(e.wei_md, e.wei_hwio);
+}
+
 std::shared_ptr<Entry> FwdEntry(const Geo& g, bool bias) {
   return Get(g.key('f', bias), [&] {
     auto pd = FwdPd(g, bias);
     auto e = std::make_shared<Entry>();
     e->prim = dnnl::convolution_forward(pd);
-    e->wei_md = pd.weights_desc();
-    e->wei_hwio = memory::desc(g.wei(), dt::f32, tag::hwio);
-    e->need_reorder = e->wei_md != e->wei_hwio;
-    if (e->need_reorder) e->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-        Engine(), e->wei_hwio, Engine(), e->wei_md));
+    SetWeights(*e, g, pd.weights_desc(), true);
     e->src_md = pd.src_desc();
     e->dst_md = pd.dst_desc();
     if (bias) e->bias_md = pd.bias_desc();
@@ -158,11 +168,7 @@ std::shared_ptr<Entry> BwdDataEntry(const Geo& g) {
         g.padr(), hint, Attr());
     auto e = std::make_shared<Entry>();
     e->prim = dnnl::convolution_backward_data(pd);
-    e->wei_md = pd.weights_desc();
-    e->wei_hwio = memory::desc(g.wei(), dt::f32, tag::hwio);
-    e->need_reorder = e->wei_md != e->wei_hwio;
-    if (e->need_reorder) e->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-        Engine(), e->wei_hwio, Engine(), e->wei_md));
+    SetWeights(*e, g, pd.weights_desc(), true);
     e->src_md = pd.diff_src_desc();
     e->dst_md = pd.diff_dst_desc();
     e->scratch_md = pd.scratchpad_desc();
@@ -190,21 +196,15 @@ std::shared_ptr<Entry> BwdWEntry(const Geo& g, bool bias) {
           g.padr(), hint, Attr());
     }
     e->prim = dnnl::convolution_backward_weights(pd);
-    e->wei_md = pd.diff_weights_desc();
-    e->wei_hwio = memory::desc(g.wei(), dt::f32, tag::hwio);
-    e->need_reorder = e->wei_md != e->wei_hwio;
-    if (e->need_reorder) e->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-        Engine(), e->wei_md, Engine(), e->wei_hwio));
+    SetWeights(*e, g, pd.diff_weights_desc(), false);
     e->src_md = pd.src_desc();
     e->dst_md = pd.diff_dst_desc();
     e->src_user = memory::desc(g.src(), dt::f32, tag::nhwc);
     e->dst_user = memory::desc(g.dst(), dt::f32, tag::nhwc);
     e->src_reorder = e->src_md != e->src_user;
     e->dst_reorder = e->dst_md != e->dst_user;
-    if (e->src_reorder) e->src_r = dnnl::reorder(dnnl::reorder::primitive_desc(
-        Engine(), e->src_user, Engine(), e->src_md));
-    if (e->dst_reorder) e->dst_r = dnnl::reorder(dnnl::reorder::primitive_desc(
-        Engine(), e->dst_user, Engine(), e->dst_md));
+    if (e->src_reorder) e->src_r = MakeReorder(e->src_user, e->src_md);
+    if (e->dst_reorder) e->dst_r = MakeReorder(e->dst_user, e->dst_md);
     e->scratch_md = pd.scratchpad_desc();
     return e;
   });
@@ -212,6 +212,15 @@ std::shared_ptr<Entry> BwdWEntry(const Geo& g, bool bias) {
 
 memory Mem(const memory::desc& md, const void* p) {
   return memory(md, Engine(), const_cast<void*>(p));
+}
+
+// HWIO user weights as the primitive reads them (reordered into a per-thread buffer if needed).
+memory PrimWeights(Entry& e, dnnl::stream& s, const float* w) {
+  memory user = Mem(e.wei_hwio, w);
+  if (!e.need_reorder) return user;
+  memory wr = Mem(e.wei_md, tl_wei.get(e.wei_md.get_size()));
+  e.reorder.execute(s, user, wr);
+  return wr;
 }
 
 template <typename F>
@@ -237,12 +246,7 @@ ffi::Error FwdImpl(B4 x, B4 w, const float* bias, R4 y, int64_t stride, int64_t 
   return Guard([&] {
     auto e = FwdEntry(g, bias != nullptr);
     auto& s = Stream();
-    memory wmem = Mem(e->wei_hwio, w.typed_data());
-    if (e->need_reorder) {
-      memory wr = Mem(e->wei_md, tl_wei.get(e->wei_md.get_size()));
-      e->reorder.execute(s, wmem, wr);
-      wmem = wr;
-    }
+    memory wmem = PrimWeights(*e, s, w.typed_data());
     std::unordered_map<int, memory> args{
         {DNNL_ARG_SRC, Mem(e->src_md, x.typed_data())},
         {DNNL_ARG_WEIGHTS, wmem},
@@ -267,12 +271,7 @@ ffi::Error ConvBwdData(B4 dy, B4 w, R4 dx, int64_t stride, int64_t pad) {
   return Guard([&] {
     auto e = BwdDataEntry(g);
     auto& s = Stream();
-    memory wmem = Mem(e->wei_hwio, w.typed_data());
-    if (e->need_reorder) {
-      memory wr = Mem(e->wei_md, tl_wei.get(e->wei_md.get_size()));
-      e->reorder.execute(s, wmem, wr);
-      wmem = wr;
-    }
+    memory wmem = PrimWeights(*e, s, w.typed_data());
     e->prim.execute(s, {{DNNL_ARG_DIFF_DST, Mem(e->dst_md, dy.typed_data())},
                         {DNNL_ARG_WEIGHTS, wmem},
                         {DNNL_ARG_DIFF_SRC, Mem(e->src_md, dx->typed_data())},
