@@ -352,7 +352,7 @@ def custom_call_flops(hlo_text: str) -> float:
             continue
         result, target = _dims(m.group(1)), m.group(2)
         ops = [_dims(o) for o in re.findall(r"f32\[([\d,]*)\]", m.group(3))]
-        if target.startswith("OnednnConvFwd"):
+        if target == "OnednnConvFwd":
             out, w = result, ops[1]
         elif target == "OnednnConvBwdData":
             out, w = ops[0], ops[1]

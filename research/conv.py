@@ -141,17 +141,21 @@ def _conv_custom_grad_fwd(x, w, stride, padding, tap_dw):
     return _lax_conv(x, w, stride, padding), (x, w)
 
 
+def _xla_kernel_grad(x, dy, w, stride: int, padding: int, tap_dw: bool):
+    """The kernel gradient as `dot` computes it: per-tap products or XLA's own."""
+    if tap_dw:
+        return tap_weight_grad(x, dy, w.shape[0], stride, padding).astype(w.dtype)
+    (dw,) = jax.vjp(lambda w_: _lax_conv(x, w_, stride, padding), w)[1](dy)
+    return dw
+
+
 def _conv_custom_grad_bwd(stride, padding, tap_dw, res, dy):
     x, w = res
     if stride > 1:
         dx = phase_input_grad(dy, w, x.shape, stride, padding).astype(x.dtype)
     else:
         (dx,) = jax.vjp(lambda x_: _lax_conv(x_, w, stride, padding), x)[1](dy)
-    if tap_dw:
-        dw = tap_weight_grad(x, dy, w.shape[0], stride, padding).astype(w.dtype)
-    else:
-        (dw,) = jax.vjp(lambda w_: _lax_conv(x, w_, stride, padding), w)[1](dy)
-    return dx, dw
+    return dx, _xla_kernel_grad(x, dy, w, stride, padding, tap_dw)
 
 
 _conv_custom_grad.defvjp(_conv_custom_grad_fwd, _conv_custom_grad_bwd)
@@ -170,14 +174,12 @@ def _onednn_conv_fwd(x, w, stride, padding):
 def _onednn_conv_bwd(stride, padding, res, dy):
     from research.kernels import onednn
     x, w = res
-    k, _, cin, cout = w.shape
+    _, _, cin, cout = w.shape
     dx = onednn.conv_input_grad(dy, w, x.shape, stride, padding)
     if cin <= 64:  # oneDNN's kernel gradient wins with few input channels (1.5-4x per layer)
         dw = onednn.conv_kernel_grad(x, dy, w.shape, stride, padding)
-    elif _tap_weight_grad_pays(cin, cout, stride):
-        dw = tap_weight_grad(x, dy, k, stride, padding)
     else:
-        (dw,) = jax.vjp(lambda w_: _lax_conv(x, w_, stride, padding), w)[1](dy)
+        dw = _xla_kernel_grad(x, dy, w, stride, padding, _tap_weight_grad_pays(cin, cout, stride))
     return dx, dw
 
 

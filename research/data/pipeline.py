@@ -154,26 +154,26 @@ class DetectionSource:
     return (f'DetectionSource({self._dataset_dir!r}, {self._split!r}, '
             f'num_records={self.num_records}, length={self._length})')
 
-  def decode_image(self, i: int) -> np.ndarray:
-    """Record i's image, decoded (uint8 HWC RGB); ValueError naming the file if it cannot be."""
-    rec = self._open()[i]
+  def _image(self, rec, i: int, use_cache: bool = True) -> np.ndarray:
+    """Record i's image (uint8 HWC RGB), from the cache if there is one; ValueError naming the
+    image otherwise."""
     try:
+      if use_cache and self.image_cache is not None:
+        return self.image_cache.get(i)
       return _decode_rgb(rec['image'])
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"image_id {int(rec.get('image_id', i))} "
                        f"{_as_str(rec.get('image/filename', ''))}: {e}") from e
 
+  def decode_image(self, i: int) -> np.ndarray:
+    """Record i's image decoded from its stored bytes (what the image cache is built from)."""
+    return self._image(self._open()[i], i, use_cache=False)
+
   def _decode(self, i: int) -> dict[str, Any]:
     rec = self._open()[i]
     image_id = int(rec.get('image_id', i))
     filename = _as_str(rec.get('image/filename', ''))
-    try:
-      if self.image_cache is not None:
-        img = self.image_cache.get(i)
-      else:
-        img = _decode_rgb(rec['image'])
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'image_id {image_id} {filename}: {e}') from e
+    img = self._image(rec, i)
     h, w = img.shape[:2]
     obj = rec.get('objects', {})
     bbox = np.asarray(obj.get('bbox', []), np.float32).reshape(-1, 4)

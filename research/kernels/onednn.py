@@ -35,7 +35,7 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "onednn_conv.cc")
-_TARGETS = ("OnednnConvFwd", "OnednnConvFwdBias", "OnednnConvBwdData", "OnednnConvBwdW", "OnednnConvBwdWBias")
+_TARGETS = ("OnednnConvFwd", "OnednnConvBwdData", "OnednnConvBwdW")
 
 
 class OnednnUnavailable(RuntimeError):
@@ -126,16 +126,14 @@ def _out(h: int, k: int, s: int, p: int) -> int:
     return (h + 2 * p - k) // s + 1
 
 
-def conv(x, w, stride: int, padding: int, bias=None):
-    """Forward: NHWC float32 x, HWIO float32 w (square kernel), optional bias [Cout]."""
+def conv(x, w, stride: int, padding: int):
+    """Forward: NHWC float32 x, HWIO float32 w (square kernel)."""
     _load()
     n, h, wd, _ = x.shape
     k, _, _, cout = w.shape
     out = jax.ShapeDtypeStruct((n, _out(h, k, stride, padding), _out(wd, k, stride, padding), cout),
                                jnp.float32)
-    if bias is None:
-        return jax.ffi.ffi_call("OnednnConvFwd", out)(x, w, **_attrs(stride, padding))
-    return jax.ffi.ffi_call("OnednnConvFwdBias", out)(x, w, bias, **_attrs(stride, padding))
+    return jax.ffi.ffi_call("OnednnConvFwd", out)(x, w, **_attrs(stride, padding))
 
 
 def conv_input_grad(dy, w, x_shape, stride: int, padding: int):

@@ -2,10 +2,9 @@
 // Built and loaded by research/kernels/onednn.py; used by research/conv.py (conv_impl "onednn").
 //
 //   OnednnConvFwd      (x[N,H,W,Ci], w[KH,KW,Ci,Co])            -> y[N,Ho,Wo,Co]
-//   OnednnConvFwdBias  (x, w, b[Co])                             -> y
 //   OnednnConvBwdData  (dy[N,Ho,Wo,Co], w)                       -> dx[N,H,W,Ci]
 //   OnednnConvBwdW     (x, dy)                                   -> dw[KH,KW,Ci,Co]
-//   OnednnConvBwdWBias (x, dy)                                   -> dw, db[Co]
+// (no bias: the layers add theirs outside, and the detector's biased convolutions are 1x1)
 // attrs: stride (int64), pad (int64; symmetric request, the right/bottom pad is what the
 // floor output size needs, as in lax.conv_general_dilated with ((p,p),(p,p))).
 // Groups 1, dilation 1. Activations stay NHWC; weights are reordered from HWIO into the
@@ -59,10 +58,9 @@ thread_local Buf tl_scratch, tl_wei, tl_src, tl_dst;
 
 struct Geo {
   int64_t N, H, W, Ci, Ho, Wo, Co, K, S, P, PR_h, PR_w;
-  std::string key(char kind, bool bias) const {
+  std::string key(char kind) const {
     char b[256];
-    std::snprintf(b, sizeof b, "%c%d_%ld_%ld_%ld_%ld_%ld_%ld_%ld_%ld", kind, int(bias), N, H, W, Ci,
-                  Co, K, S, P);
+    std::snprintf(b, sizeof b, "%c_%ld_%ld_%ld_%ld_%ld_%ld_%ld_%ld", kind, N, H, W, Ci, Co, K, S, P);
     return b;
   }
   memory::dims src() const { return {N, Ci, H, W}; }
@@ -89,14 +87,9 @@ dnnl::primitive_attr Attr() {
   return a;
 }
 
-dnnl::convolution_forward::primitive_desc FwdPd(const Geo& g, bool bias) {
+dnnl::convolution_forward::primitive_desc FwdPd(const Geo& g) {
   memory::desc src(g.src(), dt::f32, tag::nhwc), dst(g.dst(), dt::f32, tag::nhwc);
   memory::desc wei(g.wei(), dt::f32, tag::any);
-  if (bias) {
-    memory::desc b({g.Co}, dt::f32, tag::x);
-    return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-            src, wei, b, dst, g.strides(), g.padl(), g.padr(), Attr()};
-  }
   return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src,
           wei, dst, g.strides(), g.padl(), g.padr(), Attr()};
 }
@@ -107,7 +100,7 @@ struct Entry {
   memory::desc wei_hwio;      // HWIO user layout
   bool need_reorder = false;
   dnnl::reorder reorder;      // hwio -> wei_md (fwd, bwd-data) or wei_md -> hwio (bwd-w)
-  memory::desc src_md, dst_md, bias_md, scratch_md;
+  memory::desc src_md, dst_md, scratch_md;
   // bwd-weights with oneDNN-chosen activation layouts: x and dy reordered nhwc -> blocked
   // (1.5-3x faster kernel gradients than on nhwc, measured on YOLOv5s layers)
   bool src_reorder = false, dst_reorder = false;
@@ -144,23 +137,22 @@ void SetWeights(Entry& e, const Geo& g, const memory::desc& prim_md, bool into_p
     e.reorder = into_prim ? MakeReorder(e.wei_hwio, e.wei_md) : MakeReorder(e.wei_md, e.wei_hwio);
 }
 
-std::shared_ptr<Entry> FwdEntry(const Geo& g, bool bias) {
-  return Get(g.key('f', bias), [&] {
-    auto pd = FwdPd(g, bias);
+std::shared_ptr<Entry> FwdEntry(const Geo& g) {
+  return Get(g.key('f'), [&] {
+    auto pd = FwdPd(g);
     auto e = std::make_shared<Entry>();
     e->prim = dnnl::convolution_forward(pd);
     SetWeights(*e, g, pd.weights_desc(), true);
     e->src_md = pd.src_desc();
     e->dst_md = pd.dst_desc();
-    if (bias) e->bias_md = pd.bias_desc();
     e->scratch_md = pd.scratchpad_desc();
     return e;
   });
 }
 
 std::shared_ptr<Entry> BwdDataEntry(const Geo& g) {
-  return Get(g.key('d', false), [&] {
-    auto hint = FwdPd(g, false);
+  return Get(g.key('d'), [&] {
+    auto hint = FwdPd(g);
     memory::desc src(g.src(), dt::f32, tag::nhwc), dst(g.dst(), dt::f32, tag::nhwc);
     memory::desc wei(g.wei(), dt::f32, tag::any);
     dnnl::convolution_backward_data::primitive_desc pd(
@@ -176,25 +168,16 @@ std::shared_ptr<Entry> BwdDataEntry(const Geo& g) {
   });
 }
 
-std::shared_ptr<Entry> BwdWEntry(const Geo& g, bool bias) {
-  return Get(g.key('w', bias), [&] {
-    auto hint = FwdPd(g, bias);
+std::shared_ptr<Entry> BwdWEntry(const Geo& g) {
+  return Get(g.key('w'), [&] {
+    auto hint = FwdPd(g);
     tag act = tag::any;  // x and dy reordered into oneDNN's layout: 1.5-3x faster than on nhwc
     memory::desc src(g.src(), dt::f32, act), dst(g.dst(), dt::f32, act);
     memory::desc wei(g.wei(), dt::f32, tag::any);
     auto e = std::make_shared<Entry>();
-    dnnl::convolution_backward_weights::primitive_desc pd;
-    if (bias) {
-      memory::desc b({g.Co}, dt::f32, tag::x);
-      pd = dnnl::convolution_backward_weights::primitive_desc(
-          Engine(), dnnl::algorithm::convolution_direct, src, wei, b, dst, g.strides(), g.padl(),
-          g.padr(), hint, Attr());
-      e->bias_md = pd.diff_bias_desc();
-    } else {
-      pd = dnnl::convolution_backward_weights::primitive_desc(
-          Engine(), dnnl::algorithm::convolution_direct, src, wei, dst, g.strides(), g.padl(),
-          g.padr(), hint, Attr());
-    }
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        Engine(), dnnl::algorithm::convolution_direct, src, wei, dst, g.strides(), g.padl(),
+        g.padr(), hint, Attr());
     e->prim = dnnl::convolution_backward_weights(pd);
     SetWeights(*e, g, pd.diff_weights_desc(), false);
     e->src_md = pd.src_desc();
@@ -236,33 +219,22 @@ ffi::Error Guard(F f) {
 }
 
 using B4 = ffi::Buffer<ffi::F32, 4>;
-using B1 = ffi::Buffer<ffi::F32, 1>;
 using R4 = ffi::ResultBuffer<ffi::F32, 4>;
-using R1 = ffi::ResultBuffer<ffi::F32, 1>;
 
-ffi::Error FwdImpl(B4 x, B4 w, const float* bias, R4 y, int64_t stride, int64_t pad) {
+ffi::Error ConvFwd(B4 x, B4 w, R4 y, int64_t stride, int64_t pad) {
   auto xd = x.dimensions(), wd = w.dimensions();
   Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad);
   return Guard([&] {
-    auto e = FwdEntry(g, bias != nullptr);
+    auto e = FwdEntry(g);
     auto& s = Stream();
     memory wmem = PrimWeights(*e, s, w.typed_data());
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, Mem(e->src_md, x.typed_data())},
-        {DNNL_ARG_WEIGHTS, wmem},
-        {DNNL_ARG_DST, Mem(e->dst_md, y->typed_data())},
-        {DNNL_ARG_SCRATCHPAD, Mem(e->scratch_md, tl_scratch.get(e->scratch_md.get_size()))}};
-    if (bias) args[DNNL_ARG_BIAS] = Mem(e->bias_md, bias);
-    e->prim.execute(s, args);
+    e->prim.execute(s, {{DNNL_ARG_SRC, Mem(e->src_md, x.typed_data())},
+                        {DNNL_ARG_WEIGHTS, wmem},
+                        {DNNL_ARG_DST, Mem(e->dst_md, y->typed_data())},
+                        {DNNL_ARG_SCRATCHPAD,
+                         Mem(e->scratch_md, tl_scratch.get(e->scratch_md.get_size()))}});
     s.wait();
   });
-}
-
-ffi::Error ConvFwd(B4 x, B4 w, R4 y, int64_t stride, int64_t pad) {
-  return FwdImpl(x, w, nullptr, y, stride, pad);
-}
-ffi::Error ConvFwdBias(B4 x, B4 w, B1 b, R4 y, int64_t stride, int64_t pad) {
-  return FwdImpl(x, w, b.typed_data(), y, stride, pad);
 }
 
 ffi::Error ConvBwdData(B4 dy, B4 w, R4 dx, int64_t stride, int64_t pad) {
@@ -281,11 +253,11 @@ ffi::Error ConvBwdData(B4 dy, B4 w, R4 dx, int64_t stride, int64_t pad) {
   });
 }
 
-ffi::Error BwdWImpl(B4 x, B4 dy, R4 dw, float* db, int64_t stride, int64_t pad) {
+ffi::Error ConvBwdW(B4 x, B4 dy, R4 dw, int64_t stride, int64_t pad) {
   auto xd = x.dimensions(), wd = dw->dimensions();
   Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad);
   return Guard([&] {
-    auto e = BwdWEntry(g, db != nullptr);
+    auto e = BwdWEntry(g);
     auto& s = Stream();
     memory user = Mem(e->wei_hwio, dw->typed_data());
     memory wmem = e->need_reorder ? Mem(e->wei_md, tl_wei.get(e->wei_md.get_size())) : user;
@@ -300,41 +272,27 @@ ffi::Error BwdWImpl(B4 x, B4 dy, R4 dw, float* db, int64_t stride, int64_t pad) 
       e->dst_r.execute(s, dym, t);
       dym = t;
     }
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, xm},
-        {DNNL_ARG_DIFF_DST, dym},
-        {DNNL_ARG_DIFF_WEIGHTS, wmem},
-        {DNNL_ARG_SCRATCHPAD, Mem(e->scratch_md, tl_scratch.get(e->scratch_md.get_size()))}};
-    if (db) args[DNNL_ARG_DIFF_BIAS] = Mem(e->bias_md, db);
-    e->prim.execute(s, args);
+    e->prim.execute(s, {{DNNL_ARG_SRC, xm},
+                        {DNNL_ARG_DIFF_DST, dym},
+                        {DNNL_ARG_DIFF_WEIGHTS, wmem},
+                        {DNNL_ARG_SCRATCHPAD,
+                         Mem(e->scratch_md, tl_scratch.get(e->scratch_md.get_size()))}});
     if (e->need_reorder) e->reorder.execute(s, wmem, user);
     s.wait();
   });
 }
 
-ffi::Error ConvBwdW(B4 x, B4 dy, R4 dw, int64_t stride, int64_t pad) {
-  return BwdWImpl(x, dy, dw, nullptr, stride, pad);
-}
-ffi::Error ConvBwdWBias(B4 x, B4 dy, R4 dw, R1 db, int64_t stride, int64_t pad) {
-  return BwdWImpl(x, dy, dw, db->typed_data(), stride, pad);
-}
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvFwd, ConvFwd,
                               ffi::Ffi::Bind().Arg<B4>().Arg<B4>().Ret<B4>()
                                   .Attr<int64_t>("stride").Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvFwdBias, ConvFwdBias,
-                              ffi::Ffi::Bind().Arg<B4>().Arg<B4>().Arg<B1>().Ret<B4>()
-                                  .Attr<int64_t>("stride").Attr<int64_t>("pad"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdData, ConvBwdData,
                               ffi::Ffi::Bind().Arg<B4>().Arg<B4>().Ret<B4>()
                                   .Attr<int64_t>("stride").Attr<int64_t>("pad"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdW, ConvBwdW,
                               ffi::Ffi::Bind().Arg<B4>().Arg<B4>().Ret<B4>()
-                                  .Attr<int64_t>("stride").Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdWBias, ConvBwdWBias,
-                              ffi::Ffi::Bind().Arg<B4>().Arg<B4>().Ret<B4>().Ret<B1>()
                                   .Attr<int64_t>("stride").Attr<int64_t>("pad"));
 
 // Diagnostics for the Python side: how many primitives are cached.
