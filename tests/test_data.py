@@ -773,6 +773,13 @@ def test_image_cache_gives_the_same_batches(tmp_path, monkeypatch):
   assert os.path.getmtime(data_path) == mtime
   with pytest.raises(ValueError, match='cache_images is for training'):
     _loader(builder, 'validation', image_size=48, train=False, cache_images=True)
+  # a truncated data file is noticed and the cache rebuilt, whole
+  with open(data_path, 'r+b') as f:
+    f.truncate(100)
+  monkeypatch.undo()
+  rebuilt = next(iter(_loader(builder, image_size=48, hyp=hyp, cache_images=True)))
+  assert os.path.getsize(data_path) == TINY['num_train'] * 48 * 48 * 3
+  np.testing.assert_array_equal(rebuilt['image'], plain[0]['image'])
   # the pixels do come from the cache file
   with open(data_path, 'r+b') as f:
     f.write(bytes(os.path.getsize(data_path)))

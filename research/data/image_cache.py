@@ -52,12 +52,14 @@ def ensure(source, dataset_dir: str, split: str, image_size: int) -> str:
   if os.path.exists(index_path):
     try:
       with open(index_path) as f:
-        if json.load(f)['num_records'] == n and os.path.exists(data_path):
-          return index_path
+        meta = json.load(f)
+      # a data file of another size (truncated, replaced) would give wrong images: rebuild
+      if meta['num_records'] == n and os.path.getsize(data_path) == meta['bytes']:
+        return index_path
     except (OSError, ValueError, KeyError, TypeError):
       pass
-    logging.warning('image cache %s does not match split %r (%d records); rebuilding',
-                    index_path, split, n)
+    logging.warning('image cache %s does not match split %r (%d records) or its data file %s; '
+                    'rebuilding', index_path, split, n, data_path)
   folder = os.path.dirname(data_path)
   os.makedirs(folder, exist_ok=True)
   # upper bound: every image with its long side at image_size
