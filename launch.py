@@ -8,8 +8,13 @@ Multi-host: --config.distributed.num_processes=N --config.distributed.process_id
 --config.distributed.coordinator_address=host:port (or nothing, on clusters JAX detects).
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from research import hostenv
+
+if __name__ == "__main__":  # glibc reads its malloc tunables at start-up only (research/hostenv.py)
+    hostenv.reexec_with_tunables()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :args).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")

@@ -17,6 +17,9 @@ if [ ! -x .venv/bin/python ] || [ requirements.txt -nt .venv/.installed ]; then
   touch .venv/.installed
 fi
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+# glibc malloc tunables for XLA's large per-step buffers (research/hostenv.py; launch.py sets them too)
+TUNABLES=$(.venv/bin/python -m research.hostenv)
+if [ -n "$TUNABLES" ]; then export GLIBC_TUNABLES="$TUNABLES"; fi
 
 if [ "${1:-}" = "test" ]; then
   shift

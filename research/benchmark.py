@@ -55,6 +55,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from research import hostenv
+
 # ---------------------------------------------------------------------------------------------
 # Reference figures from the issue (official PyTorch YOLOv5s on the same 2-core CPU).
 
@@ -571,7 +573,7 @@ def environment() -> dict:
     env = {"jax": jax.__version__, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
            "cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
            "machine": platform.machine(), "devices": [str(d) for d in jax.devices()],
-           "backend": jax.default_backend()}
+           "backend": jax.default_backend(), "malloc": hostenv.active()}
     try:
         env["cpus_available"] = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -624,7 +626,12 @@ def time_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_bat
         cmd = [sys.executable, "-m", spec.torch_reference_module, f"--repo={repo}", f"--variant={spec.variant}",
                f"--image_size={spec.image_size}", f"--infer_batch={infer_batch}",
                f"--train_batch={train_batch}", f"--repeats={repeats}", f"--out={out}"]
-        proc = subprocess.run(cmd, cwd=_root(), capture_output=True, text=True)
+        # as users run the official code: without the malloc tunables launch.py gives our process
+        env = dict(os.environ)
+        env["GLIBC_TUNABLES"] = hostenv.without_ours(env.get("GLIBC_TUNABLES", ""))
+        if not env["GLIBC_TUNABLES"]:
+            del env["GLIBC_TUNABLES"]
+        proc = subprocess.run(cmd, cwd=_root(), capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"official PyTorch benchmark from {repo} failed:\n{proc.stderr[-3000:]}")
         with open(out) as f:

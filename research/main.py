@@ -8,7 +8,7 @@ import os
 import jax
 from absl import logging
 
-from research import parallel, tasks
+from research import hostenv, parallel, tasks
 
 
 def run(config, workdir: str, mode: str) -> dict:
@@ -16,6 +16,7 @@ def run(config, workdir: str, mode: str) -> dict:
                                     config.distributed.process_id)
     os.makedirs(workdir, exist_ok=True)
     logging.info("mode=%s workdir=%s devices=%s", mode, workdir, jax.devices())
+    logging.info("malloc tunables: %s", hostenv.active())
     if mode == "benchmark":
         from research import benchmark
         return benchmark.run(config, workdir)
