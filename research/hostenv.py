@@ -97,8 +97,9 @@ def reexec_with_tunables() -> None:
 def active() -> dict:
     """What this process runs with (for logs and benchmark.json)."""
     current = os.environ.get("GLIBC_TUNABLES", "")
-    return {"GLIBC_TUNABLES": current, "applies": not why_not(),
-            "reason": why_not() or ("set" if merged_tunables(current) == current else "not set in this process"),
+    reason = why_not()
+    return {"GLIBC_TUNABLES": current, "applies": not reason,
+            "reason": reason or ("set" if merged_tunables(current) == current else "not set in this process"),
             "transparent_hugepage": _thp_mode()}
 
 

@@ -221,19 +221,29 @@ ffi::Error Guard(F f) {
 using B4 = ffi::Buffer<ffi::F32, 4>;
 using R4 = ffi::ResultBuffer<ffi::F32, 4>;
 
+memory Scratch(const Entry& e) {
+  return Mem(e.scratch_md, tl_scratch.get(e.scratch_md.get_size()));
+}
+
+// Forward (x -> y) and input gradient (dy -> dx) alike: one activation in, one out, HWIO weights.
+void RunWithWeights(Entry& e, const float* w, int in_arg, const memory::desc& in_md, const float* in,
+                    int out_arg, const memory::desc& out_md, float* out) {
+  auto& s = Stream();
+  memory wmem = PrimWeights(e, s, w);
+  e.prim.execute(s, {{in_arg, Mem(in_md, in)},
+                     {DNNL_ARG_WEIGHTS, wmem},
+                     {out_arg, Mem(out_md, out)},
+                     {DNNL_ARG_SCRATCHPAD, Scratch(e)}});
+  s.wait();
+}
+
 ffi::Error ConvFwd(B4 x, B4 w, R4 y, int64_t stride, int64_t pad) {
   auto xd = x.dimensions(), wd = w.dimensions();
   Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad);
   return Guard([&] {
     auto e = FwdEntry(g);
-    auto& s = Stream();
-    memory wmem = PrimWeights(*e, s, w.typed_data());
-    e->prim.execute(s, {{DNNL_ARG_SRC, Mem(e->src_md, x.typed_data())},
-                        {DNNL_ARG_WEIGHTS, wmem},
-                        {DNNL_ARG_DST, Mem(e->dst_md, y->typed_data())},
-                        {DNNL_ARG_SCRATCHPAD,
-                         Mem(e->scratch_md, tl_scratch.get(e->scratch_md.get_size()))}});
-    s.wait();
+    RunWithWeights(*e, w.typed_data(), DNNL_ARG_SRC, e->src_md, x.typed_data(), DNNL_ARG_DST,
+                   e->dst_md, y->typed_data());
   });
 }
 
@@ -242,14 +252,8 @@ ffi::Error ConvBwdData(B4 dy, B4 w, R4 dx, int64_t stride, int64_t pad) {
   Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad);
   return Guard([&] {
     auto e = BwdDataEntry(g);
-    auto& s = Stream();
-    memory wmem = PrimWeights(*e, s, w.typed_data());
-    e->prim.execute(s, {{DNNL_ARG_DIFF_DST, Mem(e->dst_md, dy.typed_data())},
-                        {DNNL_ARG_WEIGHTS, wmem},
-                        {DNNL_ARG_DIFF_SRC, Mem(e->src_md, dx->typed_data())},
-                        {DNNL_ARG_SCRATCHPAD,
-                         Mem(e->scratch_md, tl_scratch.get(e->scratch_md.get_size()))}});
-    s.wait();
+    RunWithWeights(*e, w.typed_data(), DNNL_ARG_DIFF_DST, e->dst_md, dy.typed_data(),
+                   DNNL_ARG_DIFF_SRC, e->src_md, dx->typed_data());
   });
 }
 
@@ -275,8 +279,7 @@ ffi::Error ConvBwdW(B4 x, B4 dy, R4 dw, int64_t stride, int64_t pad) {
     e->prim.execute(s, {{DNNL_ARG_SRC, xm},
                         {DNNL_ARG_DIFF_DST, dym},
                         {DNNL_ARG_DIFF_WEIGHTS, wmem},
-                        {DNNL_ARG_SCRATCHPAD,
-                         Mem(e->scratch_md, tl_scratch.get(e->scratch_md.get_size()))}});
+                        {DNNL_ARG_SCRATCHPAD, Scratch(*e)}});
     if (e->need_reorder) e->reorder.execute(s, wmem, user);
     s.wait();
   });
