@@ -52,7 +52,10 @@ def why_not(environ=None, glibc: tuple[int, ...] | None = None, thp: str | None 
     environ = os.environ if environ is None else environ
     glibc = _glibc_version() if glibc is None else glibc
     thp = _thp_mode() if thp is None else thp
-    if environ.get(OPT_OUT, "1") == "0":
+    value = environ.get(OPT_OUT, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{OPT_OUT}={value!r}: expected 0 (no malloc tunables) or 1 (the default)")
+    if value == "0":
         return f"{OPT_OUT}=0"
     if not sys.platform.startswith("linux") or not glibc:
         return "not Linux with glibc"

@@ -18,6 +18,8 @@ def test_why_not_covers_each_condition():
     assert "needs >= 2.35" in hostenv.why_not({}, glibc=(2, 31), thp="always")
     assert hostenv.why_not({}, glibc=(), thp="always") == "not Linux with glibc"
     assert hostenv.why_not({}, glibc=(2, 36), thp="never") == "transparent huge pages are disabled"
+    with pytest.raises(ValueError, match="RESEARCH_MALLOC_TUNABLES='off': expected 0"):
+        hostenv.why_not({hostenv.OPT_OUT: "off"}, **ok)  # a typo is not silently the default
 
 
 def test_merge_keeps_user_values_and_other_tunables():
