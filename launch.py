@@ -8,9 +8,9 @@ Multi-host: --config.distributed.num_processes=N --config.distributed.process_id
 --config.distributed.coordinator_address=host:port (or nothing, on clusters JAX detects).
 """
 
-from research import hostenv
+from research.cpu import hostenv
 
-if __name__ == "__main__":  # glibc reads its malloc tunables at start-up only (research/hostenv.py)
+if __name__ == "__main__":  # glibc reads its malloc tunables at start-up only (research/cpu/hostenv.py)
     hostenv.reexec_with_tunables()
 
 from absl import app, flags  # noqa: E402
@@ -26,8 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from research import main as research_main
-    research_main.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    from research import modes
+    modes.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 
 if __name__ == "__main__":

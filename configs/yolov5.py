@@ -2,7 +2,7 @@ r"""YOLOv5 (v6.0/v7.0 anchor-based detector).
 
 Default (CPU, embedded `shapes` data, ~10 minutes of training on 2 cores):
 
-  python launch.py --config=configs/yolov5.py --workdir=workdirs/yolov5_shapes --mode=all
+  python launch.py --config=configs/yolov5.py --workdir=workdirs/yolov5_main --mode=all
 
 reaches mAP@0.5 of about 0.3-0.4 on the `shapes` validation split (docs/yolov5.md has the
 measured numbers). COCO from a local folder on GPUs, official recipe (300 epochs, 640 px):
@@ -38,9 +38,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.width_multiple = 0.0
     c.model.dtype = "float32"  # "bfloat16" for mixed precision on GPUs
     # How convolutions compute (same parameters and outputs): "auto" = "dot" on CPU (matrix
-    # products, faster there), "lax" on GPU/TPU. See research/conv.py.
+    # products, faster there), "lax" on GPU/TPU. See research/cpu/conv.py.
     c.model.conv_impl = "auto"
     c.model.init_from = ""  # an official PyTorch state_dict (.pt weights_only / .safetensors)
+    # 0 = the data's class count (export/predict from init_from: the weights' count)
+    c.model.num_classes = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.name = arg.data

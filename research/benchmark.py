@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from research import hostenv
+from research.cpu import hostenv
 
 # ---------------------------------------------------------------------------------------------
 # Reference figures from the issue (official PyTorch YOLOv5s on the same 2-core CPU).
@@ -81,8 +81,8 @@ class BenchSpec:
     infer_fn: (variables, images float32 [B, H, W, 3] in 0..1) -> output pytree; jit-able and
       exportable to ONNX with the variables closed over.
     make_batch: batch size -> dict of numpy arrays fed to `train_step` (synthetic).
-    loss_fn, tx, ema_decay, optimizer_kwargs, use_ema, hyperparams: as the task gives them to
-      `trainer.train_step` / `trainer.create_train_state` (hyperparams(step) -> host floats).
+    loss_fn, tx, ema_decay, use_ema, accumulates: as the task gives them to
+      `trainer.train_step` / `trainer.create_train_state`.
     """
 
     name: str
@@ -94,9 +94,8 @@ class BenchSpec:
     loss_fn: Callable
     tx: Any
     ema_decay: Callable | None
-    optimizer_kwargs: Callable | None
     use_ema: bool
-    hyperparams: Callable[[int], dict]
+    accumulates: bool = False
     onnx_output_names: Sequence[str] | None = None
     export_fn: Callable[[dict, Any], Any] | None = None  # what the ONNX export traces (default infer_fn)
     # module with a `main(argv)` that times the official PyTorch model from a local checkout
@@ -110,35 +109,16 @@ def yolov5_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Bench
     import jax
     import jax.numpy as jnp
 
-    from research.yolov5 import loss as loss_lib
-    from research.yolov5 import optim
+    from research import tasks
     from research.yolov5 import task as task_lib
 
-    train_batch = int(config.benchmark.train_batch_size)
+    cfg = config.copy_and_resolve_references()
+    cfg.model.variant = variant
+    cfg.model.num_classes = nc  # fixed here, so the task reads no dataset
+    cfg.data.image_size = image_size
+    task = task_lib.Task(cfg, mode="benchmark")
+    steps = tasks.Steps(steps_per_epoch=1000, total_steps=300_000, num_epochs=300)
 
-    class _BenchTask(task_lib.Task):
-        """`Task` minus the dataset: the attributes its training methods read."""
-
-        def __init__(self):  # noqa: D401  (no super().__init__: that would prepare the data)
-            self.config = config
-            cfg = task_lib.load_yaml_cfg(config.model.yaml or None, variant=variant, nc=nc)
-            dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-                     "float16": jnp.float16}[config.model.dtype]
-            self.model = task_lib.build_model(cfg, dtype=dtype, conv_impl=config.model.conv_impl)
-            self.use_ema = bool(config.ema)
-            hyp = dict(config.hyp)
-            if config.scale_hyp:
-                hyp = loss_lib.scale_hyp(hyp, nl=len(self.model.strides), nc=nc, imgsz=image_size)
-            self.loss_hyp = hyp
-            self.steps_per_epoch = 1000
-            self.epochs = 300
-            self.total_steps = self.epochs * self.steps_per_epoch
-            self.schedule = optim.Yolov5Schedule.from_hyp(
-                config.hyp, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
-                batch_size=train_batch, cos_lr=config.cos_lr, nbs=config.nbs)
-            self.anchors = jnp.asarray(self.model.anchors_stride_units)
-
-    task = _BenchTask()
     model = task.model
     init_size = 64  # parameters do not depend on the input size
     shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, init_size, init_size, 3)), train=False),
@@ -170,9 +150,9 @@ def yolov5_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Bench
     return BenchSpec(
         name="yolov5", variant=variant, image_size=image_size, variables=variables, infer_fn=infer_fn,
         export_fn=export_fn, torch_reference_module="research.yolov5.official_torch",
-        make_batch=make_batch, loss_fn=task.loss_fn, tx=task.make_optimizer(variables["params"]),
-        ema_decay=task.ema_decay, optimizer_kwargs=task.optimizer_kwargs, use_ema=task.use_ema,
-        hyperparams=task.hyperparams, onnx_output_names=["pred"],
+        make_batch=make_batch, loss_fn=task.loss_fn, tx=task.make_optimizer(variables["params"], steps),
+        ema_decay=task.ema_decay if task.use_ema else None, use_ema=task.use_ema, accumulates=task.accumulates,
+        onnx_output_names=["pred"],
         info={"nc": nc, "params": count_params(variables["params"]), "max_labels": max_labels,
               "boxes_per_image": min(4, max_labels), "dtype": config.model.dtype})
 
@@ -477,27 +457,23 @@ def measure_train_step(spec: BenchSpec, batch: int, repeats: int, warmup: int,
     mesh = parallel.make_mesh()
     s = spec.image_size
     # one jit instead of ~a hundred small eager compiles of zeros_like / copy / tx.init
-    state = jax.jit(functools.partial(trainer.create_train_state, tx=spec.tx, use_ema=spec.use_ema))(
+    state = jax.jit(functools.partial(trainer.create_train_state, tx=spec.tx, use_ema=spec.use_ema,
+                                      accumulates=spec.accumulates))(
         jax.tree_util.tree_map(np.asarray, spec.variables))
     state = parallel.replicate(state, mesh)
     data = parallel.global_batch(spec.make_batch(batch), mesh)
     rng = jax.random.PRNGKey(0)
     step_fn = jax.jit(functools.partial(trainer.train_step, loss_fn=spec.loss_fn, tx=spec.tx,
-                                        ema_decay=spec.ema_decay, optimizer_kwargs=spec.optimizer_kwargs),
+                                        ema_decay=spec.ema_decay),
                       donate_argnums=(0,))
-    base = 1000  # past any warmup schedule, as in steady training
-
-    def hyper(i):
-        return {k: np.float32(v) for k, v in spec.hyperparams(base + i).items()}
-
     holder = {"state": state}
 
     def call(i, update=True):
-        holder["state"], metrics = step_fn(holder["state"], data, hyper(i), np.bool_(update), rng)
+        holder["state"], metrics = step_fn(holder["state"], data, np.bool_(update), rng)
         return holder["state"].step, metrics
 
     with RssSampler() as rss:
-        compiled, lower_s, compile_s, hit = _aot(step_fn, state, data, hyper(0), np.bool_(True), rng)
+        compiled, lower_s, compile_s, hit = _aot(step_fn, state, data, np.bool_(True), rng)
         out = _block(call(0))
         size_first = step_fn._cache_size()
         counter.start()

@@ -1,15 +1,18 @@
 """The shared trainer: one jitted data-parallel step, checkpoints, logging, evaluation.
 
-A network plugs in through a `Task` (see `research/tasks.py`): it supplies its model, loss,
-optimiser, data and evaluators; this module owns everything they have in common.
+A network plugs in through a `Task` (`research/tasks.py`): it supplies its model, loss,
+optimiser, data and evaluators; this module owns everything they have in common, including the
+step counts (`compute_steps`: from `config.num_epochs` / `config.total_steps` and the size of the
+training split, so overriding `--config.batch_size` keeps schedules right).
 
-Step semantics (YOLOv5-style, general enough for the others):
-  * every call of `train_step` is one *iteration* on one global batch; gradients add into an
-    accumulator, and the optimiser applies them when the host says so (`do_update`), which is
-    how a nominal batch (YOLOv5's 64) or a warmup-varying accumulation is reached;
-  * hyper-parameters that change per iteration (learning rates per parameter group, momentum)
-    are computed on the host and passed in as scalars: the task's optimiser is built with
-    `optax.inject_hyperparams`, so nothing recompiles when they change;
+Step semantics:
+  * every call of `train_step` is one *iteration* on one global batch;
+  * the optimiser's `update` receives `step=` (the iteration): the one channel through which
+    step-dependent hyper-parameters (warmup, per-group learning rates, momentum) reach it, so
+    nothing recompiles when they change;
+  * a task with `accumulates = True` gets a gradient accumulator: gradients add into it and the
+    optimiser applies them when the host says so (`do_update`), which is how a nominal batch
+    (YOLOv5's 64) or a warmup-varying accumulation is reached; other tasks carry no such state;
   * an EMA of params and batch statistics follows every optimiser update when the task asks.
 """
 
@@ -31,6 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from research import parallel
+from research.tasks import Steps
 from research.metric_writers import MetricWriter
 
 
@@ -59,54 +63,60 @@ class TrainState:
         return out
 
 
-def create_train_state(variables: dict, tx: optax.GradientTransformation, use_ema: bool) -> TrainState:
+def compute_steps(config, num_train_examples: int) -> Steps:
+    """Step counts from the config and the training split's size.
+
+    `config.total_steps > 0` fixes the iterations (the schedule then spans that many steps rounded
+    up to whole epochs); otherwise `config.num_epochs` epochs of `num_train_examples //
+    config.batch_size` global batches (at least one per epoch).
+
+    Raises:
+      ValueError: neither `total_steps` nor `num_epochs` is positive.
+    """
+    steps_per_epoch = max(int(num_train_examples) // int(config.batch_size), 1)
+    if config.total_steps > 0:
+        total = int(config.total_steps)
+        return Steps(steps_per_epoch, total, max(math.ceil(total / steps_per_epoch), 1))
+    if config.num_epochs <= 0:
+        raise ValueError("set config.num_epochs or config.total_steps to a positive number")
+    epochs = int(config.num_epochs)
+    return Steps(steps_per_epoch, epochs * steps_per_epoch, epochs)
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation, use_ema: bool,
+                       accumulates: bool = False) -> TrainState:
+    """A fresh state at step 0; `grad_accum` and the EMA copies are None unless asked for."""
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(
         step=jnp.zeros((), jnp.int32), opt_step=jnp.zeros((), jnp.int32),
         last_update=-jnp.ones((), jnp.int32),
         params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-        grad_accum=jax.tree_util.tree_map(jnp.zeros_like, params),
+        grad_accum=jax.tree_util.tree_map(jnp.zeros_like, params) if accumulates else None,
         ema_params=jax.tree_util.tree_map(jnp.copy, params) if use_ema else None,
         ema_batch_stats=jax.tree_util.tree_map(jnp.copy, batch_stats) if use_ema else None)
 
 
-def _set_hyperparams(opt_state, hyper: dict):
-    """Writes host-computed scalars into every `inject_hyperparams` state that has them."""
-    def visit(s):
-        if isinstance(s, optax.InjectHyperparamsState):
-            hp = dict(s.hyperparams)
-            for k in hp:
-                if k in hyper:
-                    hp[k] = jnp.asarray(hyper[k], dtype=jnp.asarray(hp[k]).dtype)
-            return s._replace(hyperparams=hp)
-        if isinstance(s, tuple) and not hasattr(s, "_fields"):
-            return tuple(visit(x) for x in s)
-        if isinstance(s, tuple):  # other NamedTuples: recurse into fields
-            return type(s)(*[visit(x) for x in s])
-        if isinstance(s, dict):
-            return {k: visit(v) for k, v in s.items()}
-        return s
-    return visit(opt_state)
-
-
-def train_step(state: TrainState, batch: dict, hyper: dict, do_update: jax.Array, rng: jax.Array, *,
+def train_step(state: TrainState, batch: dict, do_update: jax.Array, rng: jax.Array, *,
                loss_fn: Callable, tx: optax.GradientTransformation,
-               ema_decay: Callable[[jax.Array], jax.Array] | None,
-               optimizer_kwargs: Callable[[jax.Array], dict] | None = None) -> tuple[TrainState, dict]:
-    """One iteration: loss and gradients on the global batch; optimiser update if `do_update`."""
+               ema_decay: Callable[[jax.Array], jax.Array] | None) -> tuple[TrainState, dict]:
+    """One iteration on the global batch: loss, gradients and (if `do_update`) an optimiser update.
+
+    Without an accumulator (`state.grad_accum is None`) every call updates and `do_update` is
+    ignored. `tx.update` gets `step=state.step`; `rng` is folded with the step.
+    """
     step_rng = jax.random.fold_in(rng, state.step)
+    tx = optax.with_extra_args_support(tx)
 
     def loss_of(params):
         return loss_fn(params, state.batch_stats, batch, step_rng)
 
     (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    accum = jax.tree_util.tree_map(jnp.add, state.grad_accum, grads)
+    accumulating = state.grad_accum is not None
+    accum = jax.tree_util.tree_map(jnp.add, state.grad_accum, grads) if accumulating else grads
 
     def apply(_):
-        opt_state = _set_hyperparams(state.opt_state, hyper)
-        extra = optimizer_kwargs(state.step) if optimizer_kwargs is not None else {}
-        updates, opt_state = tx.update(accum, opt_state, state.params, **extra)
+        updates, opt_state = tx.update(accum, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)
         ema_p, ema_s = state.ema_params, state.ema_batch_stats
         if ema_decay is not None and ema_p is not None:
@@ -114,14 +124,17 @@ def train_step(state: TrainState, batch: dict, hyper: dict, do_update: jax.Array
             mix = lambda e, v: d * e + (1.0 - d) * v  # noqa: E731
             ema_p = jax.tree_util.tree_map(mix, ema_p, params)
             ema_s = jax.tree_util.tree_map(mix, ema_s, new_batch_stats)
-        zero = jax.tree_util.tree_map(jnp.zeros_like, accum)
+        zero = jax.tree_util.tree_map(jnp.zeros_like, accum) if accumulating else None
         return params, opt_state, zero, ema_p, ema_s, state.opt_step + 1, state.step
 
     def skip(_):
         return (state.params, state.opt_state, accum, state.ema_params, state.ema_batch_stats,
                 state.opt_step, state.last_update)
 
-    params, opt_state, accum, ema_p, ema_s, opt_step, last_update = jax.lax.cond(do_update, apply, skip, None)
+    if accumulating:
+        params, opt_state, accum, ema_p, ema_s, opt_step, last_update = jax.lax.cond(do_update, apply, skip, None)
+    else:
+        params, opt_state, accum, ema_p, ema_s, opt_step, last_update = apply(None)
     metrics = dict(metrics)
     metrics["train/loss"] = loss
     metrics["train/grad_norm"] = optax.tree.norm(grads)
@@ -201,12 +214,13 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
     rng = jax.random.PRNGKey(config.seed)
     init_rng, step_rng = jax.random.split(rng)
 
+    steps = compute_steps(config, task.num_train_examples())
     variables = task.init_variables(init_rng)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "parameters.txt"), "w") as f:
             f.write(parameter_overview(variables["params"]) + "\n")
-    tx = task.make_optimizer(variables["params"])
-    state = create_train_state(variables, tx, use_ema=task.use_ema)
+    tx = task.make_optimizer(variables["params"], steps)
+    state = create_train_state(variables, tx, use_ema=task.use_ema, accumulates=task.accumulates)
     state = parallel.replicate(state, mesh)
 
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
@@ -216,11 +230,13 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
         state = parallel.replicate(state, mesh)
         logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
 
-    total_steps = task.total_steps
+    total_steps = steps.total_steps
+    logging.info("%d steps (%d epochs of %d global batches of %d)", total_steps, steps.num_epochs,
+                 steps.steps_per_epoch, config.batch_size)
     loader = task.train_loader(data_state)
     writer = MetricWriter(workdir, total_steps)
-    step_fn = jax.jit(functools.partial(train_step, loss_fn=task.loss_fn, tx=tx, ema_decay=task.ema_decay,
-                                        optimizer_kwargs=getattr(task, "optimizer_kwargs", None)),
+    step_fn = jax.jit(functools.partial(train_step, loss_fn=task.loss_fn, tx=tx,
+                                        ema_decay=task.ema_decay if task.use_ema else None),
                       donate_argnums=(0,))
     evaluators = task.evaluators()
 
@@ -236,15 +252,14 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
     final = {}
     # The loop runs one ahead-of-time executable per batch shape; jit's own cache must not have
     # compiled more.
-    final["perf/train_step_compiles"] = len(compiled) + (
-        step_fn._cache_size() if hasattr(step_fn, "_cache_size") else 0)
+    final["perf/train_step_compiles"] = len(compiled) + step_fn._cache_size()
     if evaluators:
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             for line in f:
                 rec = json.loads(line)
                 final.update({k: v for k, v in rec.items() if k.startswith("eval")})
     writer.close()
-    return {"state": state, "final_metrics": final, "workdir": workdir}
+    return {"state": state, "final_metrics": final, "workdir": workdir, "steps": steps}
 
 
 def _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng, writer, ckpt,
@@ -252,18 +267,14 @@ def _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng, w
     pending: list[tuple[int, dict]] = []
     t_last, step_last = time.time(), step
     examples_per_step = config.batch_size
-    transform = getattr(task, "transform_batch", None)
     while step < total_steps:
         local = next(it)
         batch = parallel.global_batch(task.to_device(local), mesh)
-        if transform is not None:  # e.g. YOLOv5's multi-scale resize, on the sharded batch
-            batch = transform(batch, step)
-        hyper = task.hyperparams(step)
-        accumulate = task.accumulate(step)
-        do_update = (step - last_opt_iter) >= accumulate
+        batch = task.transform_batch(batch, step)  # e.g. YOLOv5's multi-scale resize, on the sharded batch
+        do_update = not task.accumulates or (step - last_opt_iter) >= task.accumulate(step)
         if do_update:
             last_opt_iter = step
-        args = (state, batch, {k: np.float32(v) for k, v in hyper.items()}, np.bool_(do_update), step_rng)
+        args = (state, batch, np.bool_(do_update), step_rng)
         key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
         if key not in compiled:
             # Compiled ahead of time, once per batch shape (one shape unless the task varies it,
@@ -286,7 +297,7 @@ def _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng, w
             now = time.time()
             rate = (step - step_last) / max(now - t_last, 1e-9)
             t_last, step_last = now, step
-            m.update({f"hyper/{k}": float(v) for k, v in hyper.items()})
+            m.update({f"hyper/{k}": float(v) for k, v in task.log_hyperparams(step - 1).items()})
             m["perf/steps_per_sec"] = rate
             m["perf/examples_per_sec"] = rate * examples_per_step
             writer.write(step, m)
@@ -295,17 +306,16 @@ def _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng, w
             ckpt.save(step, state, _iterator_state(it))
         if evaluators and config.eval_every_steps > 0 and (step % config.eval_every_steps == 0
                                                            or step == total_steps):
+            variables = state.eval_variables(config.eval.use_ema)
             for ev in evaluators:
-                results = dict(ev.run(state))
+                results = dict(ev.run(variables))
                 writer.write(step, results)
     return state, step
 
 
 def _iterator_state(it: Iterator) -> dict | None:
-    get = getattr(it, "get_state", None)
-    if get is None:
-        return None
-    s = get()
+    """The loader iterator's position (grain's `get_state()`), JSON-safe, for the checkpoint."""
+    s = it.get_state()
     if isinstance(s, bytes):
         s = {"bytes": s.decode("latin-1")}
     return s

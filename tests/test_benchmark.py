@@ -98,8 +98,7 @@ def test_table_and_comparable_setting():
     assert recs[0]["median_ms"] == 125.0 and recs[0]["images_per_s"] == pytest.approx(8.0)
     assert recs[0]["flops_per_s"] == pytest.approx(16.5e9 / 0.125)
     spec = benchmark.BenchSpec(name="yolov5", variant="s", image_size=640, variables={}, infer_fn=None,
-                               make_batch=None, loss_fn=None, tx=None, ema_decay=None, optimizer_kwargs=None,
-                               use_ema=True, hyperparams=None)
+                               make_batch=None, loss_fn=None, tx=None, ema_decay=None, use_ema=True)
     r = benchmark.ratios(recs, spec, infer_batch=1, train_batch=2)
     assert r["jax_infer_over_torch_reference"] == pytest.approx(125.0 / 135.0)
     assert r["jax_infer_meets_target"] and r["jax_train_step_meets_target"] and r["onnx_faster_than_jax"]
@@ -112,7 +111,8 @@ def test_custom_call_flops_counts_onednn_convolutions():
     import jax
     import jax.numpy as jnp
 
-    from research import benchmark, conv
+    from research import benchmark
+    from research.cpu import conv
     x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 4))
     macs = 2 * 8 * 8 * 4 * (3 * 3 * 8)  # output elements x taps x input channels
     fwd = jax.jit(lambda x, w: conv.conv2d(x, w, 2, 1, impl="onednn")).lower(x, w).compile()

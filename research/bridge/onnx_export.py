@@ -1,4 +1,4 @@
-"""Export a pure JAX image function to ONNX (jax2onnx) and check it with onnxruntime.
+"""Export a pure JAX function to ONNX (jax2onnx) and check it with onnxruntime.
 
     fn = lambda x: model.apply(variables, x, train=False)
     export_onnx(fn, np.zeros((1, 640, 640, 3), np.float32), "yolov5s.onnx")
@@ -7,10 +7,17 @@
     report = check_onnx(fn, "yolov5s.onnx", [images_b1, images_b4])
     assert report["ok"]
 
-The exported graph takes float32 NHWC images with a symbolic batch dimension 'B' (unless
-`dynamic_batch=False`), embeds all weights as initializers, and has one ONNX output per
-leaf of the function's output pytree (an array, a tuple/list of arrays, or a dict, in
-`jax.tree_util` order). Importing this module installs the bridge's jax2onnx plugins
+Several named inputs of any rank (SiamFC's exemplar and search crops, RT-DETR's images and
+`orig_target_sizes`): pass a mapping, and `apply_fn` is called with them as keyword arguments:
+
+    export_onnx(lambda exemplar, search: ..., {"exemplar": z, "search": x}, "siamfc.onnx",
+                dynamic_batch=("exemplar", "search"), output_names=["response"])
+    OnnxRunner("siamfc.onnx")(exemplar=z, search=x)
+
+The graph's inputs have the example arrays' dtypes, with a symbolic batch dimension 'B' on the
+inputs `dynamic_batch` names (True: all of them), embeds all weights as initializers, and has one
+ONNX output per leaf of the function's output pytree (an array, a tuple/list of arrays, or a
+dict, in `jax.tree_util` order). Importing this module installs the bridge's jax2onnx plugins
 (`research.bridge.onnx_plugins`), which fix known converter gaps.
 """
 
@@ -20,7 +27,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -36,14 +43,25 @@ ACCEPT_RTOL = 1e-4  # acceptance: max |onnx - jax| <= 1e-4 * max |jax output|, p
 _PROTOBUF_LIMIT = 2**31 - 1
 
 
+class _SymbolicSpec(NamedTuple):
+    """An input spec with a symbolic batch dimension ('B', ...) and a dtype, for jax2onnx."""
+
+    shape: tuple
+    dtype: Any
+
+
 def _leaves(out: Any) -> list:
     return jax.tree_util.tree_leaves(out)
 
 
-def output_leaf_names(apply_fn: Callable[[jax.Array], Any], example_input: np.ndarray) -> list[str]:
+def output_leaf_names(apply_fn: Callable[..., Any], *example_inputs: np.ndarray) -> list[str]:
     """Default output names: 'output' for a single array, else the pytree key paths
-    ('heads_0', 'pred', 'output_1', ...), in `jax.tree_util` leaf order."""
-    shapes = jax.eval_shape(apply_fn, jax.ShapeDtypeStruct(np.shape(example_input), np.float32))
+    ('heads_0', 'pred', 'output_1', ...), in `jax.tree_util` leaf order. `apply_fn` takes the
+    example inputs positionally (float inputs are traced as float32)."""
+    def spec(x):
+        x = np.asarray(x)
+        return jax.ShapeDtypeStruct(x.shape, np.float32 if x.dtype.kind == "f" else x.dtype)
+    shapes = jax.eval_shape(apply_fn, *[spec(x) for x in example_inputs])
     flat, _ = jax.tree_util.tree_flatten_with_path(shapes)
     if len(flat) == 1 and not flat[0][0]:
         return ["output"]
@@ -67,41 +85,80 @@ def output_leaf_names(apply_fn: Callable[[jax.Array], Any], example_input: np.nd
     return names
 
 
-def export_onnx(apply_fn: Callable[[jax.Array], Any], example_input: np.ndarray, path: str, *,
-                dynamic_batch: bool = True, input_name: str = "images",
-                output_names: Sequence[str] | None = None, opset: int | None = None) -> str:
-    """Exports `apply_fn` (images [B, H, W, C] float32 -> array / tuple / pytree of arrays)
-    to the ONNX file `path`, atomically; returns `path`.
+def _named_inputs(example_inputs: Mapping[str, Any] | np.ndarray, input_name: str) -> tuple[dict, bool]:
+    """({name: array}, called_with_keywords) for one array or a mapping of named arrays."""
+    if isinstance(example_inputs, Mapping):
+        named = {str(k): np.asarray(v) for k, v in example_inputs.items()}
+        if not named:
+            raise ValueError("export needs at least one example input")
+        return named, True
+    return {input_name: np.asarray(example_inputs, dtype=np.float32)}, False
 
-    `example_input` fixes H, W, C (and B when `dynamic_batch=False`); with `dynamic_batch`
-    the batch dimension is the symbol 'B'. Weights closed over by `apply_fn` become graph
-    initializers. The file is written to a temporary file in the same directory and moved
-    over `path` only once complete, so an existing good model is never left half-written.
+
+def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] | np.ndarray, path: str, *,
+                dynamic_batch: bool | Sequence[str] = True, input_name: str = "images",
+                output_names: Sequence[str] | None = None, opset: int | None = None) -> str:
+    """Exports `apply_fn` to the ONNX file `path`, atomically; returns `path`.
+
+    Args:
+      apply_fn: `fn(x)` for one input array (e.g. images [B, H, W, C] float32), or
+        `fn(**inputs)` when `example_inputs` is a mapping; returns an array, tuple or pytree.
+      example_inputs: one array (the ONNX input is then named `input_name`) or name -> array;
+        they fix each input's shape and dtype (arrays of Python floats become float32).
+      path: the .onnx file. It is written to a temporary file in the same directory and moved
+        over `path` only once complete, so an existing good model is never left half-written.
+      dynamic_batch: True (every input), False (none) or the names of the inputs whose first
+        dimension becomes the symbol 'B'.
+      output_names: one per output leaf (default: from the pytree paths).
+
+    Raises:
+      ValueError: a name in `dynamic_batch` is not an input, the output count differs from
+        `output_names`, or the model exceeds protobuf's 2 GiB limit.
     """
     onnx_plugins.install()
     from jax2onnx import to_onnx
 
-    example_input = np.asarray(example_input, dtype=np.float32)
-    if example_input.ndim != 4:
-        raise ValueError(f"example_input must be [B, H, W, C], got shape {example_input.shape}")
-    shape = tuple(int(d) for d in example_input.shape)
-    spec = (("B",) + shape[1:]) if dynamic_batch else shape
+    named, keywords = _named_inputs(example_inputs, input_name)
+    if dynamic_batch is True:
+        dyn = set(named)
+    elif dynamic_batch is False:
+        dyn = set()
+    else:
+        dyn = set(dynamic_batch)
+        if dyn - set(named):
+            raise ValueError(f"dynamic_batch names {sorted(dyn - set(named))}, not inputs {sorted(named)}")
+    names = list(named)
+    specs = []
+    for n in names:
+        x = named[n]
+        if x.dtype == np.float64:
+            x = named[n] = x.astype(np.float32)
+        shape = tuple(int(d) for d in x.shape)
+        if n in dyn:
+            if not shape:
+                raise ValueError(f"input {n!r} is a scalar: it has no batch dimension")
+            shape = ("B",) + shape[1:]
+        specs.append(jax.ShapeDtypeStruct(shape, x.dtype) if n not in dyn else _SymbolicSpec(shape, x.dtype))
+
+    def call(*xs):
+        return apply_fn(**dict(zip(names, xs))) if keywords else apply_fn(xs[0])
+
     if output_names is None:
-        output_names = output_leaf_names(apply_fn, example_input)
+        output_names = output_leaf_names(call, *[named[n] for n in names])
     output_names = list(output_names)
 
-    def flat_fn(x):
-        leaves = _leaves(apply_fn(x))
+    def flat_fn(*xs):
+        leaves = _leaves(call(*xs))
         if len(leaves) != len(output_names):
             raise ValueError(f"{len(output_names)} output_names for {len(leaves)} outputs")
         return tuple(leaves)
 
     kwargs: dict[str, Any] = dict(model_name=os.path.splitext(os.path.basename(path))[0] or "model",
-                                  input_names=[input_name], output_names=output_names,
+                                  input_names=names, output_names=output_names,
                                   return_mode="proto")
     if opset is not None:
         kwargs["opset"] = int(opset)
-    model = to_onnx(flat_fn, [spec], **kwargs)
+    model = to_onnx(flat_fn, specs, **kwargs)
     _refresh_value_info(model)
     if model.ByteSize() > _PROTOBUF_LIMIT:
         raise ValueError(f"ONNX model is {model.ByteSize()} bytes, over protobuf's 2 GiB limit")
@@ -144,6 +201,11 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+               "tensor(float16)": np.float16}
+
+
 class OnnxRunner:
     """onnxruntime CPU session over an exported model: `runner(x) -> list[np.ndarray]`."""
 
@@ -156,18 +218,30 @@ class OnnxRunner:
             opts.intra_op_num_threads = int(num_threads)
             opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        inputs = self.session.get_inputs()
+        self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        if len(self.input_names) != 1:
-            raise ValueError(f"expected one model input, got {self.input_names}")
         self.input_name = self.input_names[0]
-        self.input_shape = list(self.session.get_inputs()[0].shape)
+        self.input_shape = list(inputs[0].shape)
+        self._dtypes = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in inputs}
 
-    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+    def __call__(self, x: np.ndarray | None = None, **named: np.ndarray) -> list[np.ndarray]:
+        """Outputs (one array per ONNX output) for one positional input or inputs by name.
+
+        Raises:
+          ValueError: the inputs given are not exactly the model's.
+        """
+        if x is not None:
+            if named or len(self.input_names) != 1:
+                raise ValueError(f"the model takes inputs {self.input_names}: pass them by name")
+            named = {self.input_name: x}
+        if set(named) != set(self.input_names):
+            raise ValueError(f"the model takes inputs {self.input_names}, got {sorted(named)}")
+        feed = {k: np.ascontiguousarray(v, dtype=self._dtypes[k]) for k, v in named.items()}
+        return self.session.run(None, feed)
 
     def __repr__(self) -> str:
-        return f"OnnxRunner({self.path!r}, input={self.input_name}{self.input_shape}, outputs={self.output_names})"
+        return f"OnnxRunner({self.path!r}, inputs={self.input_names}, outputs={self.output_names})"
 
 
 def check_onnx(apply_fn: Callable[[jax.Array], Any], path: str, inputs: Sequence[np.ndarray],

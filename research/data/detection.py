@@ -109,19 +109,7 @@ class DetectionData:
     def predict_images(self, input_dir: str, size: int, limit: int) -> Iterator[tuple]:
         """(name, original RGB image, letterboxed uint8 input, ratio, (dw, dh)) per image."""
         if input_dir:
-            import cv2
-            if not os.path.isdir(input_dir):
-                raise FileNotFoundError(f"config.predict.input_dir not found: {input_dir}")
-            files = sorted(f for f in os.listdir(input_dir)
-                           if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
-            for f in files[:limit]:
-                img = cv2.imread(os.path.join(input_dir, f), cv2.IMREAD_COLOR)
-                if img is None:
-                    logging.warning("skipping unreadable image %s", os.path.join(input_dir, f))
-                    continue
-                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-                lb, ratio, pad = T.letterbox(img, (size, size), auto=False)
-                yield os.path.splitext(f)[0], img, lb, float(ratio[0]), tuple(float(p) for p in pad)
+            yield from images_from_folder(input_dir, size, limit)
             return
         source = pipeline.DetectionSource(self.builder.data_dir, self.config.eval_split)
         for i in range(min(limit, source.num_records)):
@@ -129,3 +117,24 @@ class DetectionData:
             img = ex["image"]
             lb, ratio, pad = T.letterbox(img, (size, size), auto=False)
             yield f"{self.config.eval_split}_{i:04d}", img, lb, float(ratio[0]), tuple(float(p) for p in pad)
+
+
+def images_from_folder(input_dir: str, size: int, limit: int) -> Iterator[tuple]:
+    """(name, original RGB image, letterboxed uint8 [size, size, 3] input, ratio, (dw, dh)) per image
+    file of `input_dir` (sorted, at most `limit`); unreadable files are skipped with a warning.
+
+    Raises:
+      FileNotFoundError: `input_dir` is not a folder.
+    """
+    import cv2
+    if not os.path.isdir(input_dir):
+        raise FileNotFoundError(f"config.predict.input_dir not found: {input_dir}")
+    files = sorted(f for f in os.listdir(input_dir) if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+    for f in files[:limit]:
+        img = cv2.imread(os.path.join(input_dir, f), cv2.IMREAD_COLOR)
+        if img is None:
+            logging.warning("skipping unreadable image %s", os.path.join(input_dir, f))
+            continue
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        lb, ratio, pad = T.letterbox(img, (size, size), auto=False)
+        yield os.path.splitext(f)[0], img, lb, float(ratio[0]), tuple(float(p) for p in pad)

@@ -87,12 +87,26 @@ def prepare(builder_name: str, data_dir: str, *, manual_dir: str | None = None,
   _register_builders()
   builder = tfds.builder(builder_name, data_dir=data_dir,
                          file_format='array_record', **builder_kwargs)
-  if not builder.is_prepared():
-    download_config = None
-    if manual_dir is not None:
-      download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    builder.download_and_prepare(download_config=download_config,
-                                 file_format='array_record')
+  if builder.is_prepared():
+    return builder
+  # Generated datasets are prepared on first use, possibly by several processes
+  # at once (test workers, the processes of a multi-host run on one data_dir):
+  # one prepares under a file lock, the others wait and then read its result.
+  import filelock  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  os.makedirs(data_dir, exist_ok=True)
+  config_name = builder.builder_config.name if builder.builder_config else 'default'
+  lock = os.path.join(data_dir, f'.{builder.name}-{config_name}.lock')
+  with filelock.FileLock(lock):
+    builder = tfds.builder(builder_name, data_dir=data_dir,
+                           file_format='array_record', **builder_kwargs)
+    if not builder.is_prepared():
+      logging.info('preparing %s in %s (first use)', builder.info.full_name, data_dir)
+      download_config = None
+      if manual_dir is not None:
+        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+      builder.download_and_prepare(download_config=download_config,
+                                   file_format='array_record')
   return builder
 
 

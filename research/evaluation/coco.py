@@ -56,10 +56,8 @@ STAT_NAMES = (
 
 def coco80_to_coco91_class() -> list[int]:
     """Category ids (paper numbering, 1..90 with gaps) of the 80 contiguous COCO detection classes."""
-    missing = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}  # ids unused by the 2017 detection set
-    ids = [i for i in range(1, 91) if i not in missing]
-    assert len(ids) == 80
-    return ids
+    from research.vision.coco_classes import COCO80_TO_91
+    return list(COCO80_TO_91)
 
 
 @contextlib.contextmanager

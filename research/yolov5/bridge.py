@@ -27,3 +27,23 @@ def from_torch(model: YOLOv5, state_dict: Mapping[str, Any], template: Mapping[s
     return torch_bridge.torch_to_flax(
         state_dict, template, torch_mapping(model),
         what=f"YOLOv5 (depth {d}, width {w}, nc {model.cfg['nc']})")
+
+
+def num_classes(model: YOLOv5, state_dict: Mapping[str, Any], what: str = "state_dict") -> int:
+    """The class count of an official state_dict, from its Detect convolutions' output channels.
+
+    `model` gives the Detect layer's index and anchors per level (any class count).
+
+    Raises:
+      torch_bridge.BridgeError: the state_dict has no Detect layer where `model` has it, or its
+        output channels are not a multiple of the anchors per level.
+    """
+    detect = model.detect_spec.index
+    key = f"model.{detect}.m.0.weight"
+    if key not in state_dict:
+        raise torch_bridge.BridgeError(f"{what}: no {key} (not a YOLOv5 state_dict of this layer list?)")
+    out = int(np.shape(state_dict[key])[0])
+    na = model.anchors_pixels.shape[1]
+    if out % na or out // na <= 5:
+        raise torch_bridge.BridgeError(f"{what}: {key} has {out} output channels, not {na} x (5 + classes)")
+    return out // na - 5

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from research.conv import Conv2D, resolve_impl
-from research.norm import BatchNormAct
-from research.pool import max_pool_same
+from research.cpu.layers import PLAIN, Layers
+from research.cpu.layers import select as select_layers
+from research.vision.init import torch_bias_init, torch_conv_init
 
 Dtype = Any
 
@@ -42,20 +42,6 @@ VARIANTS = {  # depth_multiple, width_multiple of the official yolov5{n,s,m,l,x}
 DEFAULT_YAML = os.path.join(os.path.dirname(__file__), "models", "yolov5.yaml")
 BN_EPS = 1e-3  # official initialize_weights sets BatchNorm eps=1e-3, momentum=0.03
 BN_MOMENTUM = 0.97  # flax momentum = 1 - torch momentum
-
-
-def torch_conv_init() -> nn.initializers.Initializer:
-    """torch's default Conv2d weight init, kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in))."""
-    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def make_divisible(x: float, divisor: int = 8) -> int:
@@ -181,16 +167,15 @@ class Conv(nn.Module):
     act: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    layers: Layers = PLAIN
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         p = self.kernel // 2 if self.padding is None else self.padding
-        x = Conv2D(self.features, self.kernel, self.stride, p, self.groups, impl=self.conv_impl,
-                   kernel_init=torch_conv_init(), dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="conv")(x)
-        return BatchNormAct(momentum=BN_MOMENTUM, epsilon=BN_EPS, act="silu" if self.act else "none",
-                            dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
+        x = self.layers.conv(self.features, self.kernel, self.stride, p, self.groups, kernel_init=torch_conv_init(),
+                             dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return self.layers.norm_act("silu" if self.act else "none", momentum=BN_MOMENTUM, epsilon=BN_EPS,
+                                    dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
 
 
 class Bottleneck(nn.Module):
@@ -200,12 +185,12 @@ class Bottleneck(nn.Module):
     expansion: float = 0.5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    layers: Layers = PLAIN
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         hidden = int(self.features * self.expansion)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layers=self.layers)
         y = Conv(hidden, 1, 1, name="cv1", **kw)(x, train)
         y = Conv(self.features, 3, 1, groups=self.groups, name="cv2", **kw)(y, train)
         return x + y if self.shortcut and x.shape[-1] == self.features else y
@@ -220,12 +205,12 @@ class C3(nn.Module):
     expansion: float = 0.5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    layers: Layers = PLAIN
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         hidden = int(self.features * self.expansion)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layers=self.layers)
         a = Conv(hidden, 1, 1, name="cv1", **kw)(x, train)
         b = Conv(hidden, 1, 1, name="cv2", **kw)(x, train)
         for j in range(self.n):
@@ -240,15 +225,15 @@ class SPPF(nn.Module):
     k: int = 5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    layers: Layers = PLAIN
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layers=self.layers)
         x = Conv(x.shape[-1] // 2, 1, 1, name="cv1", **kw)(x, train)
-        y1 = max_pool_same(x, self.k, train)
-        y2 = max_pool_same(y1, self.k, train)
-        y3 = max_pool_same(y2, self.k, train)
+        y1 = self.layers.max_pool_same(x, self.k, train)
+        y2 = self.layers.max_pool_same(y1, self.k, train)
+        y3 = self.layers.max_pool_same(y2, self.k, train)
         return Conv(self.features, 1, 1, name="cv2", **kw)(jnp.concatenate([x, y1, y2, y3], -1), train)
 
 
@@ -257,13 +242,13 @@ class SPP(nn.Module):
     ks: tuple[int, ...] = (5, 9, 13)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    layers: Layers = PLAIN
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layers=self.layers)
         x = Conv(x.shape[-1] // 2, 1, 1, name="cv1", **kw)(x, train)
-        pools = [max_pool_same(x, k, train) for k in self.ks]
+        pools = [self.layers.max_pool_same(x, k, train) for k in self.ks]
         return Conv(self.features, 1, 1, name="cv2", **kw)(jnp.concatenate([x] + pools, -1), train)
 
 
@@ -288,7 +273,7 @@ class Detect(nn.Module):
     strides: tuple[int, ...] = (8, 16, 32)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    layers: Layers = PLAIN
 
     @property
     def na(self) -> int:
@@ -312,7 +297,7 @@ class Detect(nn.Module):
         no, na = self.nc + 5, self.na
         heads, heads_nhwc, decoded = [], [], []
         for i, x in enumerate(xs):
-            y = Conv2D(na * no, 1, use_bias=True, impl=self.conv_impl, kernel_init=torch_conv_init(),
+            y = self.layers.conv(na * no, 1, use_bias=True, kernel_init=torch_conv_init(),
                        bias_init=self._bias_init(self.strides[i], x.shape[-1]),
                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"m.{i}")(x)
             b, ny, nx, _ = y.shape
@@ -352,13 +337,15 @@ class YOLOv5(nn.Module):
       strides: output strides of the Detect inputs (8, 16, 32 for the P3-P5 layout).
       dtype: computation dtype (e.g. bfloat16 on GPUs); heads and decoding stay float32.
       param_dtype: parameter dtype.
+      layers: how convolutions, BatchNorm+SiLU and max pooling compute (`research.cpu.layers`;
+        `build_model` picks the CPU speed layer on CPU); parameters are the same either way.
     """
 
     cfg: Mapping[str, Any]
     strides: tuple[int, ...] = (8, 16, 32)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    layers: Layers = PLAIN
 
     @property
     def specs(self) -> tuple[LayerSpec, ...]:
@@ -382,13 +369,13 @@ class YOLOv5(nn.Module):
     def for_export(self) -> "YOLOv5":
         """The same model computing with XLA convolutions: exported graphs then hold `Conv`
         nodes, which ONNX Runtime and TensorRT fuse and tune (faster there than matmuls)."""
-        return self.clone(conv_impl="lax")
+        return self.clone(layers=PLAIN)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, decode: bool | None = None):
         """x: [B, H, W, 3] in [0, 1]. Returns {'heads': [...], 'pred': [B, N, 5+nc] (eval)}."""
         decode = (not train) if decode is None else decode
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layers=self.layers)
         x = x.astype(self.dtype)
         outputs: list[Any] = []
         for spec in self.specs:
@@ -417,8 +404,9 @@ def build_model(cfg: str | Mapping[str, Any] | None = None, *, variant: str | No
     """Builds a YOLOv5 from a yaml path / dict (default: the official v6.0 layout) and a variant."""
     cfg = load_yaml_cfg(cfg, variant=variant, nc=nc)
     parse_model(cfg)  # validate early, with layer-numbered errors
-    resolve_impl(conv_impl)  # a typo fails here, not at the first trace
-    model = YOLOv5(cfg=_freeze(cfg), dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl)
+    # the CPU speed layer on CPU, flax's own computations elsewhere (research/cpu/layers.py);
+    # a typo in conv_impl fails here, not at the first trace
+    model = YOLOv5(cfg=_freeze(cfg), dtype=dtype, param_dtype=param_dtype, layers=select_layers(conv_impl))
     # Strides of the Detect inputs from a 256 x 256 probe, as the official Model does.
     out, _ = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 256, 256, 3)),
                                                            decode=False))

@@ -6,18 +6,18 @@ import functools
 import json
 import math
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import parallel
+from research import parallel, tasks
+from research.vision import boxes as postprocess
 from research.yolov5 import loss as loss_lib
 from research.yolov5 import optim
-from research.yolov5 import postprocess
-from research.yolov5.model import VARIANTS, YOLOv5, build_model, load_yaml_cfg
+from research.yolov5.model import YOLOv5, build_model, load_yaml_cfg
 
 
 AUTOANCHOR_FILE = "autoanchor.json"
@@ -39,32 +39,72 @@ def model_from_config(config, nc: int, anchors: list | None = None) -> YOLOv5:
     return build_model(cfg, dtype=dtype, conv_impl=m.conv_impl)
 
 
-class Task:
-    """YOLOv5 on a detection dataset (`shapes` or a local COCO folder)."""
+@tasks.register("yolov5")
+class Task(tasks.Task):
+    """YOLOv5 on a detection dataset (`shapes` or a local COCO folder).
 
-    def __init__(self, config):
-        self.config = config
-        from research.data import detection
-        self.dataset = detection.DetectionData(config.data)
-        self.class_names = self.dataset.class_names
-        self.model = model_from_config(config, nc=len(self.class_names))
+    The class count: `config.model.num_classes` when set; else, for `export` and `predict` with
+    official weights (`config.model.init_from`), the weights' own count (as the official
+    `export.py --weights`); else the dataset's, which must then agree with the weights'.
+    """
+
+    use_ema = True
+    accumulates = True  # nominal batch size (nbs) and warmup-varying accumulation, as train.py
+
+    def __init__(self, config, mode: str = "train"):
+        super().__init__(config, mode)
         self.use_ema = bool(config.ema)
-        nl = len(self.model.strides)
+        self._init_state_dict = None
+        nc = self._resolve_num_classes()
+        self.model = model_from_config(config, nc=nc)
         hyp = dict(config.hyp)
         if config.scale_hyp:
-            hyp = loss_lib.scale_hyp(hyp, nl=nl, nc=len(self.class_names), imgsz=config.data.image_size)
+            hyp = loss_lib.scale_hyp(hyp, nl=len(self.model.strides), nc=nc, imgsz=config.data.image_size)
         self.loss_hyp = hyp
-        self.steps_per_epoch = max(self.dataset.num_examples(config.data.train_split) // config.batch_size, 1)
-        if config.total_steps > 0:
-            self.total_steps = int(config.total_steps)
-            self.epochs = max(math.ceil(self.total_steps / self.steps_per_epoch), 1)
-        else:
-            self.epochs = int(config.num_epochs)
-            self.total_steps = self.epochs * self.steps_per_epoch
-        self.schedule = optim.Yolov5Schedule.from_hyp(
-            config.hyp, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
-            batch_size=config.batch_size, cos_lr=config.cos_lr, nbs=config.nbs)
+        self.schedule = None  # set by make_optimizer (it needs the run's step counts)
         self.anchors = jnp.asarray(self.model.anchors_stride_units)
+
+    @functools.cached_property
+    def dataset(self):
+        """The detection data of `config.data` (prepared on first use)."""
+        from research.data import detection
+        return detection.DetectionData(self.config.data)
+
+    def init_state_dict(self) -> dict | None:
+        """The official state_dict of `config.model.init_from` (read once, without unpickling code)."""
+        if self.config.model.init_from and self._init_state_dict is None:
+            from research.bridge import torch_bridge
+            self._init_state_dict = torch_bridge.load_state_dict_file(self.config.model.init_from)
+        return self._init_state_dict
+
+    def _resolve_num_classes(self) -> int:
+        c = self.config
+        if c.model.num_classes > 0:
+            nc = int(c.model.num_classes)
+            self.class_names = self._names_for(nc)
+            return nc
+        sd = self.init_state_dict()
+        nc_weights = None
+        if sd is not None:
+            from research.yolov5 import bridge
+            nc_weights = bridge.num_classes(model_from_config(c, nc=80), sd, c.model.init_from)
+            if self.mode in ("export", "predict"):
+                self.class_names = self._names_for(nc_weights)
+                return nc_weights
+        names = tuple(self.dataset.class_names)
+        if nc_weights is not None and nc_weights != len(names):
+            raise ValueError(
+                f"config.model.init_from={c.model.init_from} has {nc_weights} classes but the "
+                f"{c.data.name!r} data has {len(names)}: train on data with the weights' classes, or set "
+                "config.model.init_from='' (or --mode=export/predict, which use the weights' classes)")
+        self.class_names = names
+        return len(names)
+
+    def _names_for(self, nc: int) -> tuple[str, ...]:
+        from research.vision.coco_classes import COCO80_NAMES
+        if nc == len(COCO80_NAMES):
+            return tuple(COCO80_NAMES)
+        return tuple(f"class{i}" for i in range(nc))
 
     # ---------------------------------------------------------------- workdir set-up
     def prepare(self, workdir: str, mode: str) -> None:
@@ -111,17 +151,23 @@ class Task:
         """Random init, or the official PyTorch state_dict named by config.model.init_from."""
         s = self.config.data.image_size
         variables = jax.jit(lambda r: self.model.init(r, jnp.zeros((1, s, s, 3)), train=False))(rng)
-        if self.config.model.init_from:
-            from research.bridge import torch_bridge
+        sd = self.init_state_dict()
+        if sd is not None:
             from research.yolov5 import bridge
-            sd = torch_bridge.load_state_dict_file(self.config.model.init_from)
             # the checkpoint's anchors are the cfg's; autoanchor may have changed this run's since
             base = model_from_config(self.config, len(self.class_names))
             variables = bridge.from_torch(base, sd, variables)
             logging.info("initialised from %s", self.config.model.init_from)
         return dict(variables)
 
-    def make_optimizer(self, params):
+    def num_train_examples(self) -> int:
+        return self.dataset.num_examples(self.config.data.train_split)
+
+    def make_optimizer(self, params, steps: tasks.Steps):
+        """train.py's SGD (three parameter groups, warmup, lambda lr, accumulation to `nbs`)."""
+        self.schedule = optim.Yolov5Schedule.from_hyp(
+            self.config.hyp, epochs=steps.num_epochs, steps_per_epoch=steps.steps_per_epoch,
+            batch_size=self.config.batch_size, cos_lr=self.config.cos_lr, nbs=self.config.nbs)
         return optim.yolov5_sgd(self.config.hyp, self.schedule, max_grad_norm=self.config.max_grad_norm or None)
 
     def loss_fn(self, params, batch_stats, batch, rng):
@@ -134,10 +180,7 @@ class Task:
         metrics = {f"train/{k}": v for k, v in items.items()}
         return total, (metrics, mutated["batch_stats"])
 
-    def optimizer_kwargs(self, step):
-        return {"step": step}
-
-    def hyperparams(self, step: int) -> dict[str, float]:
+    def log_hyperparams(self, step: int) -> dict[str, float]:
         v = self.schedule.values(step)
         return {k: float(v[k]) for k in ("lr_bias", "lr_weight", "momentum")}
 
@@ -152,7 +195,7 @@ class Task:
                                    hyp=self.config.hyp, seed=self.config.seed, iterator_state=iterator_state)
 
     @staticmethod
-    def to_device(local: dict) -> dict:
+    def to_device(local: dict) -> dict:  # noqa: D102 (the contract's)
         return {k: local[k] for k in ("image", "boxes", "classes", "valid")}
 
     def transform_batch(self, batch: dict, step: int) -> dict:
@@ -173,21 +216,47 @@ class Task:
             return batch
         return dict(batch, image=_resize_bilinear(batch["image"], size))
 
-    def evaluators(self):
-        return [DetectionEvaluator(self)]
+    def evaluators(self, onnx_path: str | None = None, out_dir: str | None = None):
+        return [DetectionEvaluator(self, onnx_path=onnx_path, out_dir=out_dir)]
 
-    # ---------------------------------------------------------------- other modes
-    def evaluate(self, workdir: str, onnx: bool = False) -> dict:
-        return evaluate(self, workdir, onnx)
+    def predict(self, variables: dict, out_dir: str) -> list[str]:
+        """detect.py on `config.predict.input_dir` (or the first eval images): boxes drawn into PNGs."""
+        from research.vision import plots
+        cfg = self.config
+        fwd = self.predict_fn()
+        s = cfg.data.image_size
+        paths = []
+        for name, image0, image, ratio, pad in self._predict_images(s):
+            pred = np.asarray(fwd(variables, image[None]))
+            det = postprocess.non_max_suppression(pred, cfg.predict.conf_thres, cfg.predict.iou_thres,
+                                                  max_det=cfg.eval.max_det)[0]
+            det[:, :4] = postprocess.scale_boxes((s, s), det[:, :4], image0.shape[:2],
+                                                 ratio_pad=((ratio, ratio), pad))
+            path = os.path.join(out_dir, f"{name}.png")
+            plots.draw_detections(image0, det, self.class_names, path)
+            paths.append(path)
+        return paths
 
-    def predict(self, workdir: str) -> list[str]:
-        return predict(self, workdir)
+    def _predict_images(self, size: int):
+        from research.data import detection
+        if self.config.predict.input_dir:
+            return detection.images_from_folder(self.config.predict.input_dir, size, self.config.predict.num_images)
+        return self.dataset.predict_images("", size, self.config.predict.num_images)
 
-    def export(self, workdir: str) -> dict:
-        return export(self, workdir)
+    def export_spec(self, variables: dict) -> tasks.ExportSpec:
+        """export.py's graph: images [B, S, S, 3] float32 0-1 -> `pred` [B, N, 5 + nc] (pixels)."""
+        s = self.config.data.image_size
+        onnx_model = self.model.for_export()
 
-    def after_training(self, workdir: str) -> None:
-        after_training(self, workdir)
+        def apply_fn(images):
+            return onnx_model.apply(variables, images, train=False)["pred"]
+
+        return tasks.ExportSpec(apply_fn, {"images": np.zeros((1, s, s, 3), np.float32)}, ("pred",),
+                                dynamic_batch=("images",))
+
+    def to_torch(self, variables: dict) -> dict:
+        from research.yolov5 import bridge
+        return bridge.to_torch(self.model, variables)
 
     def coco_gt_file(self, path: str):
         """pycocotools COCO of an annotation json, loaded once per task."""
@@ -224,12 +293,13 @@ def _resize_bilinear(images, size):
 class DetectionEvaluator:
     """COCO mAP of the (EMA) model on the eval split: forward, NMS, boxes back to original pixels."""
 
-    def __init__(self, task: Task, onnx_path: str | None = None):
+    def __init__(self, task: Task, onnx_path: str | None = None, out_dir: str | None = None):
         self.task = task
         self.onnx_path = onnx_path
+        self.out_dir = out_dir
         self.fwd = task.predict_fn()
 
-    def predictions(self, state) -> Iterator[tuple[dict, np.ndarray]]:
+    def predictions(self, variables) -> Iterator[tuple[dict, np.ndarray]]:
         cfg = self.task.config
         rect = bool(cfg.eval.rect)
         if rect and self.onnx_path:
@@ -246,21 +316,24 @@ class DetectionEvaluator:
             runner = OnnxRunner(self.onnx_path)
             run = lambda images: runner(images.astype(np.float32) / 255.0)[0]  # noqa: E731
         else:
-            variables = state.eval_variables(cfg.eval.use_ema) if hasattr(state, "eval_variables") else state
             variables = parallel.local_copy(variables)
             run = lambda images: np.asarray(self.fwd(variables, images))  # noqa: E731
         for batch in loader:
             pred = run(batch["image"])
             yield batch, pred
 
-    def run(self, state):
-        """Yields (name, value); process 0 evaluates the whole split with a local copy."""
+    def run(self, variables):
+        """Yields (name, value); process 0 evaluates the whole split with a local copy.
+
+        `variables`: the model's (None when ONNX-backed). With `out_dir`, the detections are also
+        written there as `detections_<split>.json` in the COCO results format (val.py --save-json).
+        """
         from research.evaluation.coco import CocoDetectionEvaluator
         if jax.process_index() != 0:
             return
         cfg = self.task.config
         gt_images, gt_boxes, gt_labels, dets = [], [], [], []
-        for batch, pred in self.predictions(state):
+        for batch, pred in self.predictions(variables):
             out = postprocess.non_max_suppression(pred, cfg.eval.conf_thres, cfg.eval.iou_thres,
                                                   multi_label=True, max_det=cfg.eval.max_det)
             for i in range(len(batch["image_id"])):
@@ -284,6 +357,9 @@ class DetectionEvaluator:
             ev.add(image_id, d[:, :4], d[:, 4], d[:, 5].astype(np.int64))
         res = ev.result()
         self.last_detections = dets
+        if self.out_dir:
+            name = "detections_onnx" if self.onnx_path else "detections"
+            ev.to_json(os.path.join(self.out_dir, f"{name}_{cfg.data.eval_split}.json"))
         prefix = "eval_onnx" if self.onnx_path else "eval"
         yield f"{prefix}/mAP50", res["mAP50"]
         yield f"{prefix}/mAP50_95", res["mAP50_95"]
@@ -302,91 +378,3 @@ def _image_info(batch: dict, i: int) -> dict:
     xyxy = postprocess.scale_boxes((s_h, s_w), xyxy, (h0, w0), ratio_pad=((ratio, ratio), tuple(pad)))
     return {"coco": {"id": int(batch["image_id"][i]), "height": h0, "width": w0}, "orig_hw": (h0, w0),
             "ratio_pad": ((ratio, ratio), tuple(pad)), "gt_xyxy": xyxy}
-
-
-# ---------------------------------------------------------------------------------------------
-# Modes beyond training: restore, evaluate, predict, export
-
-
-def _restore(task: Task, workdir: str):
-    from research import trainer
-    variables = task.init_variables(jax.random.PRNGKey(0))
-    state = trainer.create_train_state(variables, task.make_optimizer(variables["params"]), task.use_ema)
-    ckpt = trainer.Checkpointer(workdir, async_save=False)
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: run --mode=train first")
-        state, _ = ckpt.restore(state)
-    finally:
-        ckpt.close()
-    return state
-
-
-def evaluate(self: Task, workdir: str, onnx: bool = False) -> dict:
-    path = None
-    if onnx or self.config.eval.onnx:
-        path = os.path.join(workdir, "export", "model.onnx")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: run --mode=export first")
-        state = None
-    else:
-        state = _restore(self, workdir)
-    return {k: float(v) for k, v in DetectionEvaluator(self, onnx_path=path).run(state)}
-
-
-def predict(self: Task, workdir: str) -> list[str]:
-    from research.yolov5 import visualize
-    cfg = self.config
-    state = _restore(self, workdir)
-    variables = state.eval_variables(cfg.eval.use_ema)
-    fwd = self.predict_fn()
-    out_dir = os.path.join(workdir, "predictions")
-    os.makedirs(out_dir, exist_ok=True)
-    s = cfg.data.image_size
-    paths = []
-    for name, image0, image, ratio, pad in self.dataset.predict_images(cfg.predict.input_dir, s,
-                                                                     cfg.predict.num_images):
-        pred = np.asarray(fwd(variables, image[None]))
-        det = postprocess.non_max_suppression(pred, cfg.predict.conf_thres, cfg.predict.iou_thres,
-                                              max_det=cfg.eval.max_det)[0]
-        det[:, :4] = postprocess.scale_boxes((s, s), det[:, :4], image0.shape[:2],
-                                             ratio_pad=((ratio, ratio), pad))
-        path = os.path.join(out_dir, f"{name}.png")
-        visualize.draw_detections(image0, det, self.class_names, path)
-        paths.append(path)
-    return paths
-
-
-def export(self: Task, workdir: str) -> dict:
-    from research.bridge import torch_bridge
-    from research.yolov5 import bridge
-    cfg = self.config
-    state = _restore(self, workdir)
-    variables = jax.tree_util.tree_map(np.asarray, state.eval_variables(cfg.eval.use_ema))
-    out_dir = os.path.join(workdir, "export")
-    os.makedirs(out_dir, exist_ok=True)
-    results = {}
-    if cfg.export.torch:
-        sd = bridge.to_torch(self.model, variables)
-        results["torch_pt"] = torch_bridge.save_state_dict_file(sd, os.path.join(out_dir, "model.pt"))
-        results["safetensors"] = torch_bridge.save_state_dict_file(sd, os.path.join(out_dir, "model.safetensors"))
-    if cfg.export.onnx:
-        from research.bridge.onnx_export import export_onnx
-        s = cfg.data.image_size
-
-        onnx_model = self.model.for_export()
-
-        def apply_fn(images):
-            return onnx_model.apply(variables, images, train=False)["pred"]
-
-        results["onnx"] = export_onnx(apply_fn, np.zeros((1, s, s, 3), np.float32),
-                                      os.path.join(out_dir, "model.onnx"), dynamic_batch=True,
-                                      output_names=["pred"])
-    return results
-
-
-def after_training(self: Task, workdir: str) -> None:
-    from research.yolov5 import visualize
-    path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() == 0 and os.path.exists(path):
-        visualize.plot_curves(path, os.path.join(workdir, "curves.png"))

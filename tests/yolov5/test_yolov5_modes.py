@@ -1,0 +1,62 @@
+"""YOLOv5 modes from official weights, without training (as val.py / export.py --weights)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.yolov5 import get_config
+from research import modes
+from research.bridge import torch_bridge
+from research.bridge.onnx_export import OnnxRunner
+from research.yolov5 import bridge
+from research.yolov5.model import build_model
+
+
+@pytest.fixture(scope="module")
+def official_80_class_weights(tmp_path_factory):
+    """An 80-class state_dict in the official key layout (`model.<layer>...`), as a .pt file."""
+    model = build_model(variant="tiny", nc=80)
+    variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3))))(jax.random.PRNGKey(7))
+    sd = bridge.to_torch(model, jax.tree_util.tree_map(np.asarray, variables))
+    assert "model.24.m.0.weight" in sd and sd["model.24.m.0.weight"].shape[0] == 3 * 85
+    path = str(tmp_path_factory.mktemp("weights") / "yolov5tiny_coco.pt")
+    return model, variables, torch_bridge.save_state_dict_file(sd, path)
+
+
+def _config(tmp_path, weights):
+    c = get_config("smoke")  # 6-class `shapes` data
+    c.data.data_dir = str(tmp_path / "data")
+    c.model.init_from = weights
+    return c
+
+
+def test_export_from_official_weights_takes_their_class_count(official_80_class_weights, tmp_path):
+    model, variables, weights = official_80_class_weights
+    out = modes.run(_config(tmp_path, weights), str(tmp_path / "wd"), "export")
+    x = np.random.default_rng(0).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
+    pred_onnx = OnnxRunner(out["onnx"])(x)[0]
+    pred_jax = np.asarray(model.for_export().apply(variables, x, train=False)["pred"])
+    assert pred_onnx.shape == (2, 3 * (8 * 8 + 4 * 4 + 2 * 2), 85)
+    assert np.abs(pred_onnx - pred_jax).max() <= 1e-4 * np.abs(pred_jax).max()
+    # the exported state_dict is the official one, unchanged
+    src, back = torch_bridge.load_state_dict_file(weights), torch_bridge.load_state_dict_file(out["torch_pt"])
+    assert set(src) == set(back)
+    for k in src:
+        np.testing.assert_array_equal(src[k], back[k], err_msg=k)
+
+
+def test_predict_from_official_weights_uses_coco_names(official_80_class_weights, tmp_path):
+    _, _, weights = official_80_class_weights
+    c = _config(tmp_path, weights)
+    c.predict.num_images = 1
+    from research import tasks
+    task = tasks.get_task(c, "predict")
+    assert len(task.class_names) == 80 and task.class_names[0] == "person"
+    assert len(modes.run(c, str(tmp_path / "wd"), "predict")["predictions"]) == 1
+
+
+def test_eval_with_weights_of_another_class_count_is_a_clear_error(official_80_class_weights, tmp_path):
+    _, _, weights = official_80_class_weights
+    with pytest.raises(ValueError, match=r"has 80 classes but the 'shapes' data has 6"):
+        modes.run(_config(tmp_path, weights), str(tmp_path / "wd"), "eval")
