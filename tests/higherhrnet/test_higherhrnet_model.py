@@ -15,6 +15,7 @@ import pytest
 from conftest import REFERENCE
 from research.bridge.torch_bridge import BridgeError
 from research.higherhrnet import bridge
+from research.higherhrnet.loss import multi_loss
 from research.higherhrnet.model import (W48, DeconvConfig, HigherHRNetConfig, build_model, count_params,
                                         deconv_cfg, torch_deconv_padding)
 
@@ -24,7 +25,8 @@ W48_PARAM_COUNT = 63_827_139  # official get_pose_net with w48_640_adam_lr1e-3.y
 
 @pytest.fixture(scope="module")
 def official():
-    """W32 with the reference weights, and its outputs on the golden input (the one W32 forward of this file)."""
+    """W32 with the reference weights and its outputs on the golden `input` and `loss_input` stacked (batch 3: the
+    one W32 forward of this file)."""
     if not os.path.isdir(FOLDER):
         pytest.skip(f"golden data not found at {FOLDER}")
     sys.path.insert(0, REFERENCE)
@@ -33,29 +35,45 @@ def official():
     golden = dict(np.load(os.path.join(FOLDER, "golden.npz")))
     sd = make_weights(manifest, golden=golden)
     model = build_model("w32")
-    x = jnp.asarray(golden["input"].transpose(0, 2, 3, 1))
-    template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:, :64, :64]))
+    x = jnp.asarray(np.concatenate([golden["input"], golden["loss_input"]]).transpose(0, 2, 3, 1))
+    template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1, :64, :64]))
     variables = bridge.from_torch(model, sd, template)
     out = jax.jit(functools.partial(model.apply, train=False))(variables, x)
     return dict(manifest=manifest, golden=golden, sd=sd, model=model, template=template, variables=variables,
                 out=jax.device_get(out))
 
 
-def test_golden_outputs(official):
-    """Both outputs equal the official ones within the README tolerance 3e-4 * max|golden| (measured: out0 9.5e-4
-    vs 9.4e-3, out1 7.4e-4 vs 3.4e-3, the size of float32 rounding noise)."""
+@pytest.mark.parametrize("name,batch", [("out", slice(0, 1)), ("loss_out", slice(1, 3))])
+def test_golden_outputs(official, name, batch):
+    """Both outputs equal the official ones within the README tolerance 3e-4 * max|golden|, for the inference input
+    and the two loss-case images (measured max errors are the size of float32 rounding noise, ~3e-5..7e-5 of max)."""
     g, out = official["golden"], official["out"]
     for i in range(2):
-        ref = g[f"out{i}"].transpose(0, 2, 3, 1)
-        got = out["outputs"][i]
+        ref = g[f"{name}{i}"].transpose(0, 2, 3, 1)
+        got = out["outputs"][i][batch]
         assert got.shape == ref.shape and got.dtype == np.float32
         err = np.abs(got - ref).max()
-        assert err <= 3e-4 * np.abs(ref).max(), (i, err)
+        assert err <= 3e-4 * np.abs(ref).max(), (name, i, err)
     # heatmaps / tags are the official channel split: output 0 = 17 heatmaps + 17 tags, output 1 = 17 heatmaps
     np.testing.assert_array_equal(out["heatmaps"][0], out["outputs"][0][..., :17])
     np.testing.assert_array_equal(out["tags"][0], out["outputs"][0][..., 17:])
     np.testing.assert_array_equal(out["heatmaps"][1], out["outputs"][1])
     assert len(out["tags"]) == 1
+
+
+def test_loss_on_our_outputs_matches_official_loss(official):
+    """The official loss case end to end: our network on `loss_input`, then our loss, against the official losses.
+    The outputs carry float32 noise of a few 1e-5 of their max, so allow 1e-4 relative (+1e-7) here; the loss alone
+    is checked at the README tolerance in test_higherhrnet_loss.py."""
+    g, out = official["golden"], official["out"]
+    r = multi_loss([o[1:3] for o in out["outputs"]], [g["loss_heatmaps0"].transpose(0, 2, 3, 1),
+                                                       g["loss_heatmaps1"].transpose(0, 2, 3, 1)],
+                   [g["loss_masks0"], g["loss_masks1"]], [g["loss_joints0"], g["loss_joints1"]])
+    got = {"heatmaps_loss0": r["heatmaps_loss"][0], "heatmaps_loss1": r["heatmaps_loss"][1],
+           "push_loss0": r["push_loss"][0], "pull_loss0": r["pull_loss"][0]}
+    for key, value in got.items():
+        ref = g[key]
+        assert np.all(np.abs(np.asarray(value) - ref) <= 1e-4 * np.abs(ref) + 1e-7), (key, value, ref)
 
 
 def test_param_counts(official):
