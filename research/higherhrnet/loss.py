@@ -9,7 +9,7 @@ same arithmetic: a person with no visible joint does not count, one person gives
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,26 @@ class LossConfig:
     push_loss_factor: tuple[float, ...] = (0.001, 0.001)
     pull_loss_factor: tuple[float, ...] = (0.001, 0.001)
     ae_loss_type: str = "exp"
+
+    @classmethod
+    def from_official(cls, cfg: Mapping[str, Any]) -> "LossConfig":
+        """From an official experiment yaml parsed to nested dicts: `MODEL.NUM_JOINTS` and the `LOSS` lists.
+
+        Raises:
+          KeyError: a required key is missing. ValueError: list lengths differ or the AE type is unknown.
+        """
+        loss = cfg["LOSS"]
+        out = cls(num_joints=int(cfg["MODEL"]["NUM_JOINTS"]),
+                  with_heatmaps_loss=tuple(bool(v) for v in loss["WITH_HEATMAPS_LOSS"]),
+                  heatmaps_loss_factor=tuple(float(v) for v in loss["HEATMAPS_LOSS_FACTOR"]),
+                  with_ae_loss=tuple(bool(v) for v in loss["WITH_AE_LOSS"]),
+                  push_loss_factor=tuple(float(v) for v in loss["PUSH_LOSS_FACTOR"]),
+                  pull_loss_factor=tuple(float(v) for v in loss["PULL_LOSS_FACTOR"]),
+                  ae_loss_type=str(loss["AE_LOSS_TYPE"]))
+        if "NUM_STAGES" in loss and int(loss["NUM_STAGES"]) != out.num_stages:
+            raise ValueError(f"LOSS.NUM_STAGES {loss['NUM_STAGES']} but {out.num_stages} WITH_HEATMAPS_LOSS entries")
+        out.validate()
+        return out
 
     @property
     def num_stages(self) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -105,6 +105,34 @@ class HigherHRNetConfig:
     def output_channels(self, i: int) -> int:
         """Channels of output i: heatmaps, plus tag maps where `with_ae_loss[i]`."""
         return self.num_joints + (self.dim_tag if self.with_ae_loss[i] else 0)
+
+    @classmethod
+    def from_official(cls, cfg: Mapping[str, Any]) -> "HigherHRNetConfig":
+        """From an official experiment yaml, parsed to nested dicts (`yaml.safe_load`): reads `MODEL.NUM_JOINTS`,
+        `MODEL.TAG_PER_JOINT`, `MODEL.EXTRA` (STAGE2-4, FINAL_CONV_KERNEL, DECONV) and `LOSS.WITH_AE_LOSS`, as
+        `PoseHigherResolutionNet.__init__` does.
+
+        Raises:
+          KeyError: a required key is missing. ValueError: the result is invalid (see `validate`).
+        """
+        model, extra = cfg["MODEL"], cfg["MODEL"]["EXTRA"]
+        stages = []
+        for n in (2, 3, 4):
+            s = extra[f"STAGE{n}"]
+            if int(s["NUM_BRANCHES"]) != len(s["NUM_CHANNELS"]):
+                raise ValueError(f"STAGE{n}: NUM_BRANCHES({s['NUM_BRANCHES']}) <> NUM_CHANNELS({s['NUM_CHANNELS']})")
+            stages.append(StageConfig(int(s["NUM_MODULES"]), tuple(map(int, s["NUM_BLOCKS"])),
+                                      tuple(map(int, s["NUM_CHANNELS"])), s["BLOCK"], s["FUSE_METHOD"]))
+        d = extra["DECONV"]
+        out = cls(num_joints=int(model["NUM_JOINTS"]), tag_per_joint=bool(model["TAG_PER_JOINT"]),
+                  with_ae_loss=tuple(bool(v) for v in cfg["LOSS"]["WITH_AE_LOSS"]),
+                  stages=tuple(stages),  # the official model ignores STEM_INPLANES: its stem is always 64 wide
+                  final_conv_kernel=int(extra["FINAL_CONV_KERNEL"]),
+                  deconv=DeconvConfig(int(d["NUM_DECONVS"]), tuple(map(int, d["NUM_CHANNELS"])),
+                                      tuple(map(int, d["KERNEL_SIZE"])), int(d["NUM_BASIC_BLOCKS"]),
+                                      tuple(bool(v) for v in d["CAT_OUTPUT"])))
+        out.validate()
+        return out
 
     def validate(self) -> None:
         """Raises ValueError on a configuration the official code would reject or mis-build."""

@@ -15,7 +15,7 @@ import pytest
 from conftest import REFERENCE
 from research.bridge.torch_bridge import BridgeError
 from research.higherhrnet import bridge
-from research.higherhrnet.loss import multi_loss
+from research.higherhrnet.loss import LossConfig, multi_loss
 from research.higherhrnet.model import (W48, DeconvConfig, HigherHRNetConfig, build_model, count_params,
                                         deconv_cfg, torch_deconv_padding)
 
@@ -215,6 +215,32 @@ def test_injected_conv_factory_is_used(tiny):
     sd = bridge.to_torch(model, variables)
     convs = [k for k, v in sd.items() if v.ndim == 4 and not k.startswith("deconv_layers.0.0.0")]
     assert len(built) == len(convs)  # one trace builds each layer once
+
+
+def _stage(modules, channels):
+    return {"NUM_MODULES": modules, "NUM_BRANCHES": len(channels), "BLOCK": "BASIC", "NUM_BLOCKS": [4] * len(channels),
+            "NUM_CHANNELS": list(channels), "FUSE_METHOD": "SUM"}
+
+
+def test_config_from_official_yaml():
+    """The MODEL / LOSS sections of experiments/coco/higher_hrnet/w{32,48}_*.yaml give W32 / W48 and the loss cfg."""
+    cfg = {"MODEL": {"NUM_JOINTS": 17, "TAG_PER_JOINT": True, "EXTRA": {
+        "FINAL_CONV_KERNEL": 1, "STEM_INPLANES": 64, "STAGE2": _stage(1, (32, 64)),
+        "STAGE3": _stage(4, (32, 64, 128)), "STAGE4": _stage(3, (32, 64, 128, 256)),
+        "DECONV": {"NUM_DECONVS": 1, "NUM_CHANNELS": [32], "KERNEL_SIZE": [4], "NUM_BASIC_BLOCKS": 4,
+                   "CAT_OUTPUT": [True]}}},
+        "LOSS": {"NUM_STAGES": 2, "AE_LOSS_TYPE": "exp", "WITH_AE_LOSS": [True, False],
+                 "PUSH_LOSS_FACTOR": [0.001, 0.001], "PULL_LOSS_FACTOR": [0.001, 0.001],
+                 "WITH_HEATMAPS_LOSS": [True, True], "HEATMAPS_LOSS_FACTOR": [1.0, 1.0]}}
+    assert HigherHRNetConfig.from_official(cfg) == build_model("w32").config
+    assert LossConfig.from_official(cfg) == LossConfig()
+    extra = cfg["MODEL"]["EXTRA"]
+    extra.update(STAGE2=_stage(1, (48, 96)), STAGE3=_stage(4, (48, 96, 192)), STAGE4=_stage(3, (48, 96, 192, 384)))
+    extra["DECONV"]["NUM_CHANNELS"] = [48]
+    assert HigherHRNetConfig.from_official(cfg) == W48
+    extra["STAGE3"]["NUM_BRANCHES"] = 2
+    with pytest.raises(ValueError, match="NUM_BRANCHES"):
+        HigherHRNetConfig.from_official(cfg)
 
 
 def test_config_errors():
