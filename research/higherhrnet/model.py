@@ -1,0 +1,439 @@
+"""HigherHRNet (bottom-up multi-person pose) in flax.linen: HRNet backbone plus the deconvolution head.
+
+Follows `lib/models/pose_higher_hrnet.py` of HRNet/HigherHRNet-Human-Pose-Estimation (`PoseHigherResolutionNet`):
+
+  stem      two 3x3 stride-2 conv + BN + ReLU (64 channels), stride 4
+  layer1    4 Bottlenecks (64 -> 256 channels)
+  stage2-4  HighResolutionModules: parallel branches of BasicBlocks at strides 4, 8, 16, 32, exchanged by fuse
+            layers (1x1 conv + BN then nearest upsampling towards higher resolution; chains of 3x3 stride-2
+            conv + BN (+ ReLU except the last) towards lower resolution; summed, then ReLU). The last module of
+            stage 4 fuses into the highest-resolution branch only.
+  head      `final_layers.0` (1x1 conv with bias) on the stride-4 features gives output 0: 17 heatmaps + 17
+            associative-embedding tag maps; `deconv_layers.0` takes [features, output 0] concatenated, upsamples
+            them x2 with a 4x4 stride-2 transposed conv (+ BN + ReLU) and 4 BasicBlocks; `final_layers.1` gives
+            output 1: 17 heatmaps at stride 2.
+
+Layout is NHWC. Every submodule carries the official attribute path as its Flax name (`stage3.2.fuse_layers.2.0.1.0`
+for the first conv of the chain that takes branch 0 down to branch 2), so a Flax parameter path joined with "." is the
+official `state_dict` key; `research/higherhrnet/bridge.py` converts. The configuration mirrors the yaml
+`experiments/coco/higher_hrnet/w32_512_adam_lr1e-3.yaml` (`MODEL.EXTRA`, `MODEL.NUM_JOINTS`, `MODEL.TAG_PER_JOINT`,
+`LOSS.WITH_AE_LOSS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+ModuleDef = Callable[..., nn.Module]
+
+BN_MOMENTUM = 0.1  # torch momentum of every BatchNorm2d in the official model (explicit or torch's default)
+BN_EPS = 1e-5  # torch's default eps; the official code never changes it
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One `MODEL.EXTRA.STAGE<n>` block of the yaml (BLOCK is BASIC and FUSE_METHOD is SUM in every official cfg)."""
+
+    num_modules: int
+    num_blocks: tuple[int, ...]
+    num_channels: tuple[int, ...]
+    block: str = "BASIC"
+    fuse_method: str = "SUM"
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.num_channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeconvConfig:
+    """`MODEL.EXTRA.DECONV` of the yaml: the upsampling head after the backbone."""
+
+    num_deconvs: int = 1
+    num_channels: tuple[int, ...] = (32,)
+    kernel_size: tuple[int, ...] = (4,)
+    num_basic_blocks: int = 4
+    cat_output: tuple[bool, ...] = (True,)
+
+
+@dataclasses.dataclass(frozen=True)
+class HigherHRNetConfig:
+    """Architecture settings, named after the official yaml keys.
+
+    Attributes:
+      num_joints: `MODEL.NUM_JOINTS` (17 for COCO).
+      tag_per_joint: `MODEL.TAG_PER_JOINT`: one tag map per joint (True) or a single one.
+      with_ae_loss: `LOSS.WITH_AE_LOSS`, one flag per output: an output with the flag carries tag maps after its
+        heatmaps (the official model reads this loss setting to size its final layers).
+      stem_channels: width of the two stem convolutions (hard-coded 64 officially; `STEM_INPLANES` in the yaml).
+      layer1_planes, layer1_blocks: Bottleneck planes (x4 out) and count of layer1 (64, 4 officially, hard-coded).
+      stages: `STAGE2`, `STAGE3`, `STAGE4`.
+      final_conv_kernel: `FINAL_CONV_KERNEL` (1 or 3) of the final layers.
+      deconv: `DECONV`.
+      bn_momentum: torch BatchNorm momentum (Flax momentum is 1 - this).
+      bn_eps: BatchNorm epsilon.
+    """
+
+    num_joints: int = 17
+    tag_per_joint: bool = True
+    with_ae_loss: tuple[bool, ...] = (True, False)
+    stem_channels: int = 64
+    layer1_planes: int = 64
+    layer1_blocks: int = 4
+    stages: tuple[StageConfig, ...] = (
+        StageConfig(1, (4, 4), (32, 64)),
+        StageConfig(4, (4, 4, 4), (32, 64, 128)),
+        StageConfig(3, (4, 4, 4, 4), (32, 64, 128, 256)),
+    )
+    final_conv_kernel: int = 1
+    deconv: DeconvConfig = DeconvConfig()
+    bn_momentum: float = BN_MOMENTUM
+    bn_eps: float = BN_EPS
+
+    @property
+    def dim_tag(self) -> int:
+        return self.num_joints if self.tag_per_joint else 1
+
+    def output_channels(self, i: int) -> int:
+        """Channels of output i: heatmaps, plus tag maps where `with_ae_loss[i]`."""
+        return self.num_joints + (self.dim_tag if self.with_ae_loss[i] else 0)
+
+    @classmethod
+    def from_official(cls, cfg: Mapping[str, Any]) -> "HigherHRNetConfig":
+        """From an official experiment yaml, parsed to nested dicts (`yaml.safe_load`): reads `MODEL.NUM_JOINTS`,
+        `MODEL.TAG_PER_JOINT`, `MODEL.EXTRA` (STAGE2-4, FINAL_CONV_KERNEL, DECONV) and `LOSS.WITH_AE_LOSS`, as
+        `PoseHigherResolutionNet.__init__` does.
+
+        Raises:
+          KeyError: a required key is missing. ValueError: the result is invalid (see `validate`).
+        """
+        model, extra = cfg["MODEL"], cfg["MODEL"]["EXTRA"]
+        stages = []
+        for n in (2, 3, 4):
+            s = extra[f"STAGE{n}"]
+            if int(s["NUM_BRANCHES"]) != len(s["NUM_CHANNELS"]):
+                raise ValueError(f"STAGE{n}: NUM_BRANCHES({s['NUM_BRANCHES']}) <> NUM_CHANNELS({s['NUM_CHANNELS']})")
+            stages.append(StageConfig(int(s["NUM_MODULES"]), tuple(map(int, s["NUM_BLOCKS"])),
+                                      tuple(map(int, s["NUM_CHANNELS"])), s["BLOCK"], s["FUSE_METHOD"]))
+        d = extra["DECONV"]
+        out = cls(num_joints=int(model["NUM_JOINTS"]), tag_per_joint=bool(model["TAG_PER_JOINT"]),
+                  with_ae_loss=tuple(bool(v) for v in cfg["LOSS"]["WITH_AE_LOSS"]),
+                  stages=tuple(stages),  # the official model ignores STEM_INPLANES: its stem is always 64 wide
+                  final_conv_kernel=int(extra["FINAL_CONV_KERNEL"]),
+                  deconv=DeconvConfig(int(d["NUM_DECONVS"]), tuple(map(int, d["NUM_CHANNELS"])),
+                                      tuple(map(int, d["KERNEL_SIZE"])), int(d["NUM_BASIC_BLOCKS"]),
+                                      tuple(bool(v) for v in d["CAT_OUTPUT"])))
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raises ValueError on a configuration the official code would reject or mis-build."""
+        if len(self.stages) != 3:
+            raise ValueError(f"HRNet has stages 2, 3 and 4; got {len(self.stages)} stage configs")
+        for n, s in enumerate(self.stages, start=2):
+            if s.block != "BASIC" or s.fuse_method != "SUM":
+                raise ValueError(f"STAGE{n}: only BLOCK BASIC and FUSE_METHOD SUM are supported, got {s.block}, "
+                                 f"{s.fuse_method}")
+            if len(s.num_blocks) != s.num_branches:
+                raise ValueError(f"STAGE{n}: NUM_BRANCHES({s.num_branches}) <> NUM_BLOCKS({len(s.num_blocks)})")
+        if len(self.with_ae_loss) != self.deconv.num_deconvs + 1:
+            raise ValueError(f"with_ae_loss needs one flag per output ({self.deconv.num_deconvs + 1}), got "
+                             f"{self.with_ae_loss}")
+        d = self.deconv
+        if not (len(d.num_channels) == len(d.kernel_size) == len(d.cat_output) == d.num_deconvs):
+            raise ValueError(f"DECONV lists must have NUM_DECONVS ({d.num_deconvs}) entries: {d}")
+        for k in d.kernel_size:
+            if k not in (2, 3, 4):
+                raise ValueError(f"DECONV.KERNEL_SIZE must be 2, 3 or 4, got {k}")
+        if self.final_conv_kernel not in (1, 3):
+            raise ValueError(f"FINAL_CONV_KERNEL must be 1 or 3, got {self.final_conv_kernel}")
+
+
+def _hrnet_stages(widths: Sequence[int], blocks: int = 4, modules: Sequence[int] = (1, 4, 3)) -> tuple:
+    return tuple(StageConfig(m, (blocks,) * (n + 2), tuple(widths[:n + 2])) for n, m in enumerate(modules))
+
+
+W32 = HigherHRNetConfig()  # experiments/coco/higher_hrnet/w32_512_adam_lr1e-3.yaml (and w32_640)
+W48 = HigherHRNetConfig(stages=_hrnet_stages((48, 96, 192, 384)),
+                        deconv=DeconvConfig(num_channels=(48,)))  # w48_640_adam_lr1e-3.yaml
+# Not official: a small variant for tests (widths 8/16/32/64, one block per branch, one module per stage).
+TINY = HigherHRNetConfig(stem_channels=16, layer1_planes=8, layer1_blocks=1,
+                         stages=_hrnet_stages((8, 16, 32, 64), blocks=1, modules=(1, 1, 1)),
+                         deconv=DeconvConfig(num_channels=(8,), num_basic_blocks=1))
+VARIANTS = {"w32": W32, "w48": W48, "tiny": TINY}
+
+
+def official_init(stddev: float = 0.001) -> nn.initializers.Initializer:
+    """The official `init_weights`: conv and transposed-conv weights normal(0, 0.001) (biases 0, BN 1 / 0)."""
+    return nn.initializers.normal(stddev)
+
+
+def torch_deconv_padding(kernel: int, padding: int, output_padding: int) -> tuple[int, int]:
+    """Explicit (low, high) padding that makes `lax.conv_transpose` equal torch's ConvTranspose2d.
+
+    torch pads the stride-dilated input by kernel - 1 - padding on both sides, and output_padding more at the end.
+    """
+    return kernel - 1 - padding, kernel - 1 - padding + output_padding
+
+
+def deconv_cfg(kernel: int) -> tuple[int, int]:
+    """`_get_deconv_cfg`: (padding, output_padding) giving an exact x2 upsampling for kernel 4, 3 or 2."""
+    return {4: (1, 0), 3: (1, 1), 2: (0, 0)}[kernel]
+
+
+def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
+    """[B, H, W, C] -> [B, fH, fW, C], torch `nn.Upsample(scale_factor=f, mode='nearest')` for integer f."""
+    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BN with a residual (official `BasicBlock`, expansion 1).
+
+    Attributes:
+      features: output channels.
+      strides: stride of the first conv.
+      conv, norm: layer factories (bias-free `nn.Conv`, `nn.BatchNorm` with the mode bound).
+    """
+
+    features: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = (self.strides, self.strides)
+        y = nn.relu(self.norm(name="bn1")(self.conv(self.features, (3, 3), s, padding=1, name="conv1")(x)))
+        y = self.norm(name="bn2")(self.conv(self.features, (3, 3), padding=1, name="conv2")(y))
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = self.norm(name="downsample.1")(self.conv(self.features, (1, 1), s, padding=0, name="downsample.0")(x))
+        return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+    """1x1 - 3x3 - 1x1 conv + BN with a residual (official `Bottleneck`, expansion 4): `planes` -> 4 * planes."""
+
+    planes: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    expansion: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.planes * self.expansion
+        s = (self.strides, self.strides)
+        y = nn.relu(self.norm(name="bn1")(self.conv(self.planes, (1, 1), padding=0, name="conv1")(x)))
+        y = nn.relu(self.norm(name="bn2")(self.conv(self.planes, (3, 3), s, padding=1, name="conv2")(y)))
+        y = self.norm(name="bn3")(self.conv(out, (1, 1), padding=0, name="conv3")(y))
+        if self.strides != 1 or x.shape[-1] != out:
+            x = self.norm(name="downsample.1")(self.conv(out, (1, 1), s, padding=0, name="downsample.0")(x))
+        return nn.relu(y + x)
+
+
+class HighResolutionModule(nn.Module):
+    """Parallel BasicBlock branches and their exchange (official `HighResolutionModule`, FUSE_METHOD SUM).
+
+    Attributes:
+      num_blocks: BasicBlocks per branch.
+      num_channels: channels per branch (branch i has stride 4 * 2**i).
+      multi_scale_output: fuse into every branch (True) or into branch 0 only (last module of the last stage).
+    """
+
+    num_blocks: tuple[int, ...]
+    num_channels: tuple[int, ...]
+    conv: ModuleDef
+    norm: ModuleDef
+    multi_scale_output: bool = True
+
+    @nn.compact
+    def __call__(self, xs: Sequence[jax.Array]) -> list[jax.Array]:
+        """xs: one [B, H_i, W_i, C_i] map per branch. Returns the fused maps (one, or one per branch)."""
+        n = len(self.num_channels)
+        if len(xs) != n:
+            raise ValueError(f"HighResolutionModule has {n} branches, got {len(xs)} inputs")
+        xs = list(xs)
+        for i in range(n):
+            for b in range(self.num_blocks[i]):
+                xs[i] = BasicBlock(self.num_channels[i], self.conv, self.norm, name=f"branches.{i}.{b}")(xs[i])
+        if n == 1:
+            return xs
+        fused = []
+        for i in range(n if self.multi_scale_output else 1):
+            y = xs[0] if i == 0 else self._fuse(xs[0], i, 0)
+            for j in range(1, n):
+                y = y + (xs[j] if i == j else self._fuse(xs[j], i, j))
+            fused.append(nn.relu(y))
+        return fused
+
+    def _fuse(self, x: jax.Array, i: int, j: int) -> jax.Array:
+        """Brings branch j's map to branch i's resolution and width (`fuse_layers.i.j`)."""
+        c_i, c_j = self.num_channels[i], self.num_channels[j]
+        name = f"fuse_layers.{i}.{j}"
+        if j > i:
+            x = self.norm(name=f"{name}.1")(self.conv(c_i, (1, 1), padding=0, name=f"{name}.0")(x))
+            return upsample_nearest(x, 2 ** (j - i))
+        for k in range(i - j):
+            last = k == i - j - 1
+            x = self.conv(c_i if last else c_j, (3, 3), (2, 2), padding=1, name=f"{name}.{k}.0")(x)
+            x = self.norm(name=f"{name}.{k}.1")(x)
+            if not last:
+                x = nn.relu(x)
+        return x
+
+
+class HigherHRNet(nn.Module):
+    """The official `PoseHigherResolutionNet`.
+
+    Attributes:
+      config: architecture (`W32`, `W48`, `TINY` or another `HigherHRNetConfig`).
+      conv: convolution factory with `flax.linen.Conv`'s signature and parameters (called bias-free except the
+        final layers).
+      conv_transpose: transposed-convolution factory with `flax.linen.ConvTranspose`'s signature; its kernel is
+        `[kh, kw, in, out]` and applied as a forward convolution over the dilated input (no flip), so it is the torch
+        weight flipped spatially (the bridge does that).
+      norm: BatchNorm factory with `flax.linen.BatchNorm`'s signature and variables.
+      kernel_init: conv / transposed-conv weight init (official `init_weights`: normal(0, 0.001)).
+      dtype: computation dtype; outputs are returned in float32.
+      param_dtype: parameter dtype.
+    """
+
+    config: HigherHRNetConfig = W32
+    conv: ModuleDef = nn.Conv
+    conv_transpose: ModuleDef = nn.ConvTranspose
+    norm: ModuleDef = nn.BatchNorm
+    kernel_init: nn.initializers.Initializer = official_init()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, Any]:
+        """Runs the network.
+
+        Args:
+          x: [B, H, W, 3] normalised image (the official pipeline feeds ImageNet mean/std normalised RGB); H and W
+            multiples of 32.
+          train: BatchNorm uses batch statistics and updates `batch_stats` (pass `mutable=['batch_stats']`).
+
+        Returns:
+          dict with
+            `outputs`: list, one per resolution as the official `forward` returns them: [B, H/4, W/4, 17 + 17] (heatmaps
+              then tag maps) and [B, H/2, W/2, 17] (heatmaps), float32;
+            `heatmaps`: list of the heatmap channels of each output (`[..., :num_joints]`);
+            `tags`: list of the tag channels (`[..., num_joints:]`) of the outputs that carry them (`with_ae_loss`),
+              i.e. [B, H/4, W/4, 17] for the COCO configs.
+
+        Raises:
+          ValueError: on an invalid config or input shape.
+        """
+        cfg = self.config
+        cfg.validate()
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected an NHWC RGB batch [B, H, W, 3], got shape {x.shape}")
+        conv = functools.partial(self.conv, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+        norm = functools.partial(self.norm, use_running_average=not train, momentum=1.0 - cfg.bn_momentum,
+                                 epsilon=cfg.bn_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x.astype(self.dtype)
+
+        c = cfg.stem_channels
+        x = nn.relu(norm(name="bn1")(conv(c, (3, 3), (2, 2), padding=1, name="conv1")(x)))
+        x = nn.relu(norm(name="bn2")(conv(c, (3, 3), (2, 2), padding=1, name="conv2")(x)))
+        for b in range(cfg.layer1_blocks):
+            x = Bottleneck(cfg.layer1_planes, conv, norm, name=f"layer1.{b}")(x)
+
+        ys = [x]
+        for s, stage in enumerate(cfg.stages):
+            n = s + 1  # transition n feeds stage n + 1
+            xs = self._transition(ys, stage.num_channels, conv, norm, f"transition{n}")
+            last_stage = s == len(cfg.stages) - 1
+            for m in range(stage.num_modules):
+                multi = not (last_stage and m == stage.num_modules - 1)
+                xs = HighResolutionModule(stage.num_blocks, stage.num_channels, conv, norm, multi_scale_output=multi,
+                                          name=f"stage{s + 2}.{m}")(xs)
+            ys = xs
+
+        x = ys[0]
+        final = functools.partial(self.conv, use_bias=True, kernel_init=self.kernel_init, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        k = cfg.final_conv_kernel
+        pad = 1 if k == 3 else 0
+        y = final(cfg.output_channels(0), (k, k), padding=pad, name="final_layers.0")(x)
+        outputs = [y]
+        d = cfg.deconv
+        for i in range(d.num_deconvs):
+            if d.cat_output[i]:
+                x = jnp.concatenate([x, y], axis=-1)
+            kernel = d.kernel_size[i]
+            p, op = deconv_cfg(kernel)
+            x = self.conv_transpose(d.num_channels[i], (kernel, kernel), (2, 2),
+                                    padding=(torch_deconv_padding(kernel, p, op),) * 2, use_bias=False,
+                                    kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name=f"deconv_layers.{i}.0.0")(x)
+            x = nn.relu(norm(name=f"deconv_layers.{i}.0.1")(x))
+            for b in range(d.num_basic_blocks):
+                x = BasicBlock(d.num_channels[i], conv, norm, name=f"deconv_layers.{i}.{b + 1}.0")(x)
+            y = final(cfg.output_channels(i + 1), (k, k), padding=pad, name=f"final_layers.{i + 1}")(x)
+            outputs.append(y)
+
+        outputs = [o.astype(jnp.float32) for o in outputs]
+        nj = cfg.num_joints
+        return {
+            "outputs": outputs,
+            "heatmaps": [o[..., :nj] for o in outputs],
+            "tags": [o[..., nj:] for o, ae in zip(outputs, cfg.with_ae_loss) if ae],
+        }
+
+    @staticmethod
+    def _transition(ys: list[jax.Array], channels: Sequence[int], conv: ModuleDef, norm: ModuleDef,
+                    name: str) -> list[jax.Array]:
+        """The official `_make_transition_layer` and its use in `forward`: existing branches keep their map unless
+        their width changes (3x3 conv + BN + ReLU); each new branch comes from the lowest-resolution map through a
+        chain of 3x3 stride-2 conv + BN + ReLU."""
+        pre = [y.shape[-1] for y in ys]
+        xs = []
+        for i, c in enumerate(channels):
+            if i < len(pre):
+                if c == pre[i]:
+                    xs.append(ys[i])
+                    continue
+                # the official forward feeds the last map (y_list[-1]) to every transition it applies, also to one
+                # that changes an existing branch's width (only transition1's single input in official cfgs)
+                h = conv(c, (3, 3), padding=1, name=f"{name}.{i}.0")(ys[-1])
+                xs.append(nn.relu(norm(name=f"{name}.{i}.1")(h)))
+                continue
+            h = ys[-1]
+            steps = i + 1 - len(pre)
+            for j in range(steps):
+                out = c if j == steps - 1 else pre[-1]
+                h = conv(out, (3, 3), (2, 2), padding=1, name=f"{name}.{i}.{j}.0")(h)
+                h = nn.relu(norm(name=f"{name}.{i}.{j}.1")(h))
+            xs.append(h)
+        return xs
+
+
+def build_model(variant: str | HigherHRNetConfig = "w32", **kwargs) -> HigherHRNet:
+    """A HigherHRNet for a variant name ('w32', 'w48', 'tiny') or a config; kwargs go to `HigherHRNet`.
+
+    Raises:
+      ValueError: unknown variant name or invalid config.
+    """
+    if isinstance(variant, str):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown HigherHRNet variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        variant = VARIANTS[variant]
+    variant.validate()
+    return HigherHRNet(config=variant, **kwargs)
+
+
+def count_params(params: Any) -> int:
+    """Number of parameter scalars, as torch's `sum(p.numel() for p in model.parameters())` counts them."""
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
