@@ -106,12 +106,15 @@ def test_geometry(image_hw: Sequence[int], settings: PostprocessSettings = Postp
 
 
 def _linear_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights of torch's linear resize (align_corners=False), computed in float32 like its
-    CPU kernel: src = max((dst + 0.5) * (in / out) - 0.5, 0), i0 = floor(src), i1 = i0 + 1 clamped, weights
-    (1 - frac, frac)."""
+    """Source indices and weights of torch's linear resize (align_corners=False) as its CPU kernel computes them:
+    ratio = float32(in) / out, src = max(ratio * (dst + 0.5) - 0.5, 0) with one rounding to float32 (the kernel's
+    compiled code fuses the multiply and the subtraction), i0 = floor(src), i1 = i0 + 1 clamped, weights
+    (1 - frac, frac) in float32."""
     ratio = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float32)
-    src = np.maximum(ratio * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    dst = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)).astype(np.float64)
+    # The float32 product is exact in float64, so this rounds once, like a fused multiply-add.
+    src = (np.float64(ratio) * dst - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     lam1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
     lam0 = (np.float32(1) - lam1).astype(np.float32)
