@@ -308,12 +308,16 @@ def adjust(grouped: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
         0.25 towards the larger horizontal and vertical neighbour (-0.25 on ties; at the border the clamped
         neighbour is the pixel itself). Heatmap pixels.
     """
-    det = _joint_major(heatmaps)
+    return _adjust(grouped, _joint_major(heatmaps))
+
+
+def _adjust(grouped: np.ndarray, det: np.ndarray) -> np.ndarray:
+    """`adjust` on joint-major maps `det` `[J, H, W]`."""
     out = np.array(grouped, dtype=np.float32, copy=True)
     for person in out:
         for j, joint in enumerate(person):
             if joint[2] > 0:
-                x, y = joint[0], joint[1]
+                x, y = joint[0], joint[1]  # float32 scalars: the official shifts in float32
                 dx, dy = _quarter_offsets(det[j], int(x), int(y))
                 person[j, 0:2] = (x + dx + 0.5, y + dy + 0.5)
     return out
@@ -325,7 +329,7 @@ def person_scores(grouped: np.ndarray) -> np.ndarray:
     return np.array([person[:, 2].mean() for person in np.asarray(grouped, np.float32)], dtype=np.float32)
 
 
-def refine(person: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray, *, _det=None, _tag=None) -> np.ndarray:
+def refine(person: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray) -> np.ndarray:
     """Fill the missing joints of one person from the whole map (official `refine`).
 
     The person's tag is the mean of the tags read at its present joints (at `int` of the adjusted position). For
@@ -340,24 +344,26 @@ def refine(person: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray, *, _det=N
     Returns:
         A new `[J, 3 + T]` float32 array.
     """
-    det = _joint_major(heatmaps) if _det is None else _det
-    tag = _joint_major(tags) if _tag is None else _tag
+    return _refine(person, _joint_major(heatmaps), _joint_major(tags))
+
+
+def _refine(person: np.ndarray, det: np.ndarray, tag: np.ndarray) -> np.ndarray:
+    """`refine` on joint-major maps: det `[J, H, W]`, tag `[J, H, W, T]`."""
     if tag.ndim == 3:
         tag = tag[..., None]
     out = np.array(person, dtype=np.float32, copy=True)
-    present = [j for j in range(out.shape[0]) if out[j, 2] > 0]
     read = []
-    for j in present:
-        x, y = out[j, :2].astype(np.int32)
-        read.append(tag[j, y, x])
-    prev_tag = np.mean(read, axis=0)  # float32, as in the official code
+    for j in range(out.shape[0]):
+        if out[j, 2] > 0:
+            x, y = out[j, :2].astype(np.int32)
+            read.append(tag[j, y, x])
+    prev_tag = np.mean(read, axis=0)  # float32 accumulation, as in the official code
 
     for j in range(out.shape[0]):
-        if out[j, 2] != 0:
-            # Official: only joints with value exactly 0 are filled (values are never negative after grouping).
+        if out[j, 2] != 0:  # the official fills joints whose value is exactly 0
             continue
         det_j = det[j]
-        dist = np.sqrt(((tag[j] - prev_tag[None, None, :]) ** 2).sum(axis=2))
+        dist = np.sqrt(((tag[j] - prev_tag[None, None, :]) ** 2).sum(axis=2))  # float32 throughout
         y, x = np.unravel_index(np.argmax(det_j - np.round(dist)), det_j.shape)
         value = det_j[y, x]
         if value > 0:
@@ -385,15 +391,15 @@ def parse(heatmaps: np.ndarray, tags: np.ndarray, candidates: Mapping[str, np.nd
         `[N]` (computed after adjust, before refine: refined joints never count). Heatmap pixels.
     """
     grouped = match_by_tag(candidates["val"], candidates["tag"], candidates["loc"], settings, solver, trace)
-    adjusted = adjust(grouped, heatmaps) if settings.adjust else grouped.copy()
+    det = _joint_major(heatmaps)
+    adjusted = _adjust(grouped, det) if settings.adjust else grouped.copy()
     scores = person_scores(adjusted)
     people = adjusted.copy()
     if settings.refine and len(people):
-        det = _joint_major(heatmaps)
         tag = _joint_major(tags)
         if not settings.tag_per_joint:
             tag = np.broadcast_to(tag, (det.shape[0],) + tag.shape[1:])
-        people = np.stack([refine(p, None, None, _det=det, _tag=tag) for p in people])
+        people = np.stack([_refine(p, det, tag) for p in people])
     return {"grouped_raw": grouped, "adjusted": adjusted, "people": people, "scores": scores}
 
 

@@ -37,7 +37,7 @@ from research.higherhrnet.group import PostprocessSettings
 __all__ = [
     "PostprocessSettings",
     "multi_scale_size",
-    "test_geometry",
+    "multi_scale_geometry",
     "resize_bilinear",
     "stage_outputs",
     "aggregate",
@@ -85,7 +85,8 @@ def multi_scale_size(image_hw: Sequence[int], input_size: int, current_scale: fl
     return (w_resized, h_resized), center, np.array([scale_w, scale_h])
 
 
-def test_geometry(image_hw: Sequence[int], settings: PostprocessSettings = PostprocessSettings()) -> Dict[str, Any]:
+def multi_scale_geometry(image_hw: Sequence[int],
+                         settings: PostprocessSettings = PostprocessSettings()) -> Dict[str, Any]:
     """Sizes of one image's multi-scale test, as `tools/valid.py` computes them.
 
     Returns:
@@ -248,8 +249,9 @@ def aggregate_outputs(outputs_by_scale: Sequence[Tuple[Sequence[Array], Optional
     """Aggregated heatmaps and tags of one image from its network outputs at every test scale (jitted).
 
     Args:
-        outputs_by_scale: per scale in descending order (`test_geometry(...)['scales']`), a pair (outputs of the
-            image, outputs of its mirror or None without flip test); each a sequence of `[B, h, w, C]` stage outputs.
+        outputs_by_scale: per scale in descending order (`multi_scale_geometry(...)['scales']`), a pair (outputs of
+            the image, outputs of its mirror or None without flip test); each a sequence of `[B, h, w, C]` stage
+            outputs.
         settings: the post-processing settings (static).
         base_size: (W, H) of the scale-1 input (static); required with project2image.
 
@@ -283,7 +285,7 @@ def multi_scale_inference(network: Callable[[Array], Sequence[Array]], inputs: S
     Args:
         network: `x [B, H, W, 3] -> sequence of [B, h, w, C]` stage outputs (e.g. a jitted model apply).
         inputs: one normalised network input `[B, H_s, W_s, 3]` per scale, in descending scale order, each already
-            resized to `test_geometry(...)['input_sizes']`.
+            resized to `multi_scale_geometry(...)['input_sizes']`.
         settings, base_size: see `aggregate_outputs`.
 
     Returns:
@@ -307,7 +309,8 @@ def people_from_maps(heatmaps: Array, tags: Array, center: Sequence[float], scal
 
     Args:
         heatmaps: `[B, H, W, J]`, tags: `[B, H, W, J, T]` from `aggregate_outputs`.
-        center, scale: from `test_geometry` (all images of the batch must share them; valid.py uses batch 1).
+        center, scale: from `multi_scale_geometry` (all images of the batch must share them; valid.py uses
+            batch 1).
         settings: the post-processing settings.
         trace: optional list receiving, per image, the list of matching steps (see `group.match_by_tag`).
 

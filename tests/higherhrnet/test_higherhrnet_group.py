@@ -18,7 +18,6 @@ number of scales, NMS plateaus and top-k tie order, adjust at the border, the af
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -79,7 +78,7 @@ class Case:
         scales = [float(s) for s in z[f"{name}/scales"]]
         self.multi = len(scales) > 1
         self.settings = PostprocessSettings(scale_factors=tuple(scales))
-        self.geometry = inference.test_geometry(z[f"{name}/image_shape"][:2], self.settings)
+        self.geometry = inference.multi_scale_geometry(z[f"{name}/image_shape"][:2], self.settings)
 
         rng = np.random.default_rng(0)
         per_scale = []
@@ -144,10 +143,9 @@ def test_geometry(case):
     assert_exact("trans_inv", trans, case.g("trans_inv"))
 
 
+@pytest.mark.parametrize("case", ["A", "B"], indirect=True)  # the golden stores per-stage maps for A and B only
 def test_stage_maps(case):
     """Per-scale maps: A's image and mirror heatmaps at base size, B's per-scale flip average (heatmaps_avg)."""
-    if case.name not in ("A", "B"):
-        pytest.skip("the golden stores per-stage maps for A and B only")
     stage = jax.jit(inference.stage_outputs, static_argnames=("settings", "size_projected"))
     for s, (orig, flip) in zip(case.geometry["scales"], case.per_scale):
         heatmaps, tags = stage(orig, flip, settings=case.settings, size_projected=case.geometry["base_size"])
@@ -238,10 +236,9 @@ def test_groups_are_the_planted_people(case):
         assert err.max() < 4.0, f"group {n}: {err.max():.2f} px from planted person {p}"
 
 
+@pytest.mark.parametrize("case", ["D"], indirect=True)  # only D has ties between optimal assignments
 def test_alternative_optimum_d(case):
     """D's ties: scipy on the row- and column-reversed cost matrix finds another optimum (golden D/alt)."""
-    if case.name != "D":
-        pytest.skip("only case D has ties between optimal assignments")
 
     def reversed_solver(cost):
         pairs = group.hungarian(cost[::-1, ::-1])
