@@ -205,6 +205,13 @@ class SiamFC(nn.Module):
 
 TinySiamFC: Callable[..., SiamFC] = functools.partial(SiamFC, widths=TINY_WIDTHS)
 
+# Full float32 convolutions everywhere. On recent NVIDIA GPUs XLA's default float32 convolution
+# may run on TF32 tensor cores (10-bit mantissas), ~1e-4 relative on the responses, which already
+# moves tracker peaks (golden_tracker README, "TF32"); use this to reproduce the official CPU tracker.
+HighestPrecisionConv: ModuleDef = functools.partial(nn.Conv, precision=jax.lax.Precision.HIGHEST)
+HighestPrecisionSiamFC: Callable[..., SiamFC] = functools.partial(
+    SiamFC, conv=HighestPrecisionConv, precision=jax.lax.Precision.HIGHEST)
+
 
 def init_variables(model: SiamFC, rng: jax.Array, z_size: int = 127, x_size: int = 255) -> dict:
     """Initial `{'params', 'batch_stats'}` from one exemplar and one search image of the given sizes."""
