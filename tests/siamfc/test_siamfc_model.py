@@ -120,6 +120,36 @@ def test_golden_loss_response(ref, real_apply):
     assert err <= 3e-4
 
 
+def test_train_mode_batchnorm_reproduces_calibrated_statistics(ref, real):
+    """README step 5: train-mode BatchNorm on the calibration batch gives the official running stats.
+
+    Official recipe: each BatchNorm averaged its batch statistics over the z call and the x call
+    (`momentum=None`), storing torch's unbiased variance. Starting from zero statistics, one flax
+    train-mode call leaves 0.05 * (batch mean) and 0.05 * (biased batch variance).
+    """
+    manifest, golden, _ = ref
+    model, _, variables = real
+    rng = np.random.default_rng(99)
+    z_cal = rng.uniform(0, 255, (4, 3, 127, 127)).astype(np.float32).transpose(NHWC)
+    x_cal = rng.uniform(0, 255, (4, 3, 255, 255)).astype(np.float32).transpose(NHWC)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
+    run = jax.jit(lambda v, imgs: model.apply(v, imgs, train=True, method=SiamFC.embed, mutable=["batch_stats"])[1])
+    stats = [run({"params": variables["params"], "batch_stats": zeros}, imgs)["batch_stats"]["backbone"]
+             for imgs in (z_cal, x_cal)]
+    sizes = {"conv1": (59, 123), "conv2": (25, 57), "conv3": (10, 26), "conv4": (8, 24)}  # BN input side, z / x
+    worst_mean = worst_var = 0.0
+    for layer, (hz, hx) in sizes.items():
+        mean = [np.asarray(s[layer]["1"]["mean"], np.float64) / 0.05 for s in stats]
+        var = [np.asarray(s[layer]["1"]["var"], np.float64) / 0.05 * n / (n - 1)
+               for s, n in zip(stats, (4 * hz * hz, 4 * hx * hx))]
+        ref_mean = golden[f"state/backbone.{layer}.1.running_mean"]
+        ref_var = golden[f"state/backbone.{layer}.1.running_var"]
+        worst_mean = max(worst_mean, np.max(np.abs((mean[0] + mean[1]) / 2 - ref_mean) / np.sqrt(ref_var)))
+        worst_var = max(worst_var, np.max(np.abs((var[0] + var[1]) / 2 / ref_var - 1)))
+    print(f"calibration: max |mean - running_mean| / std {worst_mean:.1e}, max |var / running_var - 1| {worst_var:.1e}")
+    assert worst_mean <= 1e-4 and worst_var <= 1e-4
+
+
 def test_labels_match_official():
     ref_path = os.path.join(FOLDER, "golden.npz")
     if not os.path.exists(ref_path):
@@ -276,19 +306,26 @@ def test_tiny_train_step_updates_batch_stats_and_lowers_loss(tiny):
 
 
 def test_conv_and_norm_are_injected(tiny):
-    """A drop-in conv factory reaches every layer and keeps nn.Conv's variables."""
+    """Drop-in conv and norm factories reach every layer and keep nn.Conv's / nn.BatchNorm's variables."""
     calls = []
 
     class CountingConv(nn.Conv):
         def __call__(self, x):
-            calls.append(self.features)
+            calls.append(("conv", self.features))
             return super().__call__(x)
 
+    class CountingNorm(nn.BatchNorm):
+        def __call__(self, x, use_running_average=None):
+            calls.append(("norm", x.shape[-1], self.epsilon, self.momentum))
+            return super().__call__(x, use_running_average)
+
     model, v = tiny
-    counted = TinySiamFC(conv=CountingConv)
+    counted = TinySiamFC(conv=CountingConv, norm=CountingNorm)
     z = jnp.ones((1, 87, 87, 3))
     np.testing.assert_array_equal(counted.apply(v, z, z)["response"], model.apply(v, z, z)["response"])
-    assert calls == [8, 16, 16, 16, 16] * 2
+    branch = [("conv", 8), ("norm", 8, 1e-6, 0.95), ("conv", 16), ("norm", 16, 1e-6, 0.95), ("conv", 16),
+              ("norm", 16, 1e-6, 0.95), ("conv", 16), ("norm", 16, 1e-6, 0.95), ("conv", 16)]
+    assert calls == branch * 2
 
 
 def test_highest_precision_reaches_every_convolution(tiny):
