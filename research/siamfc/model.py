@@ -180,7 +180,8 @@ class SiamFC(nn.Module):
       `respond(exemplar, x)`: `{'response'}` for search images against cached exemplar embeddings.
 
     Attributes:
-      widths: backbone widths (`WIDTHS` official; `TINY_WIDTHS` for tests).
+      widths: backbone widths (`WIDTHS` official; `TINY_WIDTHS` for tests), a tuple: the tracker
+        passes the model to `jax.jit` as a static (hashed) argument.
       out_scale: response scale (official 0.001).
       conv, norm: layer factories injected into every backbone layer.
       precision: `jax.lax.Precision` of the correlation head (the backbone's comes with `conv`).
