@@ -1,0 +1,250 @@
+"""SiamFC: an AlexNet embedding shared by exemplar and search images, and a cross-correlation head.
+
+Follows huanglianghua/siamfc-pytorch (`siamfc/backbones.py` `AlexNetV1`, `siamfc/heads.py`
+`SiamFC`, `siamfc/siamfc.py` `Net`). Submodule names mirror the official attributes and its
+`nn.Sequential` indices (`backbone` / `conv1` / `0` is the convolution, `1` the BatchNorm), so a
+Flax parameter path joined with "." is the official key: `params/backbone/conv1/0/kernel` is
+`backbone.conv1.0.weight` (see `research/siamfc/bridge.py`).
+
+Layout is NHWC. Images are raw pixel values 0..255 in RGB order (the official tracker does no mean
+or std normalisation). With the official sizes an exemplar crop of 127 px gives a `[6, 6, 256]`
+embedding and a search crop of 255 px a `[22, 22, 256]` one; their cross-correlation is the
+`[17, 17]` response map, one cell per 8 px (the backbone's total stride) of the search crop.
+
+The tracker embeds the exemplar once (`SiamFC.embed`) and then correlates every frame's search
+crops with that cached embedding (`SiamFC.respond`); `__call__` does both for training pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ModuleDef = Any
+
+# Official `_BatchNorm2d`: eps 1e-6, torch momentum 0.05 (flax momentum = 1 - torch momentum).
+BN_EPS = 1e-6
+BN_MOMENTUM = 0.95
+OUT_SCALE = 0.001  # official `TrackerSiamFC.parse_args` out_scale, passed to `heads.SiamFC`
+WIDTHS = (96, 256, 384, 384, 256)  # AlexNetV1 conv1..conv5 output channels
+TINY_WIDTHS = (8, 16, 16, 16, 16)  # not official: a fast variant for tests
+
+
+def xcorr(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_SCALE, *,
+          precision: Any = None) -> jax.Array:
+    """Cross-correlates each exemplar embedding over search embeddings, times `out_scale`.
+
+    Same pairing as the official `heads.SiamFC._fast_xcorr`: search item `i` is correlated with
+    exemplar `i % Bz`, so `Bz == Bx` gives one response per training pair and `Bz == 1` correlates
+    one exemplar with every search scale. All pairs run as one grouped convolution (one group per
+    exemplar), not a Python loop.
+
+    Args:
+      exemplar: `[Bz, hz, wz, C]` exemplar embeddings (the correlation kernels).
+      search: `[Bx, hx, wx, C]` search embeddings, `Bx` a multiple of `Bz`.
+      out_scale: factor applied to the correlation (official 0.001 keeps the logits O(1) at init).
+      precision: `jax.lax.Precision` for the correlation (e.g. HIGHEST to avoid TF32 on GPUs).
+
+    Returns:
+      `[Bx, hx - hz + 1, wx - wz + 1, 1]` response maps (the official NCHW `(Bx, 1, h, w)` in NHWC).
+
+    Raises:
+      ValueError: if the channel counts differ or `Bx` is not a multiple of `Bz`.
+    """
+    bz, hz, wz, c = exemplar.shape
+    bx, hx, wx, cx = search.shape
+    if c != cx:
+        raise ValueError(f"xcorr: exemplar has {c} channels, search {cx}")
+    if bx % bz:
+        raise ValueError(f"xcorr: search batch {bx} is not a multiple of exemplar batch {bz}")
+    n = bx // bz
+    # [n, Bz, H, W, C] -> [n, H, W, Bz*C]: channel group j holds the items paired with exemplar j.
+    x = search.reshape(n, bz, hx, wx, c).transpose(0, 2, 3, 1, 4).reshape(n, hx, wx, bz * c)
+    kernel = exemplar.transpose(1, 2, 3, 0).astype(x.dtype)  # HWIO, I = C per group, O = Bz
+    out = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=bz, precision=precision)
+    ho, wo = out.shape[1:3]
+    return (out * out_scale).reshape(n, ho, wo, bz).transpose(0, 3, 1, 2).reshape(bx, ho, wo, 1)
+
+
+def split_groups_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                      dimension_numbers=None, feature_group_count: int = 1, precision: Any = None,
+                      **kwargs) -> jax.Array:
+    """`lax.conv_general_dilated` with each feature group run as its own convolution.
+
+    Same arguments and result (same sums; measured bit-identical on XLA:CPU for AlexNetV1), but
+    XLA:CPU runs AlexNetV1's grouped layers about 1.5x faster this way (the whole 3 x 255 px
+    backbone ~30 % faster, 2-core CPU). Used through `SplitGroupConv`.
+    """
+    g = feature_group_count
+    if g == 1:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, 1, precision=precision, **kwargs)
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    parts = [jax.lax.conv_general_dilated(a, b, window_strides, padding, lhs_dilation, rhs_dilation, dn, 1,
+                                          precision=precision, **kwargs)
+             for a, b in zip(jnp.split(lhs, g, axis=dn.lhs_spec[1]), jnp.split(rhs, g, axis=dn.rhs_spec[0]))]
+    return jnp.concatenate(parts, axis=dn.out_spec[1])
+
+
+# A CPU speed layer: `nn.Conv` itself (same variables), computing grouped convolutions group by group.
+SplitGroupConv: ModuleDef = functools.partial(nn.Conv, conv_general_dilated=split_groups_conv)
+
+
+class ConvBlock(nn.Module):
+    """One official `nn.Sequential` stage: conv `0`, then optional BatchNorm `1`, ReLU, max pool.
+
+    Attributes:
+      features: output channels.
+      kernel_size, stride, groups: of the convolution (no padding, with bias, as `nn.Conv2d`).
+      norm_act: BatchNorm + ReLU after the convolution (conv5 has neither).
+      pool: 3x3 stride-2 max pooling (no padding, floor mode) at the end (conv1, conv2).
+      conv, norm: layer factories (`nn.Conv`, `nn.BatchNorm` or drop-ins with their variables).
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    groups: int = 1
+    norm_act: bool = True
+    pool: bool = False
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        k = self.kernel_size
+        x = self.conv(self.features, (k, k), strides=(self.stride, self.stride), padding="VALID",
+                      feature_group_count=self.groups, use_bias=True,
+                      # official ops.init_weights: xavier_uniform weights, zero biases
+                      kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="0")(x)
+        if self.norm_act:
+            x = self.norm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
+                          scale_init=nn.initializers.ones, bias_init=nn.initializers.zeros,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name="1")(x)
+            x = nn.relu(x)
+        if self.pool:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        return x
+
+
+class AlexNetV1(nn.Module):
+    """The official `backbones.AlexNetV1` (total stride 8), NHWC.
+
+    conv1 11x11/2 + BN + ReLU + maxpool 3/2; conv2 5x5 groups 2 + BN + ReLU + maxpool 3/2;
+    conv3 3x3 + BN + ReLU; conv4 3x3 groups 2 + BN + ReLU; conv5 3x3 groups 2 (no BN, no ReLU).
+    BatchNorm eps 1e-6, torch momentum 0.05. No padding anywhere (floor-mode pooling), so an
+    input of 127 px gives a 6 x 6 embedding, 239 px 20 x 20 and 255 px 22 x 22.
+
+    Attributes:
+      widths: output channels of conv1..conv5 (`WIDTHS` official, `TINY_WIDTHS` for tests); the
+        grouped layers need even widths.
+    """
+
+    widths: Sequence[int] = WIDTHS
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """`[B, H, W, 3]` raw 0..255 images -> `[B, h, w, widths[4]]` embeddings."""
+        if len(self.widths) != 5:
+            raise ValueError(f"AlexNetV1 needs 5 widths, got {tuple(self.widths)}")
+        block = functools.partial(ConvBlock, conv=self.conv, norm=self.norm, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        w1, w2, w3, w4, w5 = self.widths
+        x = block(w1, 11, stride=2, pool=True, name="conv1")(x, train)
+        x = block(w2, 5, groups=2, pool=True, name="conv2")(x, train)
+        x = block(w3, 3, name="conv3")(x, train)
+        x = block(w4, 3, groups=2, name="conv4")(x, train)
+        return block(w5, 3, groups=2, norm_act=False, name="conv5")(x, train)
+
+
+class SiamFC(nn.Module):
+    """The official `Net(AlexNetV1(), heads.SiamFC(out_scale))`.
+
+    Methods (use with `apply(..., method=...)`):
+      `__call__(z, x)`: training / evaluation on pairs, `{'response', 'exemplar', 'search'}`.
+      `embed(images)`: backbone embeddings; the tracker's cached exemplar is `embed(z)`.
+      `respond(exemplar, x)`: `{'response'}` for search images against cached exemplar embeddings.
+
+    Attributes:
+      widths: backbone widths (`WIDTHS` official; `TINY_WIDTHS` for tests), a tuple: the tracker
+        passes the model to `jax.jit` as a static (hashed) argument.
+      out_scale: response scale (official 0.001).
+      conv, norm: layer factories injected into every backbone layer.
+      precision: `jax.lax.Precision` of the correlation head (the backbone's comes with `conv`).
+    """
+
+    widths: Sequence[int] = WIDTHS
+    out_scale: float = OUT_SCALE
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
+    precision: Any = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.backbone = AlexNetV1(widths=self.widths, conv=self.conv, norm=self.norm, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+
+    def embed(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """`[B, H, W, 3]` raw 0..255 images -> `[B, h, w, C]` embeddings (official `net.backbone`)."""
+        return self.backbone(images, train)
+
+    def respond(self, exemplar: jax.Array, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """Responses of search images `x` `[Bx, H, W, 3]` to cached embeddings `exemplar` `[Bz, h, w, C]`.
+
+        Search item `i` is paired with exemplar `i % Bz` (`xcorr`). Returns `{'response': [Bx, ho, wo, 1],
+        'search': [Bx, hx, wx, C]}` (official `net.head(kernel, net.backbone(x))`).
+        """
+        search = self.backbone(x, train)
+        return {"response": xcorr(exemplar, search, self.out_scale, precision=self.precision), "search": search}
+
+    def __call__(self, z: jax.Array, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """Official `Net.forward(z, x)`: backbone on `z` then on `x` (two BatchNorm passes in training).
+
+        Args:
+          z: `[Bz, Hz, Wz, 3]` exemplar crops, raw 0..255 (127 px officially).
+          x: `[Bx, Hx, Wx, 3]` search crops (255 px officially); `Bx` a multiple of `Bz`.
+          train: BatchNorm uses and updates batch statistics (`mutable=['batch_stats']`).
+
+        Returns:
+          `{'response': [Bx, ho, wo, 1], 'exemplar': [Bz, hz, wz, C], 'search': [Bx, hx, wx, C]}`.
+        """
+        exemplar = self.embed(z, train)
+        out = self.respond(exemplar, x, train)
+        return {"response": out["response"], "exemplar": exemplar, "search": out["search"]}
+
+
+TinySiamFC: Callable[..., SiamFC] = functools.partial(SiamFC, widths=TINY_WIDTHS)
+
+# Full float32 convolutions everywhere. On recent NVIDIA GPUs XLA's default float32 convolution
+# may run on TF32 tensor cores (10-bit mantissas), ~1e-4 relative on the responses, which already
+# moves tracker peaks (golden_tracker README, "TF32"); use this to reproduce the official CPU tracker.
+HighestPrecisionConv: ModuleDef = functools.partial(nn.Conv, precision=jax.lax.Precision.HIGHEST)
+HighestPrecisionSiamFC: Callable[..., SiamFC] = functools.partial(
+    SiamFC, conv=HighestPrecisionConv, precision=jax.lax.Precision.HIGHEST)
+
+
+def init_variables(model: SiamFC, rng: jax.Array, z_size: int = 127, x_size: int = 255) -> dict:
+    """Initial `{'params', 'batch_stats'}` from one exemplar and one search image of the given sizes."""
+    z = jnp.zeros((1, z_size, z_size, 3), jnp.float32)
+    x = jnp.zeros((1, x_size, x_size, 3), jnp.float32)
+    return dict(model.init(rng, z, x))
+
+
+def param_count(variables: dict) -> int:
+    """Number of trainable parameters (the official `sum(p.numel() for p in net.parameters())`)."""
+    return int(sum(v.size for v in jax.tree_util.tree_leaves(variables["params"])))
