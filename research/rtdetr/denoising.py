@@ -72,7 +72,7 @@ def denoising_layout(num_targets: jax.Array, num_slots: int, num_denoising: int 
     num_targets = jnp.asarray(num_targets, jnp.int32)
     g = jnp.max(num_targets) if num_targets.size else jnp.int32(0)
     g1 = jnp.maximum(g, 1)
-    num_group = jnp.maximum(num_denoising // g1, 1)
+    num_group = jnp.where(g > 0, jnp.maximum(num_denoising // g1, 1), 1)
     s = jnp.arange(num_slots, dtype=jnp.int32)
     active = s < 2 * g * num_group
     within = s % (2 * g1)
