@@ -249,6 +249,20 @@ def test_linear_assignment_host_brute_force():
                         for cset in itertools.combinations(cols, k) for rows in itertools.permutations(range(q), k)),
                        default=0.0)
             assert got == pytest.approx(best, abs=1e-5)
+    # Class cost alone: focal form (official formula, 1e-8 inside the logs) and, without focal loss, -softmax.
+    logits = rng.normal(size=(1, 3, 5)).astype(np.float32)
+    labels = np.array([[4, 0]])
+    boxes, pred_boxes = np.full((1, 2, 4), 0.5, np.float32), np.full((1, 3, 4), 0.5, np.float32)
+    p = 1 / (1 + np.exp(-logits[0][:, [4, 0]].astype(np.float64)))
+    focal = 0.25 * (1 - p) ** 2 * -np.log(p + 1e-8) - 0.75 * p ** 2 * -np.log(1 - p + 1e-8)
+    cost = HungarianMatcher(cost_class=1, cost_bbox=0, cost_giou=0).cost_matrix(logits, pred_boxes, labels, boxes)
+    np.testing.assert_allclose(cost[0], focal, rtol=1e-5)
+    soft = np.exp(logits[0]) / np.exp(logits[0]).sum(-1, keepdims=True)
+    cost = HungarianMatcher(cost_class=1, cost_bbox=0, cost_giou=0, use_focal_loss=False).cost_matrix(
+        logits, pred_boxes, labels, boxes)
+    np.testing.assert_allclose(cost[0], -soft[:, [4, 0]], rtol=1e-5)
+    with pytest.raises(ValueError):
+        HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0)
     per_query = np.asarray(query_target_index(jnp.asarray([[2, -1, 0]]), 4))
     np.testing.assert_array_equal(per_query, [[2, -1, 0, -1]])
 
@@ -453,4 +467,4 @@ def test_denoising_no_boxes_static_shapes_and_options():
                                [PAD_LOGIT, np.log(1 / 3), -PAD_LOGIT, -PAD_LOGIT], rtol=1e-6)
     gid = jnp.asarray([0, 0, 1, 1, -5], jnp.int32)
     m = np.asarray(denoising_attention_mask(gid, 2))
-    assert m[0, 1] == False and m[0, 2] and m[4, 0] and not m[4, 4] and m[5, :5].all() and not m[5, 5:].any()  # noqa: E712
+    assert not m[0, 1] and m[0, 2] and m[4, 0] and not m[4, 4] and m[5, :5].all() and not m[5, 5:].any()
