@@ -80,6 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoints = True
 
+    # evaluators by type (research/evaluation/base.py); every_steps 0 = eval_every_steps, split "" = data.eval_split
+    c.evals = ml_collections.ConfigDict()
+    c.evals.coco = ml_collections.ConfigDict(dict(type="coco_detection", every_steps=0, split=""))
+
     c.eval = ml_collections.ConfigDict()
     c.eval.conf_thres = 0.001
     c.eval.iou_thres = 0.6
@@ -114,6 +118,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A local clone of ultralytics/yolov5 (with its requirements importable): the official
     # PyTorch model is then timed in the same run and the json reports measured ratios.
     c.benchmark.torch_repo = ""
+    # The interpreter that runs the official code (an environment with its own requirements:
+    # ultralytics/yolov5 at head imports pandas, ultralytics, torchvision); "" = this one.
+    c.benchmark.torch_python = ""
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator_address = ""

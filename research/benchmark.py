@@ -1,10 +1,10 @@
-r"""Speed and memory benchmark: `--mode=benchmark`, and an XLA:CPU flags study.
+r"""The benchmark harness (`--mode=benchmark`), the same for every network.
 
     python launch.py --config=configs/yolov5.py --workdir=workdirs/bench --mode=benchmark
-    python -m research.benchmark --xla_flags_study [--variant=s --image_size=640 --out=...]
 
-`run(config, workdir)` builds the network's model at `config.benchmark.variant` /
-`config.benchmark.image_size` (random init, 80 classes) and measures, each with warmup and
+`run(config, workdir)` asks the network's task for its `BenchSpec` (`Task.benchmark_spec`, built
+in the network's package from the real task: `research/yolov5/benchmark.py`) at
+`config.benchmark.variant` / `config.benchmark.image_size` and measures, each with warmup and
 `config.benchmark.repeats` timed calls (`block_until_ready`; median and min):
 
   1. `infer`: the JAX inference forward (train=False) at `benchmark.batch_size`;
@@ -20,21 +20,22 @@ during the stage, including compilation). A recompilation check (jit cache size 
 backend compiles counted after the first call) is recorded as well. Everything goes to
 `workdir/benchmark.json` and a table on the console.
 
-Networks plug in with a `BenchSpec` (model variables, inference function, loss/optimiser/EMA,
-a synthetic batch): `research.<network>.task.benchmark_spec(config, variant=, image_size=)`
-when the task module defines it, else a builder registered in `SPEC_BUILDERS` here.
+A `BenchSpec` gives the model variables, named example inputs (any number and rank: SiamFC's
+exemplar and search crops, RT-DETR's images and sizes), the inference and export functions, the
+loss/optimiser/EMA of the real task and a synthetic training batch.
 
 The official PyTorch model can be timed in the same run, before and after ours, so that the
 ratios are measured on one machine at one time: `--config.benchmark.torch_repo=PATH` (a clone of
-ultralytics/yolov5 whose requirements import; `research/yolov5/official_torch.py`). Without it,
-the issue's figures for that model on the same 2-core CPU (the `REFERENCE_*` constants) give the
-`*_over_torch_reference` ratios when the benchmark is at their setting (yolov5s, 640, b1 / b2).
+the official repository) runs the spec's `torch_reference_module` in the interpreter
+`--config.benchmark.torch_python` (default: this one), so the official code's own requirements
+need not be installed into this environment. Without it, a spec's `reference` figures (measured
+once for that model on the same 2-core CPU) give the `*_over_torch_reference` ratios when the
+benchmark is at their setting. The XLA:CPU flags study that chose our defaults is
+`tools/xla_flags_study.py`.
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
 import dataclasses
 import functools
 import importlib
@@ -44,7 +45,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -57,15 +57,6 @@ import numpy as np
 
 from research.cpu import hostenv
 
-# ---------------------------------------------------------------------------------------------
-# Reference figures from the issue (official PyTorch YOLOv5s on the same 2-core CPU).
-
-REFERENCE_TORCH_YOLOV5S_INFER_MS = (130.0, 140.0)  # 640x640, batch 1, forward only
-REFERENCE_TORCH_YOLOV5S_TRAIN_STEP_MS = (800.0, 900.0)  # 640x640, batch 2, forward+backward+step
-REFERENCE_YOLOV5S_GFLOPS_640 = 16.5  # ultralytics README / model summary (2 x MACs), batch 1
-REFERENCE_SETTING = {"network": "yolov5", "variant": "s", "image_size": 640, "infer_batch": 1,
-                     "train_batch": 2}
-
 MB = 1024.0 * 1024.0
 
 
@@ -75,21 +66,28 @@ MB = 1024.0 * 1024.0
 
 @dataclasses.dataclass
 class BenchSpec:
-    """The network-specific part of the benchmark.
+    """The network-specific part of the benchmark (built in the network's package).
 
     variables: model variables ({'params', 'batch_stats'?}), numpy or jax arrays.
-    infer_fn: (variables, images float32 [B, H, W, 3] in 0..1) -> output pytree; jit-able and
-      exportable to ONNX with the variables closed over.
+    make_inputs: batch size -> {name: array} of example model inputs (deterministic).
+    infer_fn: (variables, **inputs) -> output pytree; jit-able.
+    export_fn: what the ONNX export traces (same signature; default infer_fn).
     make_batch: batch size -> dict of numpy arrays fed to `train_step` (synthetic).
     loss_fn, tx, ema_decay, use_ema, accumulates: as the task gives them to
       `trainer.train_step` / `trainer.create_train_state`.
+    reference: figures of the official PyTorch model measured once on the reference machine:
+      {'setting': {'variant', 'image_size', 'infer_batch', 'train_batch'}, 'infer_ms': (lo, hi),
+      'train_step_ms': (lo, hi), 'gflops': float, 'source': str}; None when there are none.
+    torch_reference_module: module with a `main(argv)` that times the official PyTorch model from
+      a local checkout (--repo --variant --image_size --infer_batch --train_batch --repeats --out).
     """
 
     name: str
     variant: str
     image_size: int
     variables: dict
-    infer_fn: Callable[[dict, Any], Any]
+    make_inputs: Callable[[int], dict]
+    infer_fn: Callable[..., Any]
     make_batch: Callable[[int], dict]
     loss_fn: Callable
     tx: Any
@@ -97,64 +95,10 @@ class BenchSpec:
     use_ema: bool
     accumulates: bool = False
     onnx_output_names: Sequence[str] | None = None
-    export_fn: Callable[[dict, Any], Any] | None = None  # what the ONNX export traces (default infer_fn)
-    # module with a `main(argv)` that times the official PyTorch model from a local checkout
-    # (--repo --variant --image_size --infer_batch --train_batch --repeats --out json)
+    export_fn: Callable[..., Any] | None = None
     torch_reference_module: str | None = None
+    reference: dict | None = None
     info: dict = dataclasses.field(default_factory=dict)
-
-
-def yolov5_spec(config, *, variant: str, image_size: int, nc: int = 80) -> BenchSpec:
-    """YOLOv5 through the real task's loss_fn / make_optimizer / ema_decay, without its data."""
-    import jax
-    import jax.numpy as jnp
-
-    from research import tasks
-    from research.yolov5 import task as task_lib
-
-    cfg = config.copy_and_resolve_references()
-    cfg.model.variant = variant
-    cfg.model.num_classes = nc  # fixed here, so the task reads no dataset
-    cfg.data.image_size = image_size
-    task = task_lib.Task(cfg, mode="benchmark")
-    steps = tasks.Steps(steps_per_epoch=1000, total_steps=300_000, num_epochs=300)
-
-    model = task.model
-    init_size = 64  # parameters do not depend on the input size
-    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, init_size, init_size, 3)), train=False),
-                            jax.random.PRNGKey(0))
-    variables = host_init(shapes)
-    max_labels = int(config.data.max_labels)
-
-    def infer_fn(v, images):
-        return model.apply(v, images, train=False)["pred"]
-
-    onnx_model = model.for_export()  # as `--mode=export` writes it
-
-    def export_fn(v, images):
-        return onnx_model.apply(v, images, train=False)["pred"]
-
-    def make_batch(batch_size: int) -> dict:
-        rs = np.random.RandomState(0)
-        n_boxes = min(4, max_labels)
-        boxes = np.zeros((batch_size, max_labels, 4), np.float32)
-        boxes[:, :n_boxes, :2] = rs.uniform(0.2, 0.8, (batch_size, n_boxes, 2))
-        boxes[:, :n_boxes, 2:] = rs.uniform(0.05, 0.3, (batch_size, n_boxes, 2))
-        valid = np.zeros((batch_size, max_labels), bool)
-        valid[:, :n_boxes] = True
-        classes = np.where(valid, rs.randint(0, nc, (batch_size, max_labels)), 0).astype(np.int32)
-        image = rs.randint(0, 256, (batch_size, image_size, image_size, 3)).astype(np.uint8)
-        return {"image": image, "boxes": boxes, "classes": classes, "valid": valid}
-
-    from research.yolov5.model import count_params
-    return BenchSpec(
-        name="yolov5", variant=variant, image_size=image_size, variables=variables, infer_fn=infer_fn,
-        export_fn=export_fn, torch_reference_module="research.yolov5.official_torch",
-        make_batch=make_batch, loss_fn=task.loss_fn, tx=task.make_optimizer(variables["params"], steps),
-        ema_decay=task.ema_decay if task.use_ema else None, use_ema=task.use_ema, accumulates=task.accumulates,
-        onnx_output_names=["pred"],
-        info={"nc": nc, "params": count_params(variables["params"]), "max_labels": max_labels,
-              "boxes_per_image": min(4, max_labels), "dtype": config.model.dtype})
 
 
 def host_init(shapes: Any, seed: int = 0) -> dict:
@@ -187,24 +131,12 @@ def host_init(shapes: Any, seed: int = 0) -> dict:
     return {k: v for k, v in dict(tree).items()}
 
 
-SPEC_BUILDERS: dict[str, Callable[..., BenchSpec]] = {"yolov5": yolov5_spec}
-
-
 def make_spec(config, *, variant: str | None = None, image_size: int | None = None) -> BenchSpec:
+    """The `BenchSpec` of `config.network` from its task class (`Task.benchmark_spec`)."""
+    from research import tasks
     variant = variant or config.benchmark.variant
     image_size = int(image_size or config.benchmark.image_size)
-    name = config.network
-    try:
-        module = importlib.import_module(f"research.{name}.task")
-    except ModuleNotFoundError:
-        module = None
-    hook = getattr(module, "benchmark_spec", None)
-    if hook is not None:
-        return hook(config, variant=variant, image_size=image_size)
-    if name not in SPEC_BUILDERS:
-        raise ValueError(f"no benchmark for network {name!r}: define benchmark_spec in research/{name}/task.py "
-                         f"or register a builder in research.benchmark.SPEC_BUILDERS ({sorted(SPEC_BUILDERS)})")
-    return SPEC_BUILDERS[name](config, variant=variant, image_size=image_size)
+    return tasks.task_class(config.network).benchmark_spec(config, variant=variant, image_size=image_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,15 +358,15 @@ def measure_infer(spec: BenchSpec, batch: int, repeats: int, warmup: int, counte
     import jax.numpy as jnp
 
     s = spec.image_size
-    images = jnp.asarray(np.random.RandomState(1).rand(batch, s, s, 3).astype(np.float32))
+    inputs = {k: jnp.asarray(v) for k, v in spec.make_inputs(batch).items()}
     variables = jax.tree_util.tree_map(jnp.asarray, spec.variables)
-    fwd = jax.jit(spec.infer_fn)
+    fwd = jax.jit(lambda v, inputs: spec.infer_fn(v, **inputs))
     with RssSampler() as rss:
-        compiled, lower_s, compile_s, hit = _aot(fwd, variables, images)
-        _block(fwd(variables, images))  # first call
+        compiled, lower_s, compile_s, hit = _aot(fwd, variables, inputs)
+        _block(fwd(variables, inputs))  # first call
         size_first = fwd._cache_size()
         counter.start()
-        times, cpu_ms = time_calls(lambda i: fwd(variables, images), repeats, max(warmup - 1, 0))
+        times, cpu_ms = time_calls(lambda i: fwd(variables, inputs), repeats, max(warmup - 1, 0))
         n_compiles = counter.stop()
     size_end = fwd._cache_size()
     rec = _record("infer", batch, s, times, cpu_ms, compile_s=compile_s, lower_s=lower_s, compile_cache_hit=hit,
@@ -443,7 +375,8 @@ def measure_infer(spec: BenchSpec, batch: int, repeats: int, warmup: int, counte
     rec["recompilation"] = {"jit_cache_size_after_first_call": size_first, "jit_cache_size_end": size_end,
                             "backend_compiles_after_first_call": n_compiles,
                             "ok": size_end == size_first == 1 and n_compiles == 0}
-    rec["_output"] = np.asarray(fwd(variables, images))  # for the ONNX check, dropped from the json
+    out = jax.tree_util.tree_leaves(fwd(variables, inputs))
+    rec["_output"] = np.asarray(out[0])  # for the ONNX check, dropped from the json
     return rec
 
 
@@ -515,14 +448,14 @@ def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir
     with RssSampler() as rss:
         t0 = time.perf_counter()
         fn = spec.export_fn or spec.infer_fn
-        export_onnx(lambda x: fn(variables, x), np.zeros((1, s, s, 3), np.float32), path,
-                    dynamic_batch=True, output_names=spec.onnx_output_names)
+        inputs = spec.make_inputs(batch)
+        export_onnx(lambda **kw: fn(variables, **kw), {k: np.zeros((1,) + v.shape[1:], v.dtype) for k, v in inputs.items()},
+                    path, dynamic_batch=True, output_names=spec.onnx_output_names)
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         runner = OnnxRunner(path)
         session_s = time.perf_counter() - t0
-        images = np.random.RandomState(1).rand(batch, s, s, 3).astype(np.float32)
-        times, cpu_ms = time_calls(lambda i: runner(images), repeats, warmup)
+        times, cpu_ms = time_calls(lambda i: runner(**inputs), repeats, warmup)
     rec = _record("onnx_infer", batch, s, times, cpu_ms, compile_s=session_s, flops=flops, **rss.record())
     rec["export_s"] = export_s
     rec["onnx_path"] = os.path.abspath(path)
@@ -535,7 +468,7 @@ def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir
     except Exception:
         pass
     if reference is not None:  # the same images as measure_infer's (same seed)
-        got = runner(images)[0]
+        got = runner(**inputs)[0]
         ref = np.asarray(reference)
         err = float(np.max(np.abs(got.astype(np.float64) - ref)))
         rec["max_abs_err_vs_jax"] = err
@@ -592,14 +525,19 @@ def _load() -> list[float]:
 
 
 def time_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_batch: int,
-                         repeats: int) -> dict:
-    """Times the official PyTorch model (from the checkout `repo`) in a subprocess, so its
-    thread pool and imports stay out of this process: {'infer', 'infer_fused', 'train_step': ms}."""
+                         repeats: int, python: str = "") -> dict:
+    """Times the official PyTorch model (from the checkout `repo`) in a subprocess of the
+    interpreter `python` (default: this one; an environment with the official requirements), so
+    its thread pool and imports stay out of this process: {'infer', 'infer_fused', 'train_step': ms}.
+
+    Raises:
+      ValueError: the spec has no official runner; RuntimeError: the official run failed.
+    """
     if not spec.torch_reference_module:
         raise ValueError(f"{spec.name}: no official PyTorch reference runner")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "torch.json")
-        cmd = [sys.executable, "-m", spec.torch_reference_module, f"--repo={repo}", f"--variant={spec.variant}",
+        cmd = [python or sys.executable, "-m", spec.torch_reference_module, f"--repo={repo}", f"--variant={spec.variant}",
                f"--image_size={spec.image_size}", f"--infer_batch={infer_batch}",
                f"--train_batch={train_batch}", f"--repeats={repeats}", f"--out={out}"]
         # as users run the official code: without the malloc tunables launch.py gives our process
@@ -607,6 +545,7 @@ def time_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_bat
         env["GLIBC_TUNABLES"] = hostenv.without_ours(env.get("GLIBC_TUNABLES", ""))
         if not env["GLIBC_TUNABLES"]:
             del env["GLIBC_TUNABLES"]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_root(), env.get("PYTHONPATH", "")) if p)
         proc = subprocess.run(cmd, cwd=_root(), capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"official PyTorch benchmark from {repo} failed:\n{proc.stderr[-3000:]}")
@@ -629,13 +568,17 @@ def torch_records(spec: BenchSpec, repo: str, before: dict, after: dict, infer_b
 
 
 def _comparable_to_reference(spec: BenchSpec, infer_batch: int, train_batch: int) -> dict[str, bool]:
-    same_model = (spec.name == REFERENCE_SETTING["network"] and spec.variant == REFERENCE_SETTING["variant"]
-                  and spec.image_size == REFERENCE_SETTING["image_size"])
-    return {"infer": same_model and infer_batch == REFERENCE_SETTING["infer_batch"],
-            "train": same_model and train_batch == REFERENCE_SETTING["train_batch"]}
+    ref = (spec.reference or {}).get("setting")
+    if not ref:
+        return {"infer": False, "train": False}
+    same_model = spec.variant == ref["variant"] and spec.image_size == ref["image_size"]
+    return {"infer": same_model and infer_batch == ref["infer_batch"],
+            "train": same_model and train_batch == ref["train_batch"]}
 
 
 def ratios(records: list[dict], spec: BenchSpec, infer_batch: int, train_batch: int) -> dict:
+    """Same-run ratios (ONNX vs JAX, ours vs official torch when timed) and, at the spec's
+    reference setting, ratios to its reference figures."""
     by = {r["what"]: r for r in records}
     comp = _comparable_to_reference(spec, infer_batch, train_batch)
     out: dict[str, Any] = {}
@@ -646,15 +589,15 @@ def ratios(records: list[dict], spec: BenchSpec, infer_batch: int, train_batch: 
     if "train_step" in by and "infer" in by and by["train_step"]["batch"]:
         per_img = lambda r: r["median_ms"] / r["batch"]  # noqa: E731
         out["train_over_infer_time_per_image"] = per_img(by["train_step"]) / per_img(by["infer"])
-    lo, hi = REFERENCE_TORCH_YOLOV5S_INFER_MS
-    tlo, thi = REFERENCE_TORCH_YOLOV5S_TRAIN_STEP_MS
-    for what, key, (a, b), ok in (("infer", "jax_infer", (lo, hi), comp["infer"]),
-                                  ("onnx_infer", "onnx_infer", (lo, hi), comp["infer"]),
-                                  ("train_step", "jax_train_step", (tlo, thi), comp["train"])):
+    ref = spec.reference or {}
+    for what, key, span, ok in (("infer", "jax_infer", ref.get("infer_ms"), comp["infer"]),
+                                ("onnx_infer", "onnx_infer", ref.get("infer_ms"), comp["infer"]),
+                                ("train_step", "jax_train_step", ref.get("train_step_ms"), comp["train"])):
         r = by.get(what)
         if r is None:
             continue
-        if ok:
+        if ok and span:
+            a, b = span
             out[f"{key}_over_torch_reference"] = r["median_ms"] / ((a + b) / 2)
             out[f"{key}_over_torch_reference_upper"] = r["median_ms"] / b
             out[f"{key}_meets_target"] = r["median_ms"] <= b
@@ -664,8 +607,8 @@ def ratios(records: list[dict], spec: BenchSpec, infer_batch: int, train_batch: 
                          ("infer", "torch_infer"), ("train_step", "torch_train_step")):
         if ours in by and theirs in by:  # measured in this run: the figures to quote
             out[f"{ours}_over_{theirs}_measured"] = by[ours]["median_ms"] / by[theirs]["median_ms"]
-    if comp["infer"] and by.get("infer", {}).get("flops"):
-        out["xla_flops_over_official_gflops"] = by["infer"]["flops"] / (REFERENCE_YOLOV5S_GFLOPS_640 * 1e9)
+    if comp["infer"] and ref.get("gflops") and by.get("infer", {}).get("flops"):
+        out["xla_flops_over_official_gflops"] = by["infer"]["flops"] / (ref["gflops"] * 1e9)
     out["comparable_to_reference"] = comp
     return out
 
@@ -690,7 +633,7 @@ def table(records: list[dict]) -> str:
 
 def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: int, warmup: int = 2,
               stages: Sequence[str] = ("infer", "onnx", "train"), out_dir: str | None = None,
-              torch_repo: str = "") -> dict:
+              torch_repo: str = "", torch_python: str = "") -> dict:
     """Measures the given stages of `spec`; returns {'records', 'ratios', 'recompilation', ...}."""
     counter = CompileCounter()
     records: list[dict] = []
@@ -698,7 +641,7 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
     t_start = time.perf_counter()
     torch_before = None
     if torch_repo:  # timed before and after ours: a slow drift of a shared machine cancels in the ratio
-        torch_before = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats)
+        torch_before = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats, torch_python)
     try:
         ref_out, infer_flops = None, None
         if "infer" in stages:
@@ -714,7 +657,7 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
         if "train" in stages:
             records.extend(measure_train_step(spec, train_batch, repeats, warmup, counter))
         if torch_repo:
-            after = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats)
+            after = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats, torch_python)
             records.extend(torch_records(spec, torch_repo, torch_before, after, infer_batch, train_batch))
     finally:
         counter.close()
@@ -723,14 +666,7 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
         "records": records,
         "ratios": ratios(records, spec, infer_batch, train_batch),
         "recompilation": {"ok": all(v["ok"] for v in recomp.values()), **recomp},
-        "reference": {
-            "REFERENCE_TORCH_YOLOV5S_INFER_MS": list(REFERENCE_TORCH_YOLOV5S_INFER_MS),
-            "REFERENCE_TORCH_YOLOV5S_TRAIN_STEP_MS": list(REFERENCE_TORCH_YOLOV5S_TRAIN_STEP_MS),
-            "REFERENCE_YOLOV5S_GFLOPS_640": REFERENCE_YOLOV5S_GFLOPS_640,
-            "REFERENCE_SETTING": REFERENCE_SETTING,
-            "source": "issue figures for the official ultralytics PyTorch YOLOv5s on the same 2-core CPU "
-                      "(benchmark.torch_repo measures it in this run instead); GFLOPs from the ultralytics README",
-        },
+        "reference": spec.reference,
         "model": {"network": spec.name, "variant": spec.variant, "image_size": spec.image_size, **spec.info},
         "settings": {"infer_batch": infer_batch, "train_batch": train_batch, "repeats": repeats,
                      "warmup": warmup, "stages": list(stages)},
@@ -746,7 +682,7 @@ def run(config, workdir: str) -> dict:
     spec = make_spec(config)
     result = benchmark(spec, infer_batch=int(b.batch_size), train_batch=int(b.train_batch_size),
                        repeats=max(int(b.repeats), 1), out_dir=os.path.join(workdir, "benchmark"),
-                       torch_repo=b.get("torch_repo", ""))
+                       torch_repo=b.torch_repo, torch_python=b.torch_python)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "benchmark.json")
     with open(path, "w") as f:
@@ -763,6 +699,10 @@ def run(config, workdir: str) -> dict:
     print(f"  recompilation ok: {result['recompilation']['ok']}; written {path}")
     result["path"] = path
     return result
+
+
+def _root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def jax_cache_dir() -> str | None:
@@ -783,308 +723,3 @@ def _jsonable(obj):
     if isinstance(obj, np.bool_):
         return bool(obj)
     return obj
-
-
-# ---------------------------------------------------------------------------------------------
-# XLA:CPU flags study (separate processes: XLA reads XLA_FLAGS once, at backend start)
-
-# Candidate settings, each tried alone first (an unknown flag makes XLA abort the process).
-XLA_CANDIDATES: dict[str, str] = {
-    "default": "",
-    "eigen_single_thread": "--xla_cpu_multi_thread_eigen=false",
-    "fast_math": "--xla_cpu_enable_fast_math=true",
-    "no_xnnpack": "--xla_cpu_use_xnnpack=false",
-    "xnn_graph_greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
-    "xnn_fusion_dot_eltwise_reduce": "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
-    "xnn_individual_conv": "--xla_cpu_experimental_xnn_fusion_type=individual_convolution",
-    "ynn_individual_conv": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",
-    "ynn_individual_conv_dot": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot",
-    "onednn": "--xla_cpu_use_onednn=true",
-    "onednn_fusion_dot_eltwise": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise",
-    "opt_preset_fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
-    "opt_preset_fast_compile": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE",
-    "backend_opt_level_0": "--xla_backend_optimization_level=0",
-    "llvm_no_expensive_passes": "--xla_llvm_disable_expensive_passes=true",
-    "scheduler_memory": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
-    "scheduler_concurrency": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
-    "thunk_runtime_false": "--xla_cpu_use_thunk_runtime=false",
-    "not_a_flag_intra_op": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-}
-# Probed only, to record what this jaxlib rejects (each aborts the process when used).
-PROBE_ONLY: dict[str, str] = {
-    "intra_op_alone": "intra_op_parallelism_threads=1",
-    "intra_op_dashed": "--intra_op_parallelism_threads=1",
-    "disable_new_fusion_emitters": "--xla_cpu_disable_new_fusion_emitters=true",
-    "use_multi_output_fusion": "--xla_cpu_use_multi_output_fusion=true",
-    "bad_xnn_fusion_type_value": "--xla_cpu_experimental_xnn_fusion_type=bogus",
-}
-# Options aimed at compile time (tests compile the tiny model at 64 px over and over).
-COMPILE_CANDIDATES: dict[str, str] = {
-    "default": "",
-    "backend_opt_level_0": "--xla_backend_optimization_level=0",
-    "backend_opt_level_1": "--xla_backend_optimization_level=1",
-    "llvm_no_expensive_passes": "--xla_llvm_disable_expensive_passes=true",
-    "opt_preset_fast_compile": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE",
-    "opt0_and_no_expensive": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-    "parallel_codegen_split_1": "--xla_cpu_parallel_codegen_split_count=1",
-    "parallel_codegen_split_2": "--xla_cpu_parallel_codegen_split_count=2",
-    "no_xnnpack": "--xla_cpu_use_xnnpack=false",
-}
-
-_PROBE = r"""
-import numpy as np, jax, jax.numpy as jnp
-def f(w, x):
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = jax.nn.silu(y)
-    return (y.reshape(2, -1) @ jnp.ones((y.size // 2, 4))).sum() + jax.nn.sigmoid(y).max()
-x = jnp.asarray(np.random.RandomState(0).rand(2, 16, 16, 8), jnp.float32)
-w = jnp.asarray(np.random.RandomState(1).rand(3, 3, 8, 16) * 0.1, jnp.float32)
-v, g = jax.jit(jax.value_and_grad(f))(w, x)
-print("PROBE_OK", float(v), float(jnp.abs(g).sum()))
-"""
-
-
-def _root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def probe_flags(flags: str, timeout: float = 300) -> dict:
-    """Runs a small conv + grad under XLA_FLAGS=flags in a subprocess; accepted flags exit 0."""
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=timeout)
-    ok = p.returncode == 0 and "PROBE_OK" in p.stdout
-    msg = ""
-    for line in (p.stderr or "").splitlines():
-        if any(s in line for s in ("Unknown flag", "Illegal value", "no longer supported", "Could not open",
-                                   "Check failed", "rror")):
-            msg = line.split("] ", 1)[-1][:300]
-            break
-    value = p.stdout.split("PROBE_OK", 1)[1].split() if ok else None
-    return {"flags": flags, "accepted": ok, "returncode": p.returncode, "message": msg,
-            "probe_values": [float(v) for v in value] if value else None}
-
-
-def _worker_main(args) -> None:
-    """One measurement under this process's XLA_FLAGS (called in a subprocess)."""
-    from configs.yolov5 import get_config
-
-    config = get_config(args.config_arg or None)
-    config.benchmark.variant = args.variant
-    config.benchmark.image_size = args.image_size
-    config.benchmark.train_batch_size = args.train_batch
-    config.benchmark.batch_size = args.infer_batch
-    t0 = time.perf_counter()
-    spec = make_spec(config)
-    spec_s = time.perf_counter() - t0
-    stages = [s for s in args.stages.split(",") if s]
-    res = benchmark(spec, infer_batch=args.infer_batch, train_batch=args.train_batch, repeats=args.repeats,
-                    warmup=args.warmup, stages=stages, out_dir=args.out_dir or None)
-    res["spec_build_s"] = spec_s
-    with open(args.out, "w") as f:
-        json.dump(_jsonable(res), f, indent=2)
-
-
-def _run_worker(flags: str, *, variant: str, image_size: int, stages: str, repeats: int, infer_batch: int,
-                train_batch: int, warmup: int = 2, extra_env: dict | None = None, timeout: float = 3600) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "res.json")
-        env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-        env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are cold unless extra_env says otherwise
-        env.update(extra_env or {})
-        cmd = [sys.executable, "-m", "research.benchmark", "--worker", f"--out={out}", f"--variant={variant}",
-               f"--image_size={image_size}", f"--stages={stages}", f"--repeats={repeats}",
-               f"--infer_batch={infer_batch}", f"--train_batch={train_batch}", f"--warmup={warmup}"]
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, env=env, cwd=_root(), capture_output=True, text=True, timeout=timeout)
-        wall = time.perf_counter() - t0
-        if p.returncode != 0 or not os.path.exists(out):
-            return {"flags": flags, "error": (p.stderr or p.stdout)[-2000:], "returncode": p.returncode,
-                    "process_wall_s": wall}
-        with open(out) as f:
-            res = json.load(f)
-    res["process_wall_s"] = wall
-    return res
-
-
-def _summary(res: dict) -> dict:
-    if "error" in res:
-        return {"error": res["error"][-400:]}
-    s = {}
-    for r in res["records"]:
-        s[r["what"]] = {k: r.get(k) for k in ("median_ms", "min_ms", "cpu_ms_per_call", "compile_s", "flops_per_s",
-                                              "peak_rss_mb")}
-    s["load_average"] = res.get("load_average")
-    s["process_wall_s"] = res.get("process_wall_s")
-    s["recompilation_ok"] = res["recompilation"]["ok"]
-    return s
-
-
-def xla_flags_study(args) -> dict:
-    """Probes candidate XLA_FLAGS, times yolov5 inference / train step and tiny compile times."""
-    report: dict[str, Any] = {"environment": environment(), "settings": vars(args).copy(), "probe": {},
-                              "runtime": {}, "compile_tiny": {}}
-    names = [n for n in (args.candidates.split(",") if args.candidates else XLA_CANDIDATES)]
-    cnames = [n for n in (args.compile_candidates.split(",") if args.compile_candidates else COMPILE_CANDIDATES)]
-    out = args.out or os.path.join(_root(), "workdirs", "benchmark", "xla_flags_study.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-
-    def save():
-        with open(out, "w") as f:
-            json.dump(_jsonable(report), f, indent=2)
-
-    allflags = {**XLA_CANDIDATES, **COMPILE_CANDIDATES, **PROBE_ONLY}
-    to_probe = ([] if args.skip_runtime else names) + ([] if args.skip_compile else cnames)
-    for name in dict.fromkeys(to_probe + ([] if args.skip_probe_only else list(PROBE_ONLY))):
-        flags = allflags[name]
-        if name in report["probe"] or not flags:
-            report["probe"][name] = {"flags": flags, "accepted": True}
-            continue
-        report["probe"][name] = probe_flags(flags)
-        print(f"probe {name:32s} accepted={report['probe'][name]['accepted']} "
-              f"{report['probe'][name]['message']}", flush=True)
-    save()
-    if not args.skip_runtime:
-        for rnd in range(args.rounds):
-            for name in names:
-                if not report["probe"][name]["accepted"]:
-                    continue
-                res = _run_worker(XLA_CANDIDATES[name], variant=args.variant, image_size=args.image_size,
-                                  stages=args.study_stages, repeats=args.repeats, infer_batch=args.infer_batch,
-                                  train_batch=args.train_batch)
-                s = _summary(res)
-                report["runtime"].setdefault(name, {"flags": XLA_CANDIDATES[name], "rounds": []})["rounds"].append(s)
-                print(f"[round {rnd}] {name:32s} " + ("  ".join(
-                    f"{w} {s[w]['median_ms']:.1f} ms (cpu {s[w]['cpu_ms_per_call'] or 0:.0f} ms, compile "
-                    f"{s[w]['compile_s']:.1f} s)" for w in ("infer", "train_step") if w in s)
-                    if "error" not in s else f"ERROR {s['error'][-200:]}") + f"  load {s.get('load_average')}",
-                    flush=True)
-                save()
-        whats = tuple(w for w, st in (("infer", "infer"), ("train_step", "train")) if st in args.study_stages)
-        report["runtime_summary"] = _aggregate(report["runtime"], whats)
-    if not args.skip_compile:
-        for rnd in range(args.rounds):
-            for name in cnames:
-                if not report["probe"][name]["accepted"]:
-                    continue
-                res = _run_worker(COMPILE_CANDIDATES[name], variant="tiny", image_size=64, stages="infer,train",
-                                  repeats=3, infer_batch=1, train_batch=2, warmup=1)
-                s = _summary(res)
-                report["compile_tiny"].setdefault(name, {"flags": COMPILE_CANDIDATES[name], "rounds": []})[
-                    "rounds"].append(s)
-                print(f"[round {rnd}] tiny64 {name:26s} " + (
-                    f"compile infer {s['infer']['compile_s']:.2f} s train {s['train_step']['compile_s']:.2f} s; "
-                    f"run infer {s['infer']['median_ms']:.1f} ms train {s['train_step']['median_ms']:.1f} ms; "
-                    f"process {s['process_wall_s']:.1f} s" if "error" not in s else f"ERROR {s['error'][-200:]}"),
-                    flush=True)
-                save()
-            # the persistent compilation cache: a cold run fills it, a second process reads it
-            cache = tempfile.mkdtemp(prefix="jax_cc_")
-            try:
-                extra = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-                for phase in ("persistent_cache_cold", "persistent_cache_warm"):
-                    res = _run_worker("", variant="tiny", image_size=64, stages="infer,train", repeats=3,
-                                      infer_batch=1, train_batch=2, warmup=1, extra_env=extra)
-                    s = _summary(res)
-                    report["compile_tiny"].setdefault(phase, {"flags": "", "env": extra, "rounds": []})[
-                        "rounds"].append(s)
-                    print(f"[round {rnd}] tiny64 {phase:26s} " + (
-                        f"compile infer {s['infer']['compile_s']:.2f} s train {s['train_step']['compile_s']:.2f} s; "
-                        f"process {s['process_wall_s']:.1f} s" if "error" not in s else f"ERROR {s['error'][-200:]}"),
-                        flush=True)
-                    save()
-            finally:
-                shutil.rmtree(cache, ignore_errors=True)
-        report["compile_summary"] = _aggregate(report["compile_tiny"], ("infer", "train_step"))
-    save()
-    print_study(report)
-    print(f"written {out}")
-    return report
-
-
-def _aggregate(runs: dict, whats: Sequence[str]) -> dict:
-    """Per candidate: min over rounds of each round's median (noise from other processes only adds)."""
-    out = {}
-    for name, v in runs.items():
-        rounds = [r for r in v["rounds"] if "error" not in r]
-        if not rounds:
-            out[name] = {"error": True}
-            continue
-        agg = {"flags": v["flags"]}
-        for w in whats:
-            agg[f"{w}_ms"] = min(r[w]["median_ms"] for r in rounds)
-            agg[f"{w}_min_ms"] = min(r[w]["min_ms"] for r in rounds)
-            cpu = [r[w]["cpu_ms_per_call"] for r in rounds if r[w].get("cpu_ms_per_call")]
-            agg[f"{w}_cpu_ms"] = min(cpu) if cpu else None  # os.times ticks are 10 ms: tiny calls read 0
-            agg[f"{w}_compile_s"] = min(r[w]["compile_s"] for r in rounds)
-        agg["process_wall_s"] = min(r["process_wall_s"] for r in rounds)
-        out[name] = agg
-    base = out.get("default")
-    if base and "error" not in base:
-        for name, agg in out.items():
-            if "error" in agg:
-                continue
-            for w in whats:
-                for key, suffix in (("ms", "ms"), ("cpu_ms", "cpu"), ("compile_s", "compile")):
-                    num, den = agg[f"{w}_{key}"], base[f"{w}_{key}"]
-                    agg[f"{w}_{suffix}_over_default"] = num / den if num is not None and den else None
-    return out
-
-
-def print_study(report: dict) -> None:
-    def f(v, w=6, d=2):
-        return f"{v:{w}.{d}f}" if isinstance(v, (int, float)) else f"{'-':>{w}s}"
-
-    for key, title in (("runtime_summary", "yolov5 runtime"), ("compile_summary", "tiny 64px compile")):
-        summ = report.get(key)
-        if not summ:
-            continue
-        print(f"== {title} (min over rounds of medians; x = ratio to default)")
-        print(f"{'candidate':32s} {'infer ms':>9s} {'x':>6s} {'cpu x':>6s} {'train ms':>9s} {'x':>6s} {'cpu x':>6s} "
-              f"{'infer comp s':>12s} {'train comp s':>12s} {'x':>6s}")
-        for name, a in summ.items():
-            if "error" in a:
-                print(f"{name:32s} error")
-                continue
-            a = collections.defaultdict(lambda: None, a)
-            print(f"{name:32s} {f(a['infer_ms'], 9, 1)} {f(a.get('infer_ms_over_default'))} "
-                  f"{f(a.get('infer_cpu_over_default'))} {f(a['train_step_ms'], 9, 1)} "
-                  f"{f(a.get('train_step_ms_over_default'))} {f(a.get('train_step_cpu_over_default'))} "
-                  f"{f(a['infer_compile_s'], 12)} {f(a['train_step_compile_s'], 12)} "
-                  f"{f(a.get('train_step_compile_over_default'))}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--xla_flags_study", action="store_true", help="probe and time candidate XLA_FLAGS")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--variant", default="s")
-    p.add_argument("--image_size", type=int, default=640)
-    p.add_argument("--infer_batch", type=int, default=1)
-    p.add_argument("--train_batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=1, help="study: repeat every candidate this many times")
-    p.add_argument("--candidates", default="", help=f"study: comma list of {sorted(XLA_CANDIDATES)}")
-    p.add_argument("--compile_candidates", default="", help=f"study: comma list of {sorted(COMPILE_CANDIDATES)}")
-    p.add_argument("--skip_runtime", action="store_true")
-    p.add_argument("--skip_compile", action="store_true")
-    p.add_argument("--skip_probe_only", action="store_true", help="study: do not probe the known-bad flags")
-    p.add_argument("--stages", default="infer,train", help="worker: stages to measure")
-    p.add_argument("--study_stages", default="infer,train", help="study: 'infer' screens flags fast")
-    p.add_argument("--config_arg", default="", help="worker: configs/yolov5.py argument, e.g. 'smoke'")
-    p.add_argument("--out", default="")
-    p.add_argument("--out_dir", default="")
-    args = p.parse_args(argv)
-    if args.worker:
-        _worker_main(args)
-    elif args.xla_flags_study:
-        xla_flags_study(args)
-    else:
-        p.error("use --xla_flags_study (the benchmark itself is --mode=benchmark of launch.py)")
-
-
-if __name__ == "__main__":
-    if _root() not in sys.path:
-        sys.path.insert(0, _root())
-    main()

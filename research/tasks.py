@@ -19,13 +19,14 @@ Required members (abstract):
   loss_fn(params, batch_stats, batch, rng) -> (loss, (metrics, new_batch_stats))   [jit-able]
   train_loader(iterator_state)           iterable of this process's batch slices; its iterator has
                                          grain's get_state() (saved with each checkpoint)
-  evaluators(onnx_path=None, out_dir=None)  objects with `run(variables)` yielding (name, value);
-                                         ONNX-backed with a path; files (COCO results) into out_dir
   predict(variables, out_dir)            draws/saves predictions, returns the written paths
   export_spec(variables)                 `ExportSpec`: what `--mode=export` writes to ONNX
   to_torch(variables)                    official PyTorch state_dict (numpy arrays)
 
 Optional members (documented defaults here):
+  evaluators(onnx_path=None, out_dir=None)  built from `config.evals` by type
+                                         (`research/evaluation/base.py`): objects with
+                                         `every_steps` and `run(variables)` yielding (name, value)
   use_ema = False; accumulates = False   no EMA, no gradient-accumulation state
   prepare(workdir, mode)                 nothing (YOLOv5: the anchors of this run)
   accumulate(step) -> 1                  batches per optimiser update (only when `accumulates`)
@@ -34,6 +35,8 @@ Optional members (documented defaults here):
   to_device(local_batch) -> the batch    the arrays the step needs
   transform_batch(batch, step) -> batch  device-side change of the global batch before the step
   after_training(workdir)                curves.png from metrics.jsonl
+  benchmark_spec(config, variant, image_size)   [classmethod] the network's `BenchSpec` for
+                                         `--mode=benchmark` (default: a clear error)
 """
 
 from __future__ import annotations
@@ -160,14 +163,6 @@ class Task(abc.ABC):
         """This process's slices of the global training batches, resumable from `iterator_state`."""
 
     @abc.abstractmethod
-    def evaluators(self, onnx_path: str | None = None, out_dir: str | None = None) -> list:
-        """Evaluators (`run(variables) -> iterator of (name, value)`).
-
-        With `onnx_path` they run the exported model through ONNX Runtime (`variables` is then
-        None); with `out_dir` they may write their results there (`--mode=eval`).
-        """
-
-    @abc.abstractmethod
     def predict(self, variables: dict, out_dir: str) -> list[str]:
         """Runs the model on the prediction inputs and writes its pictures; returns their paths."""
 
@@ -182,6 +177,20 @@ class Task(abc.ABC):
     # ------------------------------------------------------------------ optional, with defaults
     def prepare(self, workdir: str, mode: str) -> None:
         """Workdir-specific set-up before any mode runs. Default: nothing."""
+
+    def evaluators(self, onnx_path: str | None = None, out_dir: str | None = None) -> list:
+        """The evaluators of `config.evals` (each `run(variables) -> iterator of (name, value)`,
+        at its own `every_steps`).
+
+        With `onnx_path` they run the exported model through ONNX Runtime (`variables` is then
+        None); with `out_dir` they may write their results there (`--mode=eval`).
+
+        Raises:
+          ValueError: an entry of `config.evals` of an unknown type.
+        """
+        from research.evaluation import base
+        return base.build(self, self.config.get("evals", {}), default_every_steps=self.config.eval_every_steps,
+                          onnx_path=onnx_path, out_dir=out_dir)
 
     def accumulate(self, step: int) -> int:
         """Batches per optimiser update at iteration `step` (read only when `accumulates`)."""
@@ -202,6 +211,16 @@ class Task(abc.ABC):
     def transform_batch(self, batch: dict, step: int) -> dict:
         """A device-side change of the global batch before the step. Default: none."""
         return batch
+
+    @classmethod
+    def benchmark_spec(cls, config, *, variant: str, image_size: int):
+        """The `research.benchmark.BenchSpec` of this network (built from the real task).
+
+        Raises:
+          NotImplementedError: the network has no benchmark spec yet.
+        """
+        raise NotImplementedError(f"network {cls.name!r} has no benchmark spec: define "
+                                  f"Task.benchmark_spec in research/{cls.name}/task.py")
 
     def after_training(self, workdir: str) -> None:
         """After the last step: `curves.png` from `metrics.jsonl` (process 0)."""

@@ -304,12 +304,11 @@ def _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng, w
         if step % config.checkpoint_every_steps == 0 or step == total_steps:
             _check_finite(pending, keep_last=False)
             ckpt.save(step, state, _iterator_state(it))
-        if evaluators and config.eval_every_steps > 0 and (step % config.eval_every_steps == 0
-                                                           or step == total_steps):
+        due = [ev for ev in evaluators if ev.every_steps > 0 and (step % ev.every_steps == 0 or step == total_steps)]
+        if due:  # each evaluator at its own cadence, and all of them after the last step
             variables = state.eval_variables(config.eval.use_ema)
-            for ev in evaluators:
-                results = dict(ev.run(variables))
-                writer.write(step, results)
+            for ev in due:
+                writer.write(step, dict(ev.run(variables)))
     return state, step
 
 

@@ -62,6 +62,9 @@ def test_all_mode_learns_evaluates_predicts_exports(tmp_path):
     mse = [r["train/mse"] for r in records if "train/mse" in r]
     assert mse[-1] < 0.5 * mse[0], mse  # it learns
     assert res["perf/train_step_compiles"] == 1
+    # evaluators from config.evals, each at its own cadence and after the last step
+    assert [r["step"] for r in records if "eval/mse" in r] == [12, 24]
+    assert [r["step"] for r in records if "often/mse" in r] == [8, 16, 24]
     for f in ("config.json", "parameters.txt", "curves.png", "export/model.pt", "export/model.safetensors",
               "export/model.onnx", "predictions/predictions.txt", "eval_onnx_mse.txt", "results_all.json"):
         assert os.path.exists(os.path.join(wd, f)), f
@@ -99,6 +102,13 @@ def test_modes_run_from_official_weights_without_a_checkpoint(tmp_path):
     assert "eval/mse" in modes.run(c, wd, "eval")
     assert modes.run(c, wd, "predict")["predictions"]
     assert not os.path.exists(os.path.join(wd, "checkpoints")) or not os.listdir(os.path.join(wd, "checkpoints"))
+
+
+def test_unknown_evaluator_type_is_a_clear_error():
+    c = _config()
+    c.evals.mse.type = "msee"
+    with pytest.raises(ValueError, match=r"config.evals.mse.type='msee': unknown evaluator type; known: .*toy_mse"):
+        toy_task.ToyTask(c).evaluators()
 
 
 def test_modes_without_checkpoint_or_weights_say_what_to_do(tmp_path):

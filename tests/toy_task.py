@@ -21,6 +21,7 @@ import optax
 
 from research import tasks
 from research.bridge import torch_bridge
+from research.evaluation import base as evaluation_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 8
     c.keep_checkpoints = 3
     c.async_checkpoints = False
+    c.evals = ml_collections.ConfigDict()
+    c.evals.mse = ml_collections.ConfigDict(dict(type="toy_mse", every_steps=0))  # 0: eval_every_steps
+    c.evals.often = ml_collections.ConfigDict(dict(type="toy_mse", every_steps=8, prefix="often"))
     c.eval = ml_collections.ConfigDict(dict(use_ema=True, onnx=False))
     c.export = ml_collections.ConfigDict(dict(onnx=True, torch=True))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
@@ -64,20 +68,19 @@ def make_data(n: int, seed: int) -> dict:
     return {"image": images.astype(np.float32), "target": (images.mean(axis=(1, 2, 3)) * 4).astype(np.float32)}
 
 
-class MseEvaluator:
-    def __init__(self, task: "ToyTask", onnx_path: str | None, out_dir: str | None):
-        self.task, self.onnx_path, self.out_dir = task, onnx_path, out_dir
+@evaluation_base.register("toy_mse")
+class MseEvaluator(evaluation_base.Evaluator):
+    """Validation MSE (an evaluator type registered like the shared ones)."""
 
     def run(self, variables):
         data = make_data(self.task.config.data.num_eval, seed=1)
         if self.onnx_path:
             from research.bridge.onnx_export import OnnxRunner
             pred = OnnxRunner(self.onnx_path)(images=data["image"])[0]
-            prefix = "eval_onnx"
         else:
             from research import parallel
             pred = np.asarray(self.task.model.apply(parallel.local_copy(variables), data["image"]))
-            prefix = "eval"
+        prefix = self.prefix
         mse = float(np.mean((pred - data["target"]) ** 2))
         if self.out_dir:
             with open(os.path.join(self.out_dir, f"{prefix}_mse.txt"), "w") as f:
@@ -133,9 +136,6 @@ class ToyTask(tasks.Task):
                     it.set_state(iterator_state)
                 return it
         return Loader()
-
-    def evaluators(self, onnx_path=None, out_dir=None):
-        return [MseEvaluator(self, onnx_path, out_dir)]
 
     def predict(self, variables, out_dir):
         data = make_data(4, seed=2)

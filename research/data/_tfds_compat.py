@@ -23,17 +23,17 @@ from tensorflow_datasets.core.utils import py_utils
 
 
 class SourceFileCodePath:
-  """Mixin for tfds builders: ``code_path`` = the file defining the class; no bucket look-up."""
+    """Mixin for tfds builders: ``code_path`` = the file defining the class; no bucket look-up."""
 
-  def dataset_info_from_configs(self, **kwargs):
-    info = super().dataset_info_from_configs(**kwargs)
-    info.initialize_from_bucket = lambda: None  # local data: nothing on the bucket
-    return info
+    def dataset_info_from_configs(self, **kwargs):
+        info = super().dataset_info_from_configs(**kwargs)
+        info.initialize_from_bucket = lambda: None  # local data: nothing on the bucket
+        return info
 
-  @py_utils.classproperty
-  @classmethod
-  def code_path(cls):  # pylint: disable=no-self-argument
-    try:
-      return epath.Path(inspect.getfile(cls))
-    except (TypeError, OSError):
-      return None
+    @py_utils.classproperty
+    @classmethod
+    def code_path(cls):  # pylint: disable=no-self-argument
+        try:
+            return epath.Path(inspect.getfile(cls))
+        except (TypeError, OSError):
+            return None

@@ -61,274 +61,274 @@ __all__ = ['COCO80_TO_91', 'COCO80_NAMES', 'COCO91_TO_80', 'CocoConfig',
 
 @dataclasses.dataclass(eq=False)
 class CocoConfig(tfds.core.BuilderConfig):
-  """Where the COCO-format files are and how categories map to labels.
+    """Where the COCO-format files are and how categories map to labels.
 
-  Attributes:
-    root: dataset folder; when None the tfds ``manual_dir`` is used.
-    train_annotations / validation_annotations: json paths relative to root.
-    train_images / validation_images: image folders relative to root.
-    splits: which splits to generate.
-    category_ids: contiguous label -> category id table.
-    class_names: names for the labels (same length as ``category_ids``).
-  """
-  root: str | None = None
-  train_annotations: str = 'annotations/instances_train2017.json'
-  validation_annotations: str = 'annotations/instances_val2017.json'
-  train_images: str = 'train2017'
-  validation_images: str = 'val2017'
-  splits: tuple[str, ...] = ('train', 'validation')
-  category_ids: tuple[int, ...] = COCO80_TO_91
-  class_names: tuple[str, ...] = COCO80_NAMES
+    Attributes:
+      root: dataset folder; when None the tfds ``manual_dir`` is used.
+      train_annotations / validation_annotations: json paths relative to root.
+      train_images / validation_images: image folders relative to root.
+      splits: which splits to generate.
+      category_ids: contiguous label -> category id table.
+      class_names: names for the labels (same length as ``category_ids``).
+    """
+    root: str | None = None
+    train_annotations: str = 'annotations/instances_train2017.json'
+    validation_annotations: str = 'annotations/instances_val2017.json'
+    train_images: str = 'train2017'
+    validation_images: str = 'val2017'
+    splits: tuple[str, ...] = ('train', 'validation')
+    category_ids: tuple[int, ...] = COCO80_TO_91
+    class_names: tuple[str, ...] = COCO80_NAMES
 
 
 def label_to_category_id(labels, category_ids=COCO80_TO_91) -> np.ndarray:
-  """Maps contiguous labels back to dataset category ids."""
-  return np.asarray(category_ids, np.int64)[np.asarray(labels, np.int64)]
+    """Maps contiguous labels back to dataset category ids."""
+    return np.asarray(category_ids, np.int64)[np.asarray(labels, np.int64)]
 
 
 _EXIF_ORIENTATION = 0x0112
 
 
 def exif_orientation(data: bytes) -> int:
-  """The EXIF orientation tag (1..8) of encoded image bytes; 1 when absent or unreadable."""
-  import io
-  from PIL import Image
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      o = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-  except Exception:  # pylint: disable=broad-except
-    return 1
-  return o if 1 <= o <= 8 else 1
+    """The EXIF orientation tag (1..8) of encoded image bytes; 1 when absent or unreadable."""
+    import io
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            o = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # pylint: disable=broad-except
+        return 1
+    return o if 1 <= o <= 8 else 1
 
 
 def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
-  """Pixels as displayed: EXIF orientation 2..8 applied to an [H, W, ...] array (PIL's
-  `ImageOps.exif_transpose` convention)."""
-  ops = {
-      1: lambda a: a,
-      2: lambda a: a[:, ::-1],
-      3: lambda a: a[::-1, ::-1],
-      4: lambda a: a[::-1],
-      5: lambda a: np.swapaxes(a, 0, 1),
-      6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
-      7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
-      8: lambda a: np.swapaxes(a, 0, 1)[::-1],
-  }
-  return np.ascontiguousarray(ops[int(orientation)](arr))
+    """Pixels as displayed: EXIF orientation 2..8 applied to an [H, W, ...] array (PIL's
+    `ImageOps.exif_transpose` convention)."""
+    ops = {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: np.swapaxes(a, 0, 1),
+        6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
+        7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+        8: lambda a: np.swapaxes(a, 0, 1)[::-1],
+    }
+    return np.ascontiguousarray(ops[int(orientation)](arr))
 
 
 def _orientation_frame(orientation: int, raw_hw, json_hw, fname: str) -> bool:
-  """Whether the annotations are in the displayed (EXIF-oriented) frame.
+    """Whether the annotations are in the displayed (EXIF-oriented) frame.
 
-  A 90-degree orientation (5..8) swaps height and width, so the annotation file's image size
-  tells which frame its boxes use; otherwise (flips, 180 degrees, no size in the file) the
-  official loader's choice holds: `cv2.imread` shows the image as oriented.
-  """
-  h, w = raw_hw
-  if orientation >= 5 and json_hw != (None, None):
-    if tuple(json_hw) == (h, w) and h != w:
-      logging.warning('coco: %s: EXIF orientation %d, but the annotation file gives the stored '
-                      'size %dx%d; boxes taken in the stored (unrotated) frame', fname,
-                      orientation, h, w)
-      return False
-  logging.warning('coco: %s: EXIF orientation %d applied to the pixels (as the image is shown '
-                  'and cv2.imread loads it); boxes taken in that frame', fname, orientation)
-  return True
+    A 90-degree orientation (5..8) swaps height and width, so the annotation file's image size
+    tells which frame its boxes use; otherwise (flips, 180 degrees, no size in the file) the
+    official loader's choice holds: `cv2.imread` shows the image as oriented.
+    """
+    h, w = raw_hw
+    if orientation >= 5 and json_hw != (None, None):
+        if tuple(json_hw) == (h, w) and h != w:
+            logging.warning('coco: %s: EXIF orientation %d, but the annotation file gives the stored '
+                            'size %dx%d; boxes taken in the stored (unrotated) frame', fname,
+                            orientation, h, w)
+            return False
+    logging.warning('coco: %s: EXIF orientation %d applied to the pixels (as the image is shown '
+                    'and cv2.imread loads it); boxes taken in that frame', fname, orientation)
+    return True
 
 
 def _decode_check(data: bytes, json_hw=(None, None), fname: str = ''):
-  """Decodes image bytes; returns (bytes to store, height, width) or None.
+    """Decodes image bytes; returns (bytes to store, height, width) or None.
 
-  The stored bytes decode (ignoring any EXIF orientation, as the loader does) to the pixel frame
-  the annotations use: an image whose EXIF orientation applies is stored re-encoded (PNG,
-  lossless) with the orientation applied.
-  """
-  arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # stored frame
-  if arr is None or arr.ndim not in (2, 3) or arr.size == 0:
-    return None
-  is_jpeg = data[:3] == b'\xff\xd8\xff'
-  is_png = data[:8] == b'\x89PNG\r\n\x1a\n'
-  orientation = exif_orientation(data)
-  oriented = orientation != 1 and _orientation_frame(orientation, arr.shape[:2], json_hw, fname)
-  if oriented:
-    arr = apply_orientation(arr, orientation)
-  if not oriented and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8 and (
-      is_jpeg or is_png):
-    return data, arr.shape[0], arr.shape[1]
-  # normalise anything else (grey, alpha, 16 bit, other formats, re-oriented) to RGB PNG
-  if arr.dtype != np.uint8:
-    arr = cv2.convertScaleAbs(arr, alpha=255.0 / max(float(arr.max()), 1.0))
-  if arr.ndim == 2 or arr.shape[2] == 1:
-    arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
-  elif arr.shape[2] == 4:
-    arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2BGR)
-  ok, buf = cv2.imencode('.png', arr)
-  if not ok:
-    return None
-  return buf.tobytes(), arr.shape[0], arr.shape[1]
+    The stored bytes decode (ignoring any EXIF orientation, as the loader does) to the pixel frame
+    the annotations use: an image whose EXIF orientation applies is stored re-encoded (PNG,
+    lossless) with the orientation applied.
+    """
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # stored frame
+    if arr is None or arr.ndim not in (2, 3) or arr.size == 0:
+        return None
+    is_jpeg = data[:3] == b'\xff\xd8\xff'
+    is_png = data[:8] == b'\x89PNG\r\n\x1a\n'
+    orientation = exif_orientation(data)
+    oriented = orientation != 1 and _orientation_frame(orientation, arr.shape[:2], json_hw, fname)
+    if oriented:
+        arr = apply_orientation(arr, orientation)
+    if not oriented and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8 and (
+        is_jpeg or is_png):
+        return data, arr.shape[0], arr.shape[1]
+    # normalise anything else (grey, alpha, 16 bit, other formats, re-oriented) to RGB PNG
+    if arr.dtype != np.uint8:
+        arr = cv2.convertScaleAbs(arr, alpha=255.0 / max(float(arr.max()), 1.0))
+    if arr.ndim == 2 or arr.shape[2] == 1:
+        arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
+    elif arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2BGR)
+    ok, buf = cv2.imencode('.png', arr)
+    if not ok:
+        return None
+    return buf.tobytes(), arr.shape[0], arr.shape[1]
 
 
 class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
                          tfds.core.GeneratorBasedBuilder):
-  """COCO-format detection data read from a local folder."""
+    """COCO-format detection data read from a local folder."""
 
-  VERSION = tfds.core.Version('1.1.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.',
-                   '1.1.0': 'EXIF orientation: images stored in the frame of their boxes.'}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Put a COCO-format folder (annotations/instances_{train,val}2017.json, '
-      'train2017/, val2017/) in manual_dir, or set CocoConfig.root.')
-  BUILDER_CONFIGS = [CocoConfig(name='default', description='COCO 2017 layout')]
-  DEFAULT_CONFIG_NAME = 'default'
+    VERSION = tfds.core.Version('1.1.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                     '1.1.0': 'EXIF orientation: images stored in the frame of their boxes.'}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        'Put a COCO-format folder (annotations/instances_{train,val}2017.json, '
+        'train2017/, val2017/) in manual_dir, or set CocoConfig.root.')
+    BUILDER_CONFIGS = [CocoConfig(name='default', description='COCO 2017 layout')]
+    DEFAULT_CONFIG_NAME = 'default'
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    cfg = self.builder_config
-    if len(cfg.class_names) != len(cfg.category_ids):
-      raise ValueError('class_names and category_ids differ in length')
-    return self.dataset_info_from_configs(
-        description='Local COCO-format object detection data.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3)),
-            'image/filename': tfds.features.Text(),
-            'image_id': np.int64,
-            'objects': tfds.features.Sequence({
-                'bbox': tfds.features.BBoxFeature(),
-                'label': tfds.features.ClassLabel(names=cfg.class_names),
-                'category_id': np.int64,
-                'is_crowd': np.bool_,
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config
+        if len(cfg.class_names) != len(cfg.category_ids):
+            raise ValueError('class_names and category_ids differ in length')
+        return self.dataset_info_from_configs(
+            description='Local COCO-format object detection data.',
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(None, None, 3)),
+                'image/filename': tfds.features.Text(),
+                'image_id': np.int64,
+                'objects': tfds.features.Sequence({
+                    'bbox': tfds.features.BBoxFeature(),
+                    'label': tfds.features.ClassLabel(names=cfg.class_names),
+                    'category_id': np.int64,
+                    'is_crowd': np.bool_,
+                }),
             }),
-        }),
-        supervised_keys=None,
-        # label i <-> category id category_ids[i]; kept in metadata.json
-        metadata=tfds.core.MetadataDict(
-            category_ids=[int(c) for c in cfg.category_ids]),
-    )
+            supervised_keys=None,
+            # label i <-> category id category_ids[i]; kept in metadata.json
+            metadata=tfds.core.MetadataDict(
+                category_ids=[int(c) for c in cfg.category_ids]),
+        )
 
-  def _root(self, dl_manager) -> epath.Path:
-    cfg = self.builder_config
-    if cfg.root is not None:
-      root = epath.Path(cfg.root)
-    else:
-      root = getattr(dl_manager, '_manual_dir', None)
-      if root is None:
-        raise FileNotFoundError('No COCO folder: pass manual_dir or '
-                                'CocoConfig(root=...)')
-      root = epath.Path(root)
-    if not root.is_dir():
-      raise FileNotFoundError(f'COCO folder not found: {os.fspath(root)}')
-    return root
+    def _root(self, dl_manager) -> epath.Path:
+        cfg = self.builder_config
+        if cfg.root is not None:
+            root = epath.Path(cfg.root)
+        else:
+            root = getattr(dl_manager, '_manual_dir', None)
+            if root is None:
+                raise FileNotFoundError('No COCO folder: pass manual_dir or '
+                                        'CocoConfig(root=...)')
+            root = epath.Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f'COCO folder not found: {os.fspath(root)}')
+        return root
 
-  def _split_generators(self, dl_manager):
-    cfg = self.builder_config
-    root = self._root(dl_manager)
-    out = {}
-    for split in cfg.splits:
-      if split not in ('train', 'validation'):
-        raise ValueError(f'unknown split {split!r}')
-      ann = root / getattr(cfg, f'{split}_annotations')
-      img_dir = root / getattr(cfg, f'{split}_images')
-      if not ann.is_file():
-        raise FileNotFoundError(
-            f'COCO annotations file not found: {os.fspath(ann)}')
-      if not img_dir.is_dir():
-        raise FileNotFoundError(
-            f'COCO images folder not found: {os.fspath(img_dir)}')
-      out[split] = self._generate_examples(ann, img_dir)
-    return out
+    def _split_generators(self, dl_manager):
+        cfg = self.builder_config
+        root = self._root(dl_manager)
+        out = {}
+        for split in cfg.splits:
+            if split not in ('train', 'validation'):
+                raise ValueError(f'unknown split {split!r}')
+            ann = root / getattr(cfg, f'{split}_annotations')
+            img_dir = root / getattr(cfg, f'{split}_images')
+            if not ann.is_file():
+                raise FileNotFoundError(
+                    f'COCO annotations file not found: {os.fspath(ann)}')
+            if not img_dir.is_dir():
+                raise FileNotFoundError(
+                    f'COCO images folder not found: {os.fspath(img_dir)}')
+            out[split] = self._generate_examples(ann, img_dir)
+        return out
 
-  def _generate_examples(self, ann_path: epath.Path, img_dir: epath.Path):
-    cfg = self.builder_config
-    cat_to_label = {int(c): i for i, c in enumerate(cfg.category_ids)}
-    with ann_path.open('r') as f:
-      data = json.load(f)
-    by_image = collections.defaultdict(list)
-    for a in data.get('annotations', []):
-      try:
-        by_image[int(a['image_id'])].append(a)
-      except (KeyError, TypeError, ValueError):
-        logging.warning('coco: %s: annotation without a valid image_id: %r; '
-                        'dropped', os.fspath(ann_path), a)
-    images = []
-    for info in data.get('images', []):
-      try:
-        images.append((int(info['id']), str(info['file_name']), info))
-      except (KeyError, TypeError, ValueError):
-        logging.warning('coco: %s: image entry without id/file_name: %r; '
-                        'skipped', os.fspath(ann_path), info)
-    warned_cats = set()
-    for image_id, fname, info in sorted(images, key=lambda x: x[0]):
-      path = img_dir / fname
-      try:
-        checked = _decode_check(path.read_bytes(), (info.get('height'), info.get('width')), fname)
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning('coco: skipping image %s (id %d): cannot read: %s',
-                        os.fspath(path), image_id, e)
-        continue
-      if checked is None:
-        logging.warning('coco: skipping image %s (id %d): cannot decode',
-                        os.fspath(path), image_id)
-        continue
-      encoded, h, w = checked
-      if (info.get('height'), info.get('width')) not in ((h, w), (None, None)):
-        logging.warning('coco: %s: json size %sx%s differs from decoded %dx%d;'
-                        ' using decoded', fname, info.get('height'),
-                        info.get('width'), h, w)
-      bboxes, labels, cats, crowd = [], [], [], []
-      for a in by_image.get(image_id, []):
+    def _generate_examples(self, ann_path: epath.Path, img_dir: epath.Path):
+        cfg = self.builder_config
+        cat_to_label = {int(c): i for i, c in enumerate(cfg.category_ids)}
+        with ann_path.open('r') as f:
+            data = json.load(f)
+        by_image = collections.defaultdict(list)
+        for a in data.get('annotations', []):
+            try:
+                by_image[int(a['image_id'])].append(a)
+            except (KeyError, TypeError, ValueError):
+                logging.warning('coco: %s: annotation without a valid image_id: %r; '
+                                'dropped', os.fspath(ann_path), a)
+        images = []
+        for info in data.get('images', []):
+            try:
+                images.append((int(info['id']), str(info['file_name']), info))
+            except (KeyError, TypeError, ValueError):
+                logging.warning('coco: %s: image entry without id/file_name: %r; '
+                                'skipped', os.fspath(ann_path), info)
+        warned_cats = set()
+        for image_id, fname, info in sorted(images, key=lambda x: x[0]):
+            path = img_dir / fname
+            try:
+                checked = _decode_check(path.read_bytes(), (info.get('height'), info.get('width')), fname)
+            except Exception as e:  # pylint: disable=broad-except
+                logging.warning('coco: skipping image %s (id %d): cannot read: %s',
+                                os.fspath(path), image_id, e)
+                continue
+            if checked is None:
+                logging.warning('coco: skipping image %s (id %d): cannot decode',
+                                os.fspath(path), image_id)
+                continue
+            encoded, h, w = checked
+            if (info.get('height'), info.get('width')) not in ((h, w), (None, None)):
+                logging.warning('coco: %s: json size %sx%s differs from decoded %dx%d;'
+                                ' using decoded', fname, info.get('height'),
+                                info.get('width'), h, w)
+            bboxes, labels, cats, crowd = [], [], [], []
+            for a in by_image.get(image_id, []):
+                try:
+                    cid = int(a['category_id'])
+                except (KeyError, TypeError, ValueError):
+                    logging.warning('coco: %s: annotation %s has no valid category_id; '
+                                    'dropped', fname, a.get('id'))
+                    continue
+                if cid not in cat_to_label:
+                    if cid not in warned_cats:
+                        logging.warning('coco: %s: unknown category id %d; dropping its '
+                                        'boxes', fname, cid)
+                        warned_cats.add(cid)
+                    continue
+                box = self._check_box(a.get('bbox'), w, h, fname, a.get('id'))
+                if box is None:
+                    continue
+                x1, y1, x2, y2 = box
+                bboxes.append([y1 / h, x1 / w, y2 / h, x2 / w])
+                labels.append(cat_to_label[cid])
+                cats.append(cid)
+                crowd.append(bool(a.get('iscrowd', 0)))
+            yield image_id, {
+                'image': encoded,
+                'image/filename': fname,
+                'image_id': image_id,
+                'objects': {
+                    'bbox': np.asarray(bboxes, np.float32).reshape(-1, 4),
+                    'label': np.asarray(labels, np.int64),
+                    'category_id': np.asarray(cats, np.int64),
+                    'is_crowd': np.asarray(crowd, np.bool_),
+                },
+            }
+
+    @staticmethod
+    def _check_box(bbox, w: int, h: int, fname: str, ann_id):
+        """Validated, clipped pixel box (x1, y1, x2, y2) or None (logged)."""
         try:
-          cid = int(a['category_id'])
-        except (KeyError, TypeError, ValueError):
-          logging.warning('coco: %s: annotation %s has no valid category_id; '
-                          'dropped', fname, a.get('id'))
-          continue
-        if cid not in cat_to_label:
-          if cid not in warned_cats:
-            logging.warning('coco: %s: unknown category id %d; dropping its '
-                            'boxes', fname, cid)
-            warned_cats.add(cid)
-          continue
-        box = self._check_box(a.get('bbox'), w, h, fname, a.get('id'))
-        if box is None:
-          continue
-        x1, y1, x2, y2 = box
-        bboxes.append([y1 / h, x1 / w, y2 / h, x2 / w])
-        labels.append(cat_to_label[cid])
-        cats.append(cid)
-        crowd.append(bool(a.get('iscrowd', 0)))
-      yield image_id, {
-          'image': encoded,
-          'image/filename': fname,
-          'image_id': image_id,
-          'objects': {
-              'bbox': np.asarray(bboxes, np.float32).reshape(-1, 4),
-              'label': np.asarray(labels, np.int64),
-              'category_id': np.asarray(cats, np.int64),
-              'is_crowd': np.asarray(crowd, np.bool_),
-          },
-      }
-
-  @staticmethod
-  def _check_box(bbox, w: int, h: int, fname: str, ann_id):
-    """Validated, clipped pixel box (x1, y1, x2, y2) or None (logged)."""
-    try:
-      x, y, bw, bh = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-      logging.warning('coco: %s: annotation %s has a malformed bbox %r; '
-                      'dropped', fname, ann_id, bbox)
-      return None
-    if not all(np.isfinite([x, y, bw, bh])) or bw <= 0 or bh <= 0:
-      logging.warning('coco: %s: annotation %s has non-positive size bbox %r;'
-                      ' dropped', fname, ann_id, bbox)
-      return None
-    x1, y1, x2, y2 = x, y, x + bw, y + bh
-    cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)
-    cx2, cy2 = min(max(x2, 0.0), w), min(max(y2, 0.0), h)
-    if cx2 - cx1 <= 0 or cy2 - cy1 <= 0:
-      logging.warning('coco: %s: annotation %s bbox %r lies outside the %dx%d '
-                      'image; dropped', fname, ann_id, bbox, w, h)
-      return None
-    overshoot = max(cx1 - x1, cy1 - y1, x2 - cx2, y2 - cy2)
-    if overshoot > _CLIP_TOLERANCE_PX:
-      logging.warning('coco: %s: annotation %s bbox %r extends outside the '
-                      '%dx%d image; clipped', fname, ann_id, bbox, w, h)
-    return cx1, cy1, cx2, cy2
+            x, y, bw, bh = (float(v) for v in bbox)
+        except (TypeError, ValueError):
+            logging.warning('coco: %s: annotation %s has a malformed bbox %r; '
+                            'dropped', fname, ann_id, bbox)
+            return None
+        if not all(np.isfinite([x, y, bw, bh])) or bw <= 0 or bh <= 0:
+            logging.warning('coco: %s: annotation %s has non-positive size bbox %r;'
+                            ' dropped', fname, ann_id, bbox)
+            return None
+        x1, y1, x2, y2 = x, y, x + bw, y + bh
+        cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)
+        cx2, cy2 = min(max(x2, 0.0), w), min(max(y2, 0.0), h)
+        if cx2 - cx1 <= 0 or cy2 - cy1 <= 0:
+            logging.warning('coco: %s: annotation %s bbox %r lies outside the %dx%d '
+                            'image; dropped', fname, ann_id, bbox, w, h)
+            return None
+        overshoot = max(cx1 - x1, cy1 - y1, x2 - cx2, y2 - cy2)
+        if overshoot > _CLIP_TOLERANCE_PX:
+            logging.warning('coco: %s: annotation %s bbox %r extends outside the '
+                            '%dx%d image; clipped', fname, ann_id, bbox, w, h)
+        return cx1, cy1, cx2, cy2

@@ -216,8 +216,55 @@ class Task(tasks.Task):
             return batch
         return dict(batch, image=_resize_bilinear(batch["image"], size))
 
-    def evaluators(self, onnx_path: str | None = None, out_dir: str | None = None):
-        return [DetectionEvaluator(self, onnx_path=onnx_path, out_dir=out_dir)]
+    # ---------------------------------------------------------------- the detector protocol
+    # (research/evaluation/detection.py: the `coco_detection` evaluator of config.evals)
+    @property
+    def label_to_category_id(self):
+        return self.dataset.label_to_category_id
+
+    def ground_truth_file(self, split: str) -> str | None:
+        return self.dataset.annotation_file(split, self.config.eval.annotations)
+
+    def predictions(self, variables, onnx_path: str | None, split: str) -> Iterator[tuple[dict, np.ndarray]]:
+        """(loader batch, raw `pred` [B, N, 5 + nc]) over `split`, from `variables` or the ONNX model."""
+        cfg = self.config
+        rect = bool(cfg.eval.rect)
+        if rect and onnx_path:
+            logging.info("eval: the exported ONNX model has a fixed %d px input; square batches, not rect",
+                         cfg.data.image_size)
+            rect = False
+        # rect: val.py's aspect-ratio batches (each shape compiles once; the last batch of a shape
+        # is padded to the full batch, so the compiled shapes are the distinct batch shapes)
+        loader = self.dataset.loader(split, train=False, batch_size=cfg.eval.batch_size, hyp=cfg.hyp, seed=0,
+                                     process_index=0, process_count=1,
+                                     rect_stride=max(self.model.strides) if rect else 0)
+        if onnx_path:
+            from research.bridge.onnx_export import OnnxRunner
+            runner = OnnxRunner(onnx_path)
+            run = lambda images: runner(images.astype(np.float32) / 255.0)[0]  # noqa: E731
+        else:
+            fwd = self.predict_fn()
+            variables = parallel.local_copy(variables)
+            run = lambda images: np.asarray(fwd(variables, images))  # noqa: E731
+        for batch in loader:
+            yield batch, run(batch["image"])
+
+    def detections(self, variables, onnx_path: str | None, split: str) -> Iterator[dict]:
+        """val.py's detections: NMS (`config.eval` thresholds, multi-label) and boxes back to the
+        original image pixels, with each image's ground truth; padding examples skipped."""
+        cfg = self.config
+        for batch, pred in self.predictions(variables, onnx_path, split):
+            out = postprocess.non_max_suppression(pred, cfg.eval.conf_thres, cfg.eval.iou_thres,
+                                                  multi_label=True, max_det=cfg.eval.max_det)
+            for i in range(len(batch["image_id"])):
+                if batch["image_id"][i] < 0:  # padding that completes the last global batch
+                    continue
+                info = _image_info(batch, i)
+                d = out[i].copy()
+                d[:, :4] = postprocess.scale_boxes(batch["image"].shape[1:3], d[:, :4], info["orig_hw"],
+                                                   ratio_pad=info["ratio_pad"])
+                yield {"image": info["coco"], "gt_xyxy": info["gt_xyxy"],
+                       "gt_labels": batch["classes"][i][batch["valid"][i]], "dets": d}
 
     def predict(self, variables: dict, out_dir: str) -> list[str]:
         """detect.py on `config.predict.input_dir` (or the first eval images): boxes drawn into PNGs."""
@@ -258,6 +305,11 @@ class Task(tasks.Task):
         from research.yolov5 import bridge
         return bridge.to_torch(self.model, variables)
 
+    @classmethod
+    def benchmark_spec(cls, config, *, variant: str, image_size: int):
+        from research.yolov5 import benchmark
+        return benchmark.benchmark_spec(config, variant=variant, image_size=image_size)
+
     def coco_gt_file(self, path: str):
         """pycocotools COCO of an annotation json, loaded once per task."""
         cache = self.__dict__.setdefault("_coco_gt_files", {})
@@ -288,81 +340,6 @@ def _resize_bilinear(images, size):
     """[B, H, W, C] -> [B, *size, C] float32, as F.interpolate(bilinear, align_corners=False)."""
     b, _, _, c = images.shape
     return jax.image.resize(images.astype(jnp.float32), (b, *size, c), "linear", antialias=False)
-
-
-class DetectionEvaluator:
-    """COCO mAP of the (EMA) model on the eval split: forward, NMS, boxes back to original pixels."""
-
-    def __init__(self, task: Task, onnx_path: str | None = None, out_dir: str | None = None):
-        self.task = task
-        self.onnx_path = onnx_path
-        self.out_dir = out_dir
-        self.fwd = task.predict_fn()
-
-    def predictions(self, variables) -> Iterator[tuple[dict, np.ndarray]]:
-        cfg = self.task.config
-        rect = bool(cfg.eval.rect)
-        if rect and self.onnx_path:
-            logging.info("eval: the exported ONNX model has a fixed %d px input; square batches, not rect",
-                         cfg.data.image_size)
-            rect = False
-        # rect: val.py's aspect-ratio batches (each shape compiles once; the last batch of a shape
-        # is padded to the full batch, so the compiled shapes are the distinct batch shapes)
-        loader = self.task.dataset.loader(cfg.data.eval_split, train=False, batch_size=cfg.eval.batch_size,
-                                          hyp=cfg.hyp, seed=0, process_index=0, process_count=1,
-                                          rect_stride=max(self.task.model.strides) if rect else 0)
-        if self.onnx_path:
-            from research.bridge.onnx_export import OnnxRunner
-            runner = OnnxRunner(self.onnx_path)
-            run = lambda images: runner(images.astype(np.float32) / 255.0)[0]  # noqa: E731
-        else:
-            variables = parallel.local_copy(variables)
-            run = lambda images: np.asarray(self.fwd(variables, images))  # noqa: E731
-        for batch in loader:
-            pred = run(batch["image"])
-            yield batch, pred
-
-    def run(self, variables):
-        """Yields (name, value); process 0 evaluates the whole split with a local copy.
-
-        `variables`: the model's (None when ONNX-backed). With `out_dir`, the detections are also
-        written there as `detections_<split>.json` in the COCO results format (val.py --save-json).
-        """
-        from research.evaluation.coco import CocoDetectionEvaluator
-        if jax.process_index() != 0:
-            return
-        cfg = self.task.config
-        gt_images, gt_boxes, gt_labels, dets = [], [], [], []
-        for batch, pred in self.predictions(variables):
-            out = postprocess.non_max_suppression(pred, cfg.eval.conf_thres, cfg.eval.iou_thres,
-                                                  multi_label=True, max_det=cfg.eval.max_det)
-            for i in range(len(batch["image_id"])):
-                if batch["image_id"][i] < 0:  # padding that completes the last global batch
-                    continue
-                info = _image_info(batch, i)
-                gt_images.append(info["coco"])
-                gt_boxes.append(info["gt_xyxy"])
-                gt_labels.append(batch["classes"][i][batch["valid"][i]])
-                d = out[i].copy()
-                d[:, :4] = postprocess.scale_boxes(batch["image"].shape[1:3], d[:, :4], info["orig_hw"],
-                                                   ratio_pad=info["ratio_pad"])
-                dets.append((info["coco"]["id"], d))
-        ann = self.task.dataset.annotation_file(cfg.data.eval_split, cfg.eval.annotations)
-        if ann:  # the dataset's own file; only the evaluated images count (as val.py)
-            gt = self.task.coco_gt_file(ann)
-        else:
-            gt = self.task.dataset.coco_gt(gt_images, gt_boxes, gt_labels)
-        ev = CocoDetectionEvaluator(gt, self.task.dataset.label_to_category_id)
-        for image_id, d in dets:
-            ev.add(image_id, d[:, :4], d[:, 4], d[:, 5].astype(np.int64))
-        res = ev.result()
-        self.last_detections = dets
-        if self.out_dir:
-            name = "detections_onnx" if self.onnx_path else "detections"
-            ev.to_json(os.path.join(self.out_dir, f"{name}_{cfg.data.eval_split}.json"))
-        prefix = "eval_onnx" if self.onnx_path else "eval"
-        yield f"{prefix}/mAP50", res["mAP50"]
-        yield f"{prefix}/mAP50_95", res["mAP50_95"]
 
 
 def _image_info(batch: dict, i: int) -> dict:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from configs.yolov5 import get_config
 from research import modes
-from research.yolov5.task import DetectionEvaluator, Task
+from research.yolov5.task import Task
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_onnx_eval_equals_jax_eval(run_all):
     task = Task(c)
     task.prepare(workdir, "eval")  # the anchors the run recorded
     variables, _ = modes.restore_variables(task, workdir)
-    ev_jax, ev_onnx = DetectionEvaluator(task), DetectionEvaluator(task, os.path.join(workdir, "export/model.onnx"))
-    for (b1, p1), (b2, p2) in zip(ev_jax.predictions(variables), ev_onnx.predictions(None)):
+    onnx_path = os.path.join(workdir, "export/model.onnx")
+    for (b1, p1), (b2, p2) in zip(task.predictions(variables, None, "validation"),
+                                  task.predictions(None, onnx_path, "validation")):
         np.testing.assert_array_equal(b1["image"], b2["image"])
         assert np.abs(p1 - p2).max() <= 1e-4 * np.abs(p1).max()

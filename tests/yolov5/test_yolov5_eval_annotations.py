@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs.yolov5 import get_config
-from research.yolov5.task import DetectionEvaluator, Task
+from research.yolov5.task import Task
 
 
 def _coco_folder(root):
@@ -37,13 +37,13 @@ def _coco_folder(root):
 SHAPES = []
 
 
-class _GroundTruthAsPredictions(DetectionEvaluator):
+class _GroundTruthAsPredictions(Task):
     """Detections = the loader's ground-truth boxes, in network-input pixels, confidence 1."""
 
-    def predictions(self, state):
-        rect = max(self.task.model.strides) if self.task.config.eval.rect else 0
-        loader = self.task.dataset.loader("validation", train=False, batch_size=2, hyp=self.task.config.hyp,
-                                          seed=0, process_index=0, process_count=1, rect_stride=rect)
+    def predictions(self, variables, onnx_path, split):
+        rect = max(self.model.strides) if self.config.eval.rect else 0
+        loader = self.dataset.loader(split, train=False, batch_size=2, hyp=self.config.hyp,
+                                     seed=0, process_index=0, process_count=1, rect_stride=rect)
         SHAPES.clear()
         for batch in loader:
             SHAPES.append(batch["image"].shape[1:3])
@@ -72,7 +72,8 @@ def coco_task(tmp_path_factory):
 
 def _score(c, setting, rect=True):
     c.eval.annotations, c.eval.rect = setting, rect
-    res = dict(_GroundTruthAsPredictions(Task(c)).run(None))
+    (evaluator,) = _GroundTruthAsPredictions(c).evaluators()
+    res = dict(evaluator.run(None))
     return [round(res["eval/mAP50"], 6), round(res["eval/mAP50_95"], 6)]
 
 

@@ -81,9 +81,9 @@ def test_ratios_reference_and_environment(result):
     # tiny @ 64 px is not the reference setting: no comparison with the torch figures
     assert r["jax_infer_over_torch_reference"] is None and r["jax_train_step_over_torch_reference"] is None
     assert r["comparable_to_reference"] == {"infer": False, "train": False}
+    from research.yolov5.benchmark import REFERENCE
     ref = data["reference"]
-    assert ref["REFERENCE_TORCH_YOLOV5S_INFER_MS"] == list(benchmark.REFERENCE_TORCH_YOLOV5S_INFER_MS)
-    assert ref["REFERENCE_TORCH_YOLOV5S_TRAIN_STEP_MS"] == list(benchmark.REFERENCE_TORCH_YOLOV5S_TRAIN_STEP_MS)
+    assert ref["infer_ms"] == list(REFERENCE["infer_ms"]) and ref["train_step_ms"] == list(REFERENCE["train_step_ms"])
     env = data["environment"]
     for k in ("jax", "XLA_FLAGS", "cpu_count"):
         assert k in env
@@ -97,8 +97,10 @@ def test_table_and_comparable_setting():
             benchmark._record("onnx_infer", 1, 640, [90.0, 95.0], flops=16.5e9, compile_s=0.5)]
     assert recs[0]["median_ms"] == 125.0 and recs[0]["images_per_s"] == pytest.approx(8.0)
     assert recs[0]["flops_per_s"] == pytest.approx(16.5e9 / 0.125)
-    spec = benchmark.BenchSpec(name="yolov5", variant="s", image_size=640, variables={}, infer_fn=None,
-                               make_batch=None, loss_fn=None, tx=None, ema_decay=None, use_ema=True)
+    from research.yolov5.benchmark import REFERENCE
+    spec = benchmark.BenchSpec(name="yolov5", variant="s", image_size=640, variables={}, make_inputs=None,
+                               infer_fn=None, make_batch=None, loss_fn=None, tx=None, ema_decay=None, use_ema=True,
+                               reference=REFERENCE)
     r = benchmark.ratios(recs, spec, infer_batch=1, train_batch=2)
     assert r["jax_infer_over_torch_reference"] == pytest.approx(125.0 / 135.0)
     assert r["jax_infer_meets_target"] and r["jax_train_step_meets_target"] and r["onnx_faster_than_jax"]
