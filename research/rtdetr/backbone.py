@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ModuleDef = Any
 Dtype = Any
@@ -155,15 +156,17 @@ def avg_pool_2x2_ceil(x: jax.Array) -> jax.Array:
     With ceil_mode an odd H or W gets a last window that hangs over the edge; torch averages only
     its in-bounds elements (padding is 0, so the divisor is clipped to the input).
     """
-    _, h, w, _ = x.shape
-    pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
-    window, strides = (1, 2, 2, 1), (1, 2, 2, 1)
-    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, strides, pad)
-    if h % 2 == 0 and w % 2 == 0:
-        return total / jnp.array(4, x.dtype)
-    ones = jnp.ones((1, h, w, 1), x.dtype)
-    count = jax.lax.reduce_window(ones, jnp.array(0, x.dtype), jax.lax.add, window, strides, pad)
-    return total / count
+    b, h, w, c = x.shape
+    ph, pw = h % 2, w % 2
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+    total = x.reshape(b, (h + ph) // 2, 2, (w + pw) // 2, 2, c).sum(axis=(2, 4))
+    count = np.full(((h + ph) // 2, (w + pw) // 2), 4.0, np.float32)
+    if ph:
+        count[-1, :] /= 2
+    if pw:
+        count[:, -1] /= 2
+    return total / jnp.asarray(count, x.dtype)[None, :, :, None]
 
 
 # ----------------------------------------------------------------------------- PResNet
