@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.rtdetr.backbone import (BatchNorm, activation, constant_init, dense, torch_default_bias_init,
-                                      torch_default_kernel_init)
+from research.rtdetr.backbone import BatchNorm, activation, constant_init, dense, torch_default_kernel_init
 from research.rtdetr.encoder import MultiheadAttention, layer_norm
 
 ModuleDef = Any

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.rtdetr.backbone import (BatchNorm, ConvNormLayer, activation, constant_init, dense,
-                                      torch_default_bias_init, torch_default_kernel_init)
+from research.rtdetr.backbone import (BatchNorm, ConvNormLayer, activation, dense, torch_default_bias_init,
+                                      torch_default_kernel_init)
 
 ModuleDef = Any
 Dtype = Any
@@ -164,7 +164,7 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """A stack of `num_layers` TransformerEncoderLayers named `layers.<i>` (official `TransformerEncoder`, no final norm)."""
+    """`num_layers` TransformerEncoderLayers named `layers.<i>` (official `TransformerEncoder`, no final norm)."""
 
     num_layers: int
     d_model: int

@@ -68,7 +68,7 @@ def r18(golden):
 def test_param_count_state_dict_keys_and_round_trip(golden, r18):
     manifest, _, sd = golden
     model, template, variables = r18
-    assert count_params(template["params"]) == manifest["param_count"] == 20_184_464
+    assert count_params(template["params"]) == manifest["param_count"] == OFFICIAL_COUNTS["r18vd"][0]
     ours = bridge.to_torch(model, variables)
     official = {e["key"]: tuple(e["shape"]) for e in manifest["entries"]}
     assert set(ours) == set(official)
@@ -88,18 +88,26 @@ def test_bridge_is_strict(golden, r18):
             bridge.from_torch(model, broken, template)
 
 
-def test_r50vd_param_count_and_frozen_norm_keys():
-    """Official R50vd (80 classes) has 42,891,372 parameters: its backbone BatchNorms are FrozenBatchNorm2d
-    (buffers, not counted) and must export as weight/bias/running_* without num_batches_tracked."""
-    model = build_model("r50vd", eval_spatial_size=None)
+# Measured with the official code at the reference commit (configs/rtdetr/rtdetr_<variant>_6x_coco.yml, 80
+# classes, pretrained off): sum(p.numel() for p in model.parameters()) and len(model.state_dict()).
+OFFICIAL_COUNTS = {"r18vd": (20_184_464, 533), "r34vd": (31_441_668, 659), "r50vd": (42_891_372, 736),
+                   "r50vd_m": (36_593_772, 760), "r101vd": (76_556_268, 991)}
+
+
+@pytest.mark.parametrize("variant", ["r50vd", "r34vd", "r50vd_m", "r101vd"])
+def test_official_variant_param_and_key_counts(variant):
+    """Parameter and state_dict key counts equal the official model's. R50/R101 backbones use FrozenBatchNorm2d
+    (buffers, not counted; exported as weight/bias/running_* without num_batches_tracked)."""
+    model = build_model(variant, eval_spatial_size=None)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 320, 320, 3))))
-    assert count_params(shapes["params"]) == 42_891_372
     zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     sd = bridge.to_torch(model, zeros)
-    assert "backbone.conv1.conv1_1.norm.weight" in sd and "backbone.conv1.conv1_1.norm.running_var" in sd
-    assert not any(k.startswith("backbone.") and k.endswith("num_batches_tracked") for k in sd)
-    assert "encoder.input_proj.0.1.num_batches_tracked" in sd
-    assert sd["backbone.res_layers.3.blocks.2.branch2c.conv.weight"].shape == (2048, 512, 1, 1)
+    assert (count_params(shapes["params"]), len(sd)) == OFFICIAL_COUNTS[variant]
+    if variant != "r34vd":
+        assert "backbone.conv1.conv1_1.norm.weight" in sd and "backbone.conv1.conv1_1.norm.running_var" in sd
+        assert not any(k.startswith("backbone.") and k.endswith("num_batches_tracked") for k in sd)
+        assert "encoder.input_proj.0.1.num_batches_tracked" in sd
+        assert sd["backbone.res_layers.3.blocks.2.branch2c.conv.weight"].shape == (2048, 512, 1, 1)
 
 
 def test_backbone_matches_golden(golden, r18):
@@ -139,7 +147,8 @@ def test_decoder_matches_golden(golden, r18):
     ours_idx = inter["enc_topk_ind"][0]
     assert set(official_idx) == set(ours_idx)
     perm = np.array([list(ours_idx).index(q) for q in official_idx])
-    pairs = (("enc_topk_logits", out["enc_outputs"]["pred_logits"]), ("enc_topk_bboxes", out["enc_outputs"]["pred_boxes"]),
+    enc = out["enc_outputs"]
+    pairs = (("enc_topk_logits", enc["pred_logits"]), ("enc_topk_bboxes", enc["pred_boxes"]),
              ("dec_init_ref_unact", inter["dec_init_ref_unact"]), ("pred_logits", out["pred_logits"]),
              ("pred_boxes", out["pred_boxes"]), ("dec_logits", out["pred_logits"]), ("dec_bboxes", out["pred_boxes"]))
     for name, ours in pairs:
@@ -328,7 +337,8 @@ def test_gradients_frozen_stages_and_padding_row(tiny):
                                           jax.tree_util.tree_leaves_with_path(mask_tree)):
         if not trainable:
             assert not np.asarray(gr).any(), path
-    assert np.abs(np.asarray(grads["backbone"]["res_layers.1"]["blocks.0"]["short"]["conv"]["conv"]["kernel"])).max() > 0
+    short = grads["backbone"]["res_layers.1"]["blocks.0"]["short"]["conv"]["conv"]["kernel"]
+    assert np.abs(np.asarray(short)).max() > 0
     emb_grad = np.asarray(grads["decoder"]["denoising_class_embed"]["embedding"])
     assert not emb_grad[5].any() and emb_grad[:5].any()
     assert "scale" in variables["batch_stats"]["backbone"]["conv1"]["conv1_1"]["norm"]  # FrozenBatchNorm
