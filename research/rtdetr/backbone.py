@@ -53,6 +53,8 @@ def torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
 
 
 def constant_init(value: float) -> nn.initializers.Initializer:
+    """Initialiser filling every element with `value` (torch `init.constant_`)."""
+
     def init(key, shape, dtype=jnp.float32):
         del key
         return jnp.full(shape, value, dtype)

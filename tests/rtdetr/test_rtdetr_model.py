@@ -357,7 +357,7 @@ def test_bfloat16_decoder_stage(golden, r18):
     out, state = jax.jit(lambda v, f: dec.apply(v, f, mutable=["intermediates"]))(_part(variables, "decoder"), feats)
     inter = state["intermediates"]
     assert out["pred_logits"].dtype == jnp.bfloat16 and inter["decoder_memory"][0].dtype == jnp.bfloat16
-    _check("bf16 enc_logits", inter["enc_logits"][0], g["enc_logits"], rel=0.05)
+    _check("bf16 enc_logits", inter["enc_logits"][0], g["enc_logits"], rel=0.02)  # measured 6e-3
 
 
 def test_avg_pool_ceil_mode_equals_torch():
