@@ -21,7 +21,7 @@ import ml_collections
 
 from configs.common import parse_arg
 
-from research.yolov5.loss import HYP_SCRATCH_LOW  # data/hyps/hyp.scratch-low.yaml (v7.0)
+from research.yolov5.hyp import HYP_SCRATCH_LOW  # data/hyps/hyp.scratch-low.yaml (v7.0)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -62,7 +62,7 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
     ComputeLoss, backward, gradient clipping at 10, nesterov SGD step, ModelEMA update)."""
     import torch
 
-    from research.yolov5.loss import HYP_SCRATCH_LOW
+    from research.yolov5.hyp import HYP_SCRATCH_LOW
     from research.yolov5.model import load_yaml_cfg
 
     _, loss_mod, tu = import_official(repo)

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from research import optim as shared_optim
+
 LABELS = ("bias", "bn_weight", "weight")
 NBS = 64  # official nominal batch size
 
@@ -41,30 +43,19 @@ Schedule = Union[float, Callable[[Any], Any]]
 
 # ---------------------------------------------------------------- parameter groups
 
-def _leaf_name(path) -> str:
-    last = path[-1]
-    for attr in ("key", "name", "idx"):
-        if hasattr(last, attr):
-            return str(getattr(last, attr))
-    return str(last)
+# the official train.py groups: norm-layer weights (g[1], flax's `scale`) and biases (g[2])
+# without decay, the other weights (g[0]) with it; matched on the Flax leaf names
+_GROUP_RULES = ((r"(^|\.)bias$", "bias"), (r"(^|\.)scale$", "bn_weight"))
 
 
 def param_labels(params: Any) -> Any:
     """Labels every leaf of a Flax params tree with its official optimizer group.
 
-    `bias` leaves -> "bias" (no decay); `scale` leaves (BatchNorm / any norm layer weight,
-    which the official code groups by the module being a `*Norm*`) -> "bn_weight" (no
-    decay); every other leaf (conv / dense kernels) -> "weight" (decayed).
+    `bias` leaves -> "bias" (no decay); BatchNorm weights (`bn.scale`, which the official code
+    groups by the module being a `*Norm*`) -> "bn_weight" (no decay); every other leaf (conv /
+    dense kernels) -> "weight" (decayed). Through the shared `research.optim.group_labels`.
     """
-    def label(path, _):
-        name = _leaf_name(path)
-        if name == "bias":
-            return "bias"
-        if name == "scale":
-            return "bn_weight"
-        return "weight"
-
-    return jax.tree_util.tree_map_with_path(label, params)
+    return shared_optim.group_labels(params, _GROUP_RULES, default="weight", torch_names=False)
 
 
 # ---------------------------------------------------------------- torch SGD

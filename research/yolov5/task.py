@@ -15,6 +15,7 @@ from absl import logging
 
 from research import parallel, tasks
 from research.vision import boxes as postprocess
+from research.yolov5 import data
 from research.yolov5 import loss as loss_lib
 from research.yolov5 import optim
 from research.yolov5.model import YOLOv5, build_model, load_yaml_cfg
@@ -191,8 +192,8 @@ class Task(tasks.Task):
         return optim.ema_decay(updates) if self.use_ema else None
 
     def train_loader(self, iterator_state=None):
-        return self.dataset.loader(self.config.data.train_split, train=True, batch_size=self.config.batch_size,
-                                   hyp=self.config.hyp, seed=self.config.seed, iterator_state=iterator_state)
+        return data.loader(self.dataset, self.config.data.train_split, train=True, batch_size=self.config.batch_size,
+                           hyp=self.config.hyp, seed=self.config.seed, iterator_state=iterator_state)
 
     @staticmethod
     def to_device(local: dict) -> dict:  # noqa: D102 (the contract's)
@@ -235,9 +236,8 @@ class Task(tasks.Task):
             rect = False
         # rect: val.py's aspect-ratio batches (each shape compiles once; the last batch of a shape
         # is padded to the full batch, so the compiled shapes are the distinct batch shapes)
-        loader = self.dataset.loader(split, train=False, batch_size=cfg.eval.batch_size, hyp=cfg.hyp, seed=0,
-                                     process_index=0, process_count=1,
-                                     rect_stride=max(self.model.strides) if rect else 0)
+        loader = data.loader(self.dataset, split, train=False, batch_size=cfg.eval.batch_size, hyp=cfg.hyp, seed=0,
+                             process_index=0, process_count=1, rect_stride=max(self.model.strides) if rect else 0)
         if onnx_path:
             from research.bridge.onnx_export import OnnxRunner
             runner = OnnxRunner(onnx_path)
@@ -285,10 +285,9 @@ class Task(tasks.Task):
         return paths
 
     def _predict_images(self, size: int):
-        from research.data import detection
         if self.config.predict.input_dir:
-            return detection.images_from_folder(self.config.predict.input_dir, size, self.config.predict.num_images)
-        return self.dataset.predict_images("", size, self.config.predict.num_images)
+            return data.images_from_folder(self.config.predict.input_dir, size, self.config.predict.num_images)
+        return data.split_images(self.dataset, self.config.data.eval_split, size, self.config.predict.num_images)
 
     def export_spec(self, variables: dict) -> tasks.ExportSpec:
         """export.py's graph: images [B, S, S, 3] float32 0-1 -> `pred` [B, N, 5 + nc] (pixels)."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs.yolov5 import get_config
+from research.yolov5 import data
 from research.yolov5.task import Task
 
 
@@ -42,8 +43,8 @@ class _GroundTruthAsPredictions(Task):
 
     def predictions(self, variables, onnx_path, split):
         rect = max(self.model.strides) if self.config.eval.rect else 0
-        loader = self.dataset.loader(split, train=False, batch_size=2, hyp=self.config.hyp,
-                                     seed=0, process_index=0, process_count=1, rect_stride=rect)
+        loader = data.loader(self.dataset, split, train=False, batch_size=2, hyp=self.config.hyp,
+                             seed=0, process_index=0, process_count=1, rect_stride=rect)
         SHAPES.clear()
         for batch in loader:
             SHAPES.append(batch["image"].shape[1:3])

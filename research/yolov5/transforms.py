@@ -26,23 +26,13 @@ from typing import Callable, Mapping, Sequence
 import cv2
 import numpy as np
 
+from research.yolov5.hyp import AUGMENTATION_KEYS, HYP_SCRATCH_LOW
+
 PAD_VALUE = 114
 
 # Default augmentation hyper-parameters (hyp.scratch-low.yaml of YOLOv5 v7.0).
-DEFAULT_HYP: Mapping[str, float] = {
-    'hsv_h': 0.015,
-    'hsv_s': 0.7,
-    'hsv_v': 0.4,
-    'degrees': 0.0,
-    'translate': 0.1,
-    'scale': 0.5,
-    'shear': 0.0,
-    'perspective': 0.0,
-    'flipud': 0.0,
-    'fliplr': 0.5,
-    'mosaic': 1.0,
-    'mixup': 0.0,
-}
+# hyp.scratch-low.yaml's augmentation values (research/yolov5/hyp.py)
+DEFAULT_HYP: Mapping[str, float] = {k: HYP_SCRATCH_LOW[k] for k in AUGMENTATION_KEYS}
 
 __all__ = [
     'PAD_VALUE', 'DEFAULT_HYP', 'load_image', 'scale_labels', 'letterbox',

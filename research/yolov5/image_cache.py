@@ -25,7 +25,7 @@ import uuid
 from absl import logging
 import numpy as np
 
-from research.data import transforms as T
+from research.yolov5 import transforms as T
 
 _CHUNK = 256  # images decoded at a time (bounds the memory of the threaded build)
 
