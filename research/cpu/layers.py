@@ -14,14 +14,21 @@ bridge and golden tests do not depend on the choice:
 
 `PLAIN` computes as flax.linen does (`lax.conv_general_dilated`, flax's BatchNorm arithmetic,
 `reduce_window` pooling with autodiff): what runs on GPU/TPU and what exports trace.
+
+Networks written with `nn.Conv` / `nn.BatchNorm` factories as module arguments get the same
+choice through `layers.nn_conv` and `layers.nn_batch_norm`: drop-in factories with the flax
+layers' interfaces and parameters (PLAIN gives back `nn.Conv` / `nn.BatchNorm` themselves).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from research.cpu import conv as conv_lib
 from research.cpu import norm as norm_lib
@@ -56,6 +63,109 @@ class Layers:
     def max_pool_same(self, x: jax.Array, k: int, train: bool = False) -> jax.Array:
         """k x k max pool, stride 1, 'same' size, NHWC."""
         return pool_lib.max_pool_same(x, k, train and self.lean_pool_grad)
+
+    @property
+    def nn_conv(self) -> Callable[..., nn.Module]:
+        """A factory with `nn.Conv`'s interface and parameters (`kernel` HWIO, `bias`)."""
+        return nn.Conv if self.conv_impl == "lax" else functools.partial(FlaxConv, impl=self.conv_impl)
+
+    @property
+    def nn_batch_norm(self) -> Callable[..., nn.Module]:
+        """A factory with `nn.BatchNorm`'s interface and variables (`scale`, `bias`, `mean`, `var`)."""
+        return FlaxBatchNorm if self.lean_norm else nn.BatchNorm
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
+
+
+class FlaxConv(nn.Module):
+    """`nn.Conv` (2-D, NHWC) computed by `research.cpu.conv.conv2d(impl)` where it applies.
+
+    Same attributes, defaults and parameters as `nn.Conv`; square kernels with equal strides and
+    symmetric padding (an int, `((p, p), (p, p))`, `"VALID"`, or `"SAME"` at stride 1 with an odd
+    kernel) go through the CPU implementations (groups through XLA); any other padding, dilation
+    or mask falls back to XLA's convolution, still with `nn.Conv`'s parameters.
+    """
+
+    features: int
+    kernel_size: Sequence[int] | int
+    strides: Sequence[int] | int = 1
+    padding: Any = "SAME"
+    input_dilation: Any = 1
+    kernel_dilation: Any = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+    impl: str = "dot"
+
+    def _symmetric_padding(self, k: tuple[int, int], s: tuple[int, int]) -> int | None:
+        p = self.padding
+        if isinstance(p, str):
+            if p.upper() == "VALID":
+                return 0
+            if p.upper() == "SAME" and s == (1, 1) and k[0] % 2 == 1:
+                return k[0] // 2
+            return None
+        if isinstance(p, int):
+            return p
+        pairs = [(a, a) if isinstance(a, int) else tuple(a) for a in p]
+        if len(pairs) == 2 and pairs[0] == pairs[1] and pairs[0][0] == pairs[0][1]:
+            return int(pairs[0][0])
+        return None
+
+    @nn.compact
+    def __call__(self, x):
+        k, s = _pair(self.kernel_size), _pair(self.strides)
+        cin = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (*k, cin // self.feature_group_count, self.features),
+                            self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        p = self._symmetric_padding(k, s)
+        plain = (p is None or k[0] != k[1] or s[0] != s[1] or _pair(self.input_dilation) != (1, 1)
+                 or _pair(self.kernel_dilation) != (1, 1) or self.precision is not None)
+        if plain:
+            padding = self.padding if not isinstance(self.padding, int) else [(self.padding, self.padding)] * 2
+            y = jax.lax.conv_general_dilated(x, kernel, s, padding, _pair(self.input_dilation),
+                                             _pair(self.kernel_dilation), ("NHWC", "HWIO", "NHWC"),
+                                             self.feature_group_count, precision=self.precision)
+        else:
+            y = conv_lib.conv2d(x, kernel, s[0], p, self.feature_group_count, self.impl)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+        return y
+
+
+class FlaxBatchNorm(norm_lib.BatchNormAct):
+    """`nn.BatchNorm` (statistics over all axes but the last) through the memory-lean
+    `research.cpu.norm.BatchNormAct` in training; `nn.BatchNorm`'s call interface and variables.
+
+    `use_fast_variance=False` (two-pass variance) and `axis_name` are accepted for interface
+    compatibility; the variance is flax's `E[x^2] - E[x]^2` (equal to float rounding), and under
+    `jax.jit` over a sharded batch the statistics are global without `axis_name`.
+
+    Raises:
+      ValueError: another axis than the last, or no scale/bias.
+    """
+
+    act: str = "none"
+    use_running_average: bool | None = None
+    axis: int = -1
+    use_bias: bool = True
+    use_scale: bool = True
+    axis_name: Any = None
+    use_fast_variance: bool = True
+
+    def __call__(self, x, use_running_average: bool | None = None):
+        ura = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if self.axis not in (-1, x.ndim - 1) or not (self.use_bias and self.use_scale):
+            raise ValueError(f"{self.name}: FlaxBatchNorm supports the last axis with scale and bias only")
+        return super().__call__(x, train=not ura)
 
 
 PLAIN = Layers()

@@ -54,3 +54,45 @@ def test_speed_layer_equals_plain_layers_in_values_and_gradients(act):
         z = jnp.array([-1.0, 0.0, 2.0])
         assert np.asarray(norm._act(z, "relu")).tolist() == [0.0, 0.0, 2.0]
         assert np.asarray(norm._act_grad(z, jnp.ones(3), "relu")).tolist() == [0.0, 0.0, 1.0]
+
+
+class _FlaxStyleNet(nn.Module):
+    """A network written against nn.Conv / nn.BatchNorm factories (HigherHRNet, SiamFC, RT-DETR style)."""
+
+    conv: object = nn.Conv
+    norm: object = nn.BatchNorm
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = self.conv(8, (3, 3), strides=2, padding=1, name="c1")(x)
+        x = self.norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
+        x = nn.relu(x)
+        x = self.conv(8, (3, 3), padding="SAME", feature_group_count=2, name="c2")(x)  # groups
+        x = self.conv(4, (1, 1), use_bias=False, name="c3")(x)
+        x = self.conv(4, (3, 3), strides=(2, 2), padding="SAME", name="c4")(x)  # asymmetric: XLA fallback
+        return self.conv(4, (3, 1), padding="VALID", name="c5")(x)  # non-square: XLA fallback
+
+
+def test_flax_factories_keep_nn_parameters_values_and_gradients():
+    assert layers_lib.PLAIN.nn_conv is nn.Conv and layers_lib.PLAIN.nn_batch_norm is nn.BatchNorm
+    fast = layers_lib.select("dot")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    plain, quick = _FlaxStyleNet(), _FlaxStyleNet(conv=fast.nn_conv, norm=fast.nn_batch_norm)
+    variables = plain.init(jax.random.PRNGKey(1), x)
+    other = quick.init(jax.random.PRNGKey(1), x)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(other)
+    for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(other)):
+        assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(quick.apply(variables, x)), np.asarray(plain.apply(variables, x)),
+                               rtol=1e-5, atol=1e-5)
+
+    def loss(model, params):
+        y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                             mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), upd
+
+    (lp, sp), gp = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(variables["params"])
+    (lq, sq), gq = jax.value_and_grad(lambda p: loss(quick, p), has_aux=True)(variables["params"])
+    assert abs(float(lp - lq)) <= 1e-4 * abs(float(lp)) + 1e-5
+    for a, b in zip(jax.tree_util.tree_leaves((gp, sp)), jax.tree_util.tree_leaves((gq, sq))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
