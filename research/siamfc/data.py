@@ -32,6 +32,7 @@ import dataclasses
 import math
 import os
 
+from absl import logging
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
@@ -408,6 +409,9 @@ class Got10kLocal(_tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuild
                 names = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
             if cfg.max_sequences:
                 names = names[:cfg.max_sequences]
+            if not names:  # tfds cannot write an empty split
+                logging.warning("%s: no sequences; split %r is left out", folder, split)
+                continue
             seqs = [read_got10k_sequence(os.path.join(folder, nm), cfg.decode_check) for nm in names]
             self.info.metadata[split] = _annotation_table(
                 names, [(q["height"], q["width"]) for q in seqs], [q["boxes"] for q in seqs],
