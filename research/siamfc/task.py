@@ -124,6 +124,10 @@ class Task(tasks.Task):
                                          process_count=jax.process_count())
         options = grain.ReadOptions(num_threads=max(int(c.data.num_threads), 1), prefetch_buffer_size=4)
         workers = int(c.data.num_workers)
+        if workers:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside launch.py accept defaults
+                flags.FLAGS.mark_as_parsed()
 
         class Loader:
             def __iter__(self):
