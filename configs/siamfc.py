@@ -5,8 +5,9 @@ Default (CPU, embedded synthetic videos, a few minutes on 2 cores):
   python launch.py --config=configs/siamfc.py --workdir=workdirs/siamfc_main --mode=all
 
 trains the tiny-width network (`TinySiamFC` widths, official crop sizes 127 / 255 px and official
-tracker) on pairs of the synthetic videos, then tracks the 8 validation videos: docs/siamfc.md
-has the measured success AUC / precision before and after training.
+tracker) for 480 steps on pairs of the synthetic videos (4.5-7.5 min on 2 cores), then tracks the
+8 validation videos: success AUC 0.82, precision@20px 1.0 (0.22 / 0.35 before training;
+docs/siamfc.md has the measured table).
 
 Official recipe (`TrackerSiamFC.parse_args` defaults: AlexNetV1, batch 8, 50 epochs, SGD lr
 1e-2 -> 1e-5, weight decay 5e-4, momentum 0.9) on a local GOT-10k folder, on a GPU:
