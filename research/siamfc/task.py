@@ -1,0 +1,284 @@
+"""SiamFC glue for the shared trainer: pairs through grain, balanced loss, SGD, tracking evaluation, export.
+
+Follows the official `TrackerSiamFC.train_over` / `train_step` (huanglianghua/siamfc-pytorch
+`siamfc/siamfc.py`): pairs from `Pair` + `SiamFCTransforms` (`research/siamfc/transforms.py`),
+`Net(z, x)` in training mode (BatchNorm batch statistics; exemplars and searches pass the
+backbone separately), logistic labels with `r_pos` / `r_neg` (`research/siamfc/loss.py`),
+`BalancedLoss`, SGD (momentum 0.9, weight decay 5e-4 on every parameter, as `net.parameters()`)
+with `ExponentialLR` stepped per epoch: epoch e uses `initial_lr * gamma ** e`, gamma =
+`(ultimate_lr / initial_lr) ** (1 / epoch_num)`.
+
+Evaluation and prediction run the tracker (`research/siamfc/tracker.py`) with the trained
+variables over the evaluation videos (`research/siamfc/evaluation.py`: OTB success AUC and
+precision at 20 px). Export: ONNX `exemplar [B, 127, 127, 3]`, `search [B, 255, 255, 3]` float32
+0..255 -> `response [B, 17, 17, 1]` (pairs i <-> i), and the official state_dict.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import cv2
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from research import parallel, tasks
+from research.siamfc import bridge, evaluation, loss as loss_lib, model as model_lib
+from research.siamfc import tracker as tracker_lib
+from research.siamfc import transforms as transforms_lib
+
+VARIANTS = {"alexnet_v1": model_lib.WIDTHS, "tiny": model_lib.TINY_WIDTHS}
+
+
+def embedding_size(size: int) -> int:
+    """Side of the AlexNetV1 embedding of a `size` px crop (no padding, stride 8): 127 -> 6, 255 -> 22.
+
+    Raises:
+      ValueError: the crop is smaller than the 87 px the network needs.
+    """
+    s = (size - 11) // 2 + 1
+    s = (s - 3) // 2 + 1
+    s = s - 4
+    s = (s - 3) // 2 + 1
+    s = s - 6
+    if size < 87 or s < 1:
+        raise ValueError(f"a {size} px crop is too small for AlexNetV1 (87 px at least)")
+    return s
+
+
+def build_model(config, export: bool = False) -> model_lib.SiamFC:
+    """The `SiamFC` of `config.model` (widths of the variant unless `config.model.widths` is set).
+
+    `conv_impl`: "auto" = `SplitGroupConv` (grouped layers per group: same variables and sums,
+    faster) on CPU, `nn.Conv` elsewhere; "split" / "lax" force one. `export=True` always uses
+    `nn.Conv` (one grouped convolution node in ONNX).
+    """
+    m = config.model
+    if m.variant not in VARIANTS:
+        raise ValueError(f"config.model.variant={m.variant!r}; known: {sorted(VARIANTS)}")
+    widths = tuple(int(w) for w in m.widths) if m.widths else VARIANTS[m.variant]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(m.dtype)
+    if dtype is None:
+        raise ValueError(f"config.model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
+    impl = m.conv_impl
+    if impl == "auto":
+        impl = "split" if jax.default_backend() == "cpu" else "lax"
+    if impl not in ("split", "lax"):
+        raise ValueError(f"config.model.conv_impl={m.conv_impl!r}: use auto, split or lax")
+    conv = nn.Conv if export or impl == "lax" else model_lib.SplitGroupConv
+    return model_lib.SiamFC(widths=widths, out_scale=float(m.out_scale), conv=conv, dtype=dtype)
+
+
+def exponential_lr(initial_lr: float, ultimate_lr: float, num_epochs: int, steps_per_epoch: int):
+    """Official `ExponentialLR(gamma)` stepped once per epoch, as a schedule of the update count."""
+    gamma = (ultimate_lr / initial_lr) ** (1.0 / num_epochs)
+
+    def schedule(count):
+        epoch = jnp.floor_divide(count, steps_per_epoch)
+        return initial_lr * jnp.power(gamma, epoch.astype(jnp.float32))
+    return schedule
+
+
+@tasks.register("siamfc")
+class Task(tasks.Task):
+    """SiamFC on video pairs (`synthetic` embedded videos or a local GOT-10k folder)."""
+
+    def __init__(self, config, mode: str = "train"):
+        super().__init__(config, mode)
+        self.model = build_model(config)
+        self.export_model = build_model(config, export=True)
+        c = config.model
+        self.z_size, self.x_size = int(c.exemplar_sz), int(c.instance_sz)
+        self.transforms = transforms_lib.SiamFCTransforms(self.z_size, self.x_size, float(config.data.context))
+        embedding_size(self.transforms.search_sz)  # fails early on crops too small for the network
+        self.schedule = None
+
+    # ------------------------------------------------------------------ data
+    @functools.cached_property
+    def _builder(self):
+        from research.siamfc import data
+        d = self.config.data
+        return data.prepare(d.name, d.data_dir, config=d.builder_config, manual_dir=d.manual_dir or None)
+
+    @functools.lru_cache(maxsize=None)
+    def source(self, split: str):
+        """`VideoSource` of `split` (the dataset is prepared on first use)."""
+        from research.siamfc import data
+        return data.VideoSource(self._builder.data_dir, split)
+
+    def num_train_examples(self) -> int:
+        return len(self.source(self.config.data.train_split)) * int(self.config.data.pairs_per_seq)
+
+    def train_loader(self, iterator_state=None):
+        import grain
+        c = self.config
+        sampler = transforms_lib.PairSampler(self.source(c.data.train_split), self.transforms)
+        ds = transforms_lib.pair_dataset(sampler, batch_size=c.batch_size, seed=c.seed,
+                                         pairs_per_seq=c.data.pairs_per_seq, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+        options = grain.ReadOptions(num_threads=max(int(c.data.num_threads), 1), prefetch_buffer_size=4)
+        workers = int(c.data.num_workers)
+        if workers:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside launch.py accept defaults
+                flags.FLAGS.mark_as_parsed()
+
+        class Loader:
+            def __iter__(self):
+                it_ds = ds.to_iter_dataset(options)
+                if workers:
+                    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+                it = iter(it_ds)
+                if iterator_state:
+                    it.set_state(iterator_state)
+                return it
+        return Loader()
+
+    @staticmethod
+    def to_device(local: dict) -> dict:  # noqa: D102 (the contract's)
+        return {"exemplar": local["exemplar"], "search": local["search"]}
+
+    # ------------------------------------------------------------------ training
+    def init_variables(self, rng) -> dict:
+        """Official init (xavier-uniform convolutions, zero biases, BatchNorm 1 / 0), or `init_from`."""
+        variables = jax.jit(lambda r: model_lib.init_variables(self.model, r, 87, 87))(rng)
+        if self.config.model.init_from:
+            from research.bridge import torch_bridge
+            sd = torch_bridge.load_state_dict_file(self.config.model.init_from)
+            variables = bridge.from_torch(self.model, sd, variables)
+            logging.info("initialised from %s", self.config.model.init_from)
+        return dict(variables)
+
+    def make_optimizer(self, params, steps: tasks.Steps):
+        """`optim.SGD(lr, momentum, weight_decay)` + per-epoch `ExponentialLR` (torch's update order:
+        decay added to the gradient, then momentum, then the learning rate)."""
+        o = self.config.optim
+        self.schedule = exponential_lr(float(o.initial_lr), float(o.ultimate_lr), steps.num_epochs,
+                                       steps.steps_per_epoch)
+        return optax.chain(optax.add_decayed_weights(float(o.weight_decay)),
+                           optax.sgd(self.schedule, momentum=float(o.momentum)))
+
+    def log_hyperparams(self, step: int) -> dict[str, float]:
+        return {"lr": float(self.schedule(step))} if self.schedule is not None else {}
+
+    def loss_fn(self, params, batch_stats, batch, rng):
+        del rng
+        z = batch["exemplar"].astype(jnp.float32)
+        x = batch["search"].astype(jnp.float32)
+        out, mutated = self.model.apply({"params": params, "batch_stats": batch_stats}, z, x, train=True,
+                                        mutable=["batch_stats"])
+        responses = out["response"]
+        b, h, w, _ = responses.shape
+        L = self.config.loss
+        labels = jnp.asarray(loss_lib.create_labels(b, h, w, r_pos=L.r_pos, r_neg=L.r_neg,
+                                                    total_stride=loss_lib.TOTAL_STRIDE))
+        total = loss_lib.balanced_loss(responses, labels, neg_weight=float(L.neg_weight))
+        # share of pairs whose response peak falls on a positive cell (the target centre region)
+        peak = jnp.argmax(responses.reshape(b, -1), axis=1)
+        hit = jnp.take_along_axis(labels.reshape(b, -1), peak[:, None], axis=1)[:, 0] == 1
+        metrics = {"train/balanced_loss": total, "train/peak_on_target": jnp.mean(hit.astype(jnp.float32))}
+        return total, (metrics, mutated["batch_stats"])
+
+    # ------------------------------------------------------------------ tracking
+    def tracker_settings(self) -> tracker_lib.TrackerSettings:
+        """Official inference settings of `config.tracker`, with the crop sizes of `config.model`."""
+        t, m = self.config.tracker, self.config.model
+        return tracker_lib.TrackerSettings(
+            out_scale=float(m.out_scale), exemplar_sz=self.z_size, instance_sz=self.x_size,
+            context=float(self.config.data.context), scale_num=int(t.scale_num), scale_step=float(t.scale_step),
+            scale_lr=float(t.scale_lr), scale_penalty=float(t.scale_penalty),
+            window_influence=float(t.window_influence),
+            response_sz=embedding_size(self.x_size) - embedding_size(self.z_size) + 1,
+            response_up=int(t.response_up), total_stride=loss_lib.TOTAL_STRIDE)
+
+    def make_tracker(self, variables):
+        """A `TrackerSiamFC` on these variables (a local numpy copy of possibly sharded arrays)."""
+        return tracker_lib.TrackerSiamFC(self.model, parallel.local_copy(variables), self.tracker_settings())
+
+    def evaluators(self, onnx_path: str | None = None, out_dir: str | None = None):
+        e = self.config.eval
+        if onnx_path:
+            settings = self.tracker_settings()
+            make, prefix = (lambda _: evaluation.OnnxTracker(onnx_path, settings)), "eval_onnx"
+        else:
+            make, prefix = self.make_tracker, "eval"
+        return [evaluation.TrackingEvaluator(self.source(self.config.data.eval_split), make, prefix=prefix,
+                                             max_videos=e.max_videos, max_frames=e.max_frames, out_dir=out_dir)]
+
+    def predict(self, variables: dict, out_dir: str) -> list[str]:
+        """Tracks the first `config.predict.num_frames` frames of eval video `config.predict.video`;
+        each frame is written as a PNG with the ground truth (green) and the tracked box (red)."""
+        p = self.config.predict
+        src = self.source(self.config.data.eval_split)
+        if not 0 <= p.video < len(src):
+            raise ValueError(f"config.predict.video={p.video}: the {self.config.data.eval_split!r} split has "
+                             f"{len(src)} videos")
+        seq = src.sequence(p.video)
+        frames = src.frames(p.video, p.num_frames or None)
+        boxes = self.make_tracker(variables).track(frames, seq["boxes"][0])
+        paths = []
+        for t, (frame, box) in enumerate(zip(frames, boxes)):
+            path = os.path.join(out_dir, f"{seq['name']}_{t:04d}.png")
+            cv2.imwrite(path, draw_boxes(frame, seq["boxes"][t], box, upscale=int(p.upscale))[..., ::-1])
+            paths.append(path)
+        return paths
+
+    # ------------------------------------------------------------------ export
+    def export_spec(self, variables: dict) -> tasks.ExportSpec:
+        """`exemplar [B, 127, 127, 3]`, `search [B, 255, 255, 3]` float32 0..255 -> `response [B, 17, 17, 1]`."""
+        model = self.export_model
+
+        def apply_fn(exemplar, search):
+            z = model.apply(variables, exemplar, method=model_lib.SiamFC.embed)
+            x = model.apply(variables, search, method=model_lib.SiamFC.embed)
+            return pairwise_xcorr(z, x, model.out_scale)
+
+        return tasks.ExportSpec(apply_fn, {"exemplar": np.zeros((1, self.z_size, self.z_size, 3), np.float32),
+                                           "search": np.zeros((1, self.x_size, self.x_size, 3), np.float32)},
+                                ("response",), dynamic_batch=("exemplar", "search"))
+
+    def to_torch(self, variables: dict) -> dict:
+        return bridge.to_torch(self.model, variables)
+
+
+def pairwise_xcorr(exemplar: jax.Array, search: jax.Array, out_scale: float) -> jax.Array:
+    """`model.xcorr` for `Bz == Bx` (pair i <-> i) as a sum of shifted products, for ONNX export.
+
+    `xcorr` runs all pairs as one convolution with `Bz` feature groups, which a symbolic batch
+    dimension cannot express (the group count must be a constant); this form has no batch-sized
+    constant. Same sums in another order (float32 round-off only).
+
+    Args:
+      exemplar: `[B, hz, wz, C]`; search: `[B, hx, wx, C]` embeddings.
+
+    Returns:
+      `[B, hx - hz + 1, wx - wz + 1, 1]` responses times `out_scale`.
+    """
+    _, hz, wz, _ = exemplar.shape
+    ho, wo = search.shape[1] - hz + 1, search.shape[2] - wz + 1
+    out = 0.0
+    for u in range(hz):
+        for v in range(wz):
+            out = out + jnp.einsum("bhwc,bc->bhw", search[:, u:u + ho, v:v + wo, :], exemplar[:, u, v, :])
+    return (out * out_scale)[..., None]
+
+
+def draw_boxes(frame: np.ndarray, gt_box, tracked_box, upscale: int = 1) -> np.ndarray:
+    """`frame` (uint8 RGB) enlarged `upscale` times (nearest) with `[x, y, w, h]` boxes (1-based x, y):
+    ground truth green, tracked red."""
+    img = cv2.resize(frame, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_NEAREST) if upscale > 1 else \
+        frame.copy()
+    for box, color in ((gt_box, (0, 200, 0)), (tracked_box, (230, 0, 0))):
+        x, y, w, h = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            continue
+        p1 = (int(round((x - 1) * upscale)), int(round((y - 1) * upscale)))
+        p2 = (int(round((x - 1 + w) * upscale)) - 1, int(round((y - 1 + h) * upscale)) - 1)
+        cv2.rectangle(img, p1, p2, color, max(1, upscale // 2))
+    return img
