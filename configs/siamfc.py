@@ -74,12 +74,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
     c.async_checkpoints = True
+    c.resume_changes = False  # resume a workdir whose config changed in a field that matters
 
+    # evaluators by type (research/evaluation/base.py): the tracker over the eval videos, scored
+    # as the got10k toolkit's ExperimentOTB; every_steps 0 = eval_every_steps, split "" = data.eval_split
+    c.evals = ml_collections.ConfigDict()
+    c.evals.otb = ml_collections.ConfigDict(dict(type="tracking_otb", every_steps=0, split="",
+                                                 max_videos=0 if synthetic else 30,  # 0 = all
+                                                 max_frames=0))
     c.eval = ml_collections.ConfigDict()
     c.eval.use_ema = False  # no EMA in the official recipe
     c.eval.onnx = False
-    c.eval.max_videos = 0 if synthetic else 30  # 0 = all
-    c.eval.max_frames = 0
 
     c.predict = ml_collections.ConfigDict(dict(video=0, num_frames=12, upscale=3 if synthetic else 1))
 
@@ -108,8 +113,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every_steps = 2
         c.eval_every_steps = 6
         c.checkpoint_every_steps = 3
-        c.eval.max_videos = 1
-        c.eval.max_frames = 4
+        c.evals.otb.max_videos = 1
+        c.evals.otb.max_frames = 4
         c.predict.num_frames = 2
         c.async_checkpoints = False
     return c

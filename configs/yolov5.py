@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 3
     c.async_checkpoints = True
+    c.resume_changes = False  # resume a workdir whose config changed in a field that matters
 
     # evaluators by type (research/evaluation/base.py); every_steps 0 = eval_every_steps, split "" = data.eval_split
     c.evals = ml_collections.ConfigDict()

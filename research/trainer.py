@@ -206,8 +206,68 @@ def parameter_overview(params: Any) -> str:
     return "\n".join(rows + [f"{'total':70s} {'':22s} {total:>10,d}"])
 
 
+# Config fields that do not change what a resumed run computes (cadence, evaluation, outputs).
+_RESUME_NEUTRAL = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                   "async_checkpoints", "resume_changes", "eval.", "evals.", "predict.", "export.", "benchmark.",
+                   "distributed.", "data.num_workers", "data.data_dir", "data.cache_images")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(recorded: dict, config) -> list[str]:
+    """`field: recorded -> now` for each field that changes what a resumed run computes."""
+    old = _flat(recorded)
+    new = _flat(json.loads(config.to_json_best_effort()))
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(_RESUME_NEUTRAL) or old.get(key, "<absent>") == new.get(key, "<absent>"):
+            continue
+        lines.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+    return lines
+
+
+def check_resume(config, workdir: str) -> None:
+    """Refuses to resume a run whose config changed in a field that matters (batch size,
+    schedule, model, data, hyper-parameters), unless `config.resume_changes` accepts it.
+
+    Raises:
+      ValueError: listing each changed field (recorded -> now); `config.json` is left as it was.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        recorded = json.load(f)
+    changes = resume_changes(recorded, config)
+    if changes and not config.resume_changes:
+        raise ValueError(f"{workdir} holds a run with another config; resuming it would change:\n  "
+                         + "\n  ".join(changes) + "\nUse a new --workdir, or --config.resume_changes=True to "
+                         "continue this run with the new values.")
+    if changes:
+        logging.warning("resuming %s with changed config (config.resume_changes): %s", workdir, "; ".join(changes))
+
+
 def train_and_evaluate(config, workdir: str, task) -> dict:
-    """Trains `task` per `config` in `workdir` (resuming if a checkpoint is there)."""
+    """Trains `task` per `config` in `workdir` (resuming if a checkpoint is there).
+
+    Raises:
+      ValueError: resuming with a changed config (`check_resume`), or a checkpoint of another model.
+      NonFiniteLossError: the loss became NaN or inf (the last good checkpoint is kept).
+    """
+    probe = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=False)
+    try:
+        if probe.latest_step() is not None:
+            check_resume(config, workdir)
+    finally:
+        probe.close()
     write_config(config, workdir)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size)

@@ -237,3 +237,29 @@ def test_builders_leave_no_temp_directories(tmp_path, monkeypatch):
     builder = tfds.builder('shapes_detection/tiny', data_dir=str(tmp_path / 'tfds'))
     assert not builder.is_prepared()  # tfds would look the metadata up on its bucket here
     assert os.listdir(scratch) == []
+
+
+def test_jpeg_without_end_marker_is_kept(tmp_path):
+    """A JPEG cut before its end marker still decodes (as the official loader restores it)."""
+    from PIL import Image
+    root = tmp_path / 'coco'
+    (root / 'annotations').mkdir(parents=True)
+    for split in ('train2017', 'val2017'):
+        (root / split).mkdir()
+        im = Image.new('RGB', (80, 60), (30, 160, 90))
+        path = root / split / 'cut.jpg'
+        im.save(path, quality=95)
+        data = path.read_bytes()
+        assert data[-2:] == b'\xff\xd9'
+        path.write_bytes(data[:-2])
+        json.dump({'images': [{'id': 1, 'file_name': 'cut.jpg', 'width': 80, 'height': 60}],
+                   'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [10, 10, 20, 20],
+                                    'area': 400, 'iscrowd': 0}],
+                   'categories': [{'id': 1, 'name': 'person'}]},
+                  open(root / 'annotations' / f'instances_{split}.json', 'w'))
+    builder = pipeline.prepare('coco_detection_local', str(tmp_path / 'tfds'), manual_dir=str(root))
+    source = pipeline.DetectionSource(builder.data_dir, 'train')
+    assert source.num_records == 1
+    ex = source[0]
+    assert ex['image'].shape == (60, 80, 3) and int(ex['image_id']) == 1
+    assert abs(int(ex['image'][30, 40, 1]) - 160) <= 3  # the pixels, not a substitute

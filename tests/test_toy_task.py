@@ -197,9 +197,25 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     c = _config(total_steps=8, eval_every_steps=0)
     trainer.train_and_evaluate(c, str(tmp_path), toy_task.ToyTask(c))
-    other = _config(total_steps=16, **{"model.width": 6})
+    other = _config(total_steps=16, resume_changes=True, **{"model.width": 6})
     with pytest.raises(ValueError, match="does not fit this model"):
         trainer.train_and_evaluate(other, str(tmp_path), toy_task.ToyTask(other))
     with pytest.raises(ValueError, match="does not fit this model"):
         modes.run(other, str(tmp_path), "export")
     assert trainer.Checkpointer(str(tmp_path)).latest_step() == 8  # nothing lost
+
+
+def test_resume_with_a_changed_config_is_refused_and_the_record_kept(tmp_path):
+    c = _config(total_steps=8, eval_every_steps=0)
+    trainer.train_and_evaluate(c, str(tmp_path), toy_task.ToyTask(c))
+    recorded = open(tmp_path / "config.json").read()
+    changed = _config(total_steps=16, batch_size=4, eval_every_steps=4)  # eval cadence alone would be fine
+    with pytest.raises(ValueError, match=r"(?s)batch_size: 8 -> 4.*total_steps: 8 -> 16.*resume_changes=True"):
+        trainer.train_and_evaluate(changed, str(tmp_path), toy_task.ToyTask(changed))
+    assert open(tmp_path / "config.json").read() == recorded
+    assert trainer.Checkpointer(str(tmp_path)).latest_step() == 8
+    cadence_only = _config(total_steps=8, eval_every_steps=4, log_every_steps=2)
+    trainer.train_and_evaluate(cadence_only, str(tmp_path), toy_task.ToyTask(cadence_only))  # not refused
+    accepted = _config(total_steps=16, batch_size=4, eval_every_steps=0, resume_changes=True)
+    state = trainer.train_and_evaluate(accepted, str(tmp_path), toy_task.ToyTask(accepted))["state"]
+    assert int(state.step) == 16

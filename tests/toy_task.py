@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 8
     c.keep_checkpoints = 3
     c.async_checkpoints = False
+    c.resume_changes = False  # resume a workdir whose config changed in a field that matters
     c.evals = ml_collections.ConfigDict()
     c.evals.mse = ml_collections.ConfigDict(dict(type="toy_mse", every_steps=0))  # 0: eval_every_steps
     c.evals.often = ml_collections.ConfigDict(dict(type="toy_mse", every_steps=8, prefix="often"))

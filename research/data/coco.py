@@ -144,6 +144,14 @@ def _decode_check(data: bytes, json_hw=(None, None), fname: str = ''):
     lossless) with the orientation applied.
     """
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # stored frame
+    if arr is None and data[:3] == b'\xff\xd8\xff' and data[-2:] != b'\xff\xd9':
+        # a JPEG cut before its end marker: the official loader restores such files (utils/
+        # dataloaders.py verify_image_label) and trains on them; with the marker back, libjpeg
+        # decodes what is there
+        arr = cv2.imdecode(np.frombuffer(data + b'\xff\xd9', np.uint8), cv2.IMREAD_UNCHANGED)
+        if arr is not None:
+            logging.warning('coco: %s: JPEG without its end marker; restored', fname)
+            data = data + b'\xff\xd9'
     if arr is None or arr.ndim not in (2, 3) or arr.size == 0:
         return None
     is_jpeg = data[:3] == b'\xff\xd8\xff'

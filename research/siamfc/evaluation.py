@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from research.evaluation import base as evaluation_base
 from research.siamfc import ops
 from research.siamfc import tracker as tracker_lib
 
@@ -191,3 +192,28 @@ class TrackingEvaluator:
         yield f"{self.prefix}/precision_20px", rep["precision_score"]
         yield f"{self.prefix}/success_rate_50", rep["success_rate"]
         yield f"{self.prefix}/fps", fps
+
+
+@evaluation_base.register("tracking_otb")
+class OtbTracking(evaluation_base.Evaluator):
+    """`config.evals.<name>.type = "tracking_otb"`: the task's tracker (or the exported ONNX model)
+    over the evaluation videos, scored as the got10k toolkit's ExperimentOTB (`TrackingEvaluator`).
+
+    Entry fields: `split` ("" = `config.data.eval_split`), `max_videos`, `max_frames` (0 = all).
+    The task provides `source(split)`, `make_tracker(variables)` and `tracker_settings()`.
+    """
+
+    def __init__(self, task, name, config, **kwargs):
+        super().__init__(task, name, config, **kwargs)
+        if self.onnx_path:
+            settings = task.tracker_settings()
+            make = lambda _: OnnxTracker(self.onnx_path, settings)  # noqa: E731
+        else:
+            make = task.make_tracker
+        split = config.get("split", "") or task.config.data.eval_split
+        self.tracking = TrackingEvaluator(task.source(split), make, prefix=self.prefix,
+                                          max_videos=config.get("max_videos", 0),
+                                          max_frames=config.get("max_frames", 0), out_dir=self.out_dir)
+
+    def run(self, variables):
+        yield from self.tracking.run(variables)

@@ -29,7 +29,8 @@ import optax
 from absl import logging
 
 from research import parallel, tasks
-from research.siamfc import bridge, evaluation, loss as loss_lib, model as model_lib
+from research.siamfc import bridge, loss as loss_lib, model as model_lib
+from research.siamfc import evaluation  # noqa: F401  (registers the tracking_otb evaluator type)
 from research.siamfc import tracker as tracker_lib
 from research.siamfc import transforms as transforms_lib
 
@@ -200,16 +201,6 @@ class Task(tasks.Task):
     def make_tracker(self, variables):
         """A `TrackerSiamFC` on these variables (a local numpy copy of possibly sharded arrays)."""
         return tracker_lib.TrackerSiamFC(self.model, parallel.local_copy(variables), self.tracker_settings())
-
-    def evaluators(self, onnx_path: str | None = None, out_dir: str | None = None):
-        e = self.config.eval
-        if onnx_path:
-            settings = self.tracker_settings()
-            make, prefix = (lambda _: evaluation.OnnxTracker(onnx_path, settings)), "eval_onnx"
-        else:
-            make, prefix = self.make_tracker, "eval"
-        return [evaluation.TrackingEvaluator(self.source(self.config.data.eval_split), make, prefix=prefix,
-                                             max_videos=e.max_videos, max_frames=e.max_frames, out_dir=out_dir)]
 
     def predict(self, variables: dict, out_dir: str) -> list[str]:
         """Tracks the first `config.predict.num_frames` frames of eval video `config.predict.video`;

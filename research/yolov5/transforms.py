@@ -59,7 +59,9 @@ def load_image(img: np.ndarray, img_size: int, augment: bool):
 
     Uses INTER_LINEAR when augmenting or up-scaling and INTER_AREA for
     down-scaling otherwise; the new size is truncated with ``int`` as the
-    reference does.
+    reference (v7.0) does, but at least 1 px (an extreme aspect ratio such as
+    2000 x 10 at 64 px would give 0 px, where the reference crashes in
+    ``cv2.resize``).
 
     Returns:
       ``(img, (h0, w0), (h, w))``: resized image, original and new height/width.
@@ -68,7 +70,7 @@ def load_image(img: np.ndarray, img_size: int, augment: bool):
     r = img_size / max(h0, w0)
     if r != 1:
         interp = cv2.INTER_LINEAR if (augment or r > 1) else cv2.INTER_AREA
-        img = cv2.resize(img, (int(w0 * r), int(h0 * r)), interpolation=interp)
+        img = cv2.resize(img, (max(int(w0 * r), 1), max(int(h0 * r), 1)), interpolation=interp)
     return img, (h0, w0), img.shape[:2]
 
 
@@ -108,7 +110,7 @@ def letterbox(img: np.ndarray, new_shape=(640, 640), color=(PAD_VALUE,) * 3,
     if not scaleup:
         r = min(r, 1.0)
     ratio = (r, r)
-    unpad_w, unpad_h = int(round(w * r)), int(round(h * r))
+    unpad_w, unpad_h = max(int(round(w * r)), 1), max(int(round(h * r)), 1)  # >= 1 px (extreme aspect ratios)
     dw, dh = new_shape[1] - unpad_w, new_shape[0] - unpad_h
     if auto:
         dw, dh = np.mod(dw, stride), np.mod(dh, stride)

@@ -401,3 +401,15 @@ def test_image_cache_keeps_corrupt_images_reported(tmp_path, caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert any('not cached' in m and 'image_id 102' in m for m in msgs)
     assert any('image_id 102' in m and 'substituting' in m for m in msgs)
+
+
+def test_extreme_aspect_ratio_resizes_to_at_least_one_pixel():
+    """A 2000 x 10 image at 64 px: v7.0's int() gives 0 px and cv2.resize fails; here 1 px."""
+    img = np.full((10, 2000, 3), 200, np.uint8)
+    out, (h0, w0), (h, w) = T.load_image(img, 64, augment=True)
+    assert (h0, w0) == (10, 2000) and (h, w) == (1, 64) and out.shape == (1, 64, 3)
+    lb, ratio, pad = T.letterbox(img, (64, 64), auto=False)
+    assert lb.shape == (64, 64, 3) and ratio[0] == pytest.approx(64 / 2000)
+    rows = [r for r in range(64) if (lb[r, :, 0] == 200).all()]
+    assert len(rows) == 1 and 30 <= rows[0] <= 33  # the 1-px image row, centred in the padding
+
