@@ -25,7 +25,7 @@ Measured on a 2-core CPU (`docs/yolov5.md`, benchmark section), YOLOv5s 640 px: 
 "lax" inference -25 %, train step b2 about -40 %; "onednn" against "dot" train step b2 -13 to
 -21 % (same process, alternating), most of it in the stem and the 320/160 px layers, where
 oneDNN's forward, input and kernel gradients are 1.5-3x faster than XLA's. Outputs equal "lax"
-to float rounding (tests/test_conv.py).
+to float rounding (tests/cpu/test_conv.py).
 """
 
 from __future__ import annotations

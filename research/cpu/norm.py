@@ -10,7 +10,7 @@ training forward is one `custom_vjp` function that saves only the convolution ou
 per-channel vectors: one reduction pass (sum and sum of squares) and one elementwise pass. The
 backward recomputes `z` and `act'(z)` from the saved input, writes `dz` once (XLA:CPU's channel
 reductions read it), takes the two channel sums and then the input gradient. The values equal
-`nn.BatchNorm` + `act` to float rounding (tests/test_norm.py).
+`nn.BatchNorm` + `act` to float rounding (tests/cpu/test_norm.py).
 
 Statistics are over every axis but the last, so under `jax.jit` with a batch sharded over the
 `data` mesh they are global-batch statistics (XLA inserts the cross-device sums).

@@ -5,7 +5,7 @@ Its gradient goes, as in torch's `max_pool2d` backward and XLA's `select_and_sca
 first maximum of each window in row-major order. JAX differentiates `reduce_window` max through
 a variadic reduce-window that tracks indices; on CPU that costs ~50 ms per YOLOv5s SPPF train
 step at 640 px. Here the backward is k*k shifted compares on the small pooled map instead
-(a few ms), with the same routing of ties (tests/test_pool.py).
+(a few ms), with the same routing of ties (tests/cpu/test_pool.py).
 
 Inference and export use `nn.max_pool` itself (the ONNX bridge maps it).
 """

@@ -4,7 +4,7 @@ Nothing here is needed to train, evaluate or export. It lets a user who has the 
 (`git clone https://github.com/ultralytics/yolov5` and its requirements) check, on their machine:
 
   * that our exported state_dict loads with `strict=True` into the official
-    `models.yolo.Model` and gives the same outputs (`tests/test_official_torch.py`, which runs
+    `models.yolo.Model` and gives the same outputs (`tests/yolov5/test_yolov5_official_torch.py`, which runs
     when `YOLOV5_REPO` names the checkout);
   * the official model's speed beside ours in the same benchmark run
     (`--config.benchmark.torch_repo=PATH`, measured in a subprocess by `main` below).
