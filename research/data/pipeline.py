@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 
 
 __all__ = ['prepare', 'DetectionSource', 'GlobalBatchSampler', 'image_sizes',
-           'label_sizes', 'label_to_category_id']
+           'label_sizes', 'ground_truth', 'label_to_category_id']
 
 _MAX_SUBSTITUTE_TRIES = 16
 
@@ -255,6 +255,30 @@ def label_sizes(dataset_dir: str, split: str) -> tuple[np.ndarray, list]:
         shapes.append(size)
         wh.append(np.stack([bbox[:, 3] - bbox[:, 1], bbox[:, 2] - bbox[:, 0]], 1))
     return np.asarray(shapes, np.float32).reshape(-1, 2), wh
+
+
+@functools.lru_cache(maxsize=8)
+def ground_truth(dataset_dir: str, split: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Every record's boxes, uncapped, for scoring: image_id -> (classes [n] int64, xyxy [n, 4]
+    float64 in original-image pixels), crowd boxes removed; read without decoding images.
+
+    Loaders cap the boxes per image (`max_labels`) for training; scoring must see them all.
+    Records whose image header cannot be read are left out (the loader substitutes them too).
+    """
+    out = {}
+    for i, rec, size in _sizes_and_records(dataset_dir, split):
+        if not isinstance(size, tuple):
+            continue
+        w, h = size
+        obj = rec.get('objects', {})
+        bbox = np.asarray(obj.get('bbox', []), np.float64).reshape(-1, 4)
+        cls = np.asarray(obj.get('label', []), np.int64).reshape(-1)
+        if 'is_crowd' in obj:
+            keep = ~np.asarray(obj['is_crowd'], bool).reshape(-1)
+            bbox, cls = bbox[keep], cls[keep]
+        xyxy = np.stack([bbox[:, 1] * w, bbox[:, 0] * h, bbox[:, 3] * w, bbox[:, 2] * h], 1).reshape(-1, 4)
+        out[int(rec.get('image_id', i))] = (cls, xyxy)
+    return out
 
 
 class GlobalBatchSampler:

@@ -251,8 +251,12 @@ class Task(tasks.Task):
 
     def detections(self, variables, onnx_path: str | None, split: str) -> Iterator[dict]:
         """val.py's detections: NMS (`config.eval` thresholds, multi-label) and boxes back to the
-        original image pixels, with each image's ground truth; padding examples skipped."""
+        original image pixels, with each image's ground truth (all its boxes, not capped at
+        `data.max_labels`); padding examples skipped."""
+        from research.data import pipeline
         cfg = self.config
+        # the records' own boxes: the batches cap them at data.max_labels, scoring must not
+        truth = pipeline.ground_truth(str(self.dataset.builder.data_dir), split)
         for batch, pred in self.predictions(variables, onnx_path, split):
             out = postprocess.non_max_suppression(pred, cfg.eval.conf_thres, cfg.eval.iou_thres,
                                                   multi_label=True, max_det=cfg.eval.max_det)
@@ -263,8 +267,8 @@ class Task(tasks.Task):
                 d = out[i].copy()
                 d[:, :4] = postprocess.scale_boxes(batch["image"].shape[1:3], d[:, :4], info["orig_hw"],
                                                    ratio_pad=info["ratio_pad"])
-                yield {"image": info["coco"], "gt_xyxy": info["gt_xyxy"],
-                       "gt_labels": batch["classes"][i][batch["valid"][i]], "dets": d}
+                classes, xyxy = truth[int(batch["image_id"][i])]
+                yield {"image": info["coco"], "gt_xyxy": xyxy, "gt_labels": classes, "dets": d}
 
     def predict(self, variables: dict, out_dir: str) -> list[str]:
         """detect.py on `config.predict.input_dir` (or the first eval images): boxes drawn into PNGs."""
@@ -342,15 +346,9 @@ def _resize_bilinear(images, size):
 
 
 def _image_info(batch: dict, i: int) -> dict:
-    """Original size, letterbox ratio/pad and ground-truth boxes in original pixels."""
-    s_h, s_w = batch["image"].shape[1:3]
+    """Original size and letterbox ratio/pad of example `i` of an evaluation batch."""
     h0, w0 = (int(v) for v in batch["orig_hw"][i])
     ratio = float(batch["ratio"][i])
     pad = batch["pad"][i].astype(np.float64)
-    valid = batch["valid"][i]
-    b = batch["boxes"][i][valid].astype(np.float64)
-    xyxy = np.stack([(b[:, 0] - b[:, 2] / 2) * s_w, (b[:, 1] - b[:, 3] / 2) * s_h,
-                     (b[:, 0] + b[:, 2] / 2) * s_w, (b[:, 1] + b[:, 3] / 2) * s_h], -1).reshape(-1, 4)
-    xyxy = postprocess.scale_boxes((s_h, s_w), xyxy, (h0, w0), ratio_pad=((ratio, ratio), tuple(pad)))
     return {"coco": {"id": int(batch["image_id"][i]), "height": h0, "width": w0}, "orig_hw": (h0, w0),
-            "ratio_pad": ((ratio, ratio), tuple(pad)), "gt_xyxy": xyxy}
+            "ratio_pad": ((ratio, ratio), tuple(pad))}

@@ -97,3 +97,41 @@ def test_shapes_auto_uses_the_labels(tmp_path):
     c = get_config("smoke")
     c.data.data_dir = str(tmp_path / "tfds")
     assert Task(c).dataset.annotation_file("validation", "auto") is None
+
+
+class _PerfectFromRecords(Task):
+    """Detections = every ground-truth box of the records (not the capped batch), confidence 1."""
+
+    def predictions(self, variables, onnx_path, split):
+        from research.data import pipeline
+        truth = pipeline.ground_truth(str(self.dataset.builder.data_dir), split)
+        loader = data.loader(self.dataset, split, train=False, batch_size=2, hyp=self.config.hyp,
+                             seed=0, process_index=0, process_count=1)
+        for batch in loader:
+            pred = np.zeros((len(batch["image"]), 32, 5 + len(self.class_names)), np.float32)
+            for i, image_id in enumerate(batch["image_id"]):
+                if image_id < 0:
+                    continue
+                classes, xyxy = truth[int(image_id)]
+                r, (dw, dh) = float(batch["ratio"][i]), batch["pad"][i]
+                for j, (c, (x1, y1, x2, y2)) in enumerate(zip(classes, xyxy)):
+                    pred[i, j, :4] = [(x1 + x2) / 2 * r + dw, (y1 + y2) / 2 * r + dh, (x2 - x1) * r, (y2 - y1) * r]
+                    pred[i, j, 4] = 1.0
+                    pred[i, j, 5 + c] = 1.0
+            yield batch, pred
+
+
+def test_scoring_sees_every_box_not_the_training_cap(tmp_path):
+    """Issue 10 case 6: data.max_labels caps the batches, not the ground truth that scores them."""
+    from research.data import pipeline
+    c = get_config("smoke")
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.eval.conf_thres = 0.5
+    task = _PerfectFromRecords(c)
+    truth = pipeline.ground_truth(str(task.dataset.builder.data_dir), "validation")
+    assert max(len(v[0]) for v in truth.values()) >= 3  # images with more boxes than the cap below
+    for cap in (16, 1):
+        c.data.max_labels = cap
+        (evaluator,) = _PerfectFromRecords(c).evaluators()
+        res = dict(evaluator.run(None))
+        assert res["eval/mAP50"] == pytest.approx(1.0) and res["eval/mAP50_95"] > 0.99, (cap, res)
