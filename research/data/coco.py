@@ -59,6 +59,16 @@ __all__ = ['COCO80_TO_91', 'COCO80_NAMES', 'COCO91_TO_80', 'CocoConfig',
            'CocoDetectionLocal', 'label_to_category_id']
 
 
+def _lists_images(ann_path) -> bool:
+    """Whether an annotation json lists at least one image (raises a named error if unreadable)."""
+    try:
+        with open(ann_path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{os.fspath(ann_path)}: not a readable COCO annotation json: {e}') from None
+    return bool(isinstance(data, dict) and data.get('images'))
+
+
 @dataclasses.dataclass(eq=False)
 class CocoConfig(tfds.core.BuilderConfig):
     """Where the COCO-format files are and how categories map to labels.
@@ -241,6 +251,15 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
             if not img_dir.is_dir():
                 raise FileNotFoundError(
                     f'COCO images folder not found: {os.fspath(img_dir)}')
+            if not _lists_images(ann):
+                # tfds cannot finalize a split without examples; an empty validation
+                # split is left out (training without evaluation still works), an
+                # empty training split is an error naming the file
+                if split == 'train':
+                    raise ValueError(f'{os.fspath(ann)}: "images" is empty: nothing to train on')
+                logging.warning('coco: %s: "images" is empty; no %r split (evaluation on it '
+                                'will say so)', os.fspath(ann), split)
+                continue
             out[split] = self._generate_examples(ann, img_dir)
         return out
 

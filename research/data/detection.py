@@ -105,7 +105,18 @@ class DetectionData:
         self.label_to_category_id = (list(self.spec.label_to_category_id)
                                      if self.spec.label_to_category_id is not None else None)
 
+    def check_split(self, split: str) -> None:
+        """Raises ValueError naming the split, the dataset and its annotation file when the
+        prepared data has no such split (e.g. an annotation json listing no images)."""
+        if split not in self.builder.info.splits:
+            rel = self.spec.annotation_files.get(split)
+            where = f" ({os.path.join(self.config.manual_dir, rel)})" if rel and self.config.manual_dir else ""
+            raise ValueError(f"dataset {self.config.name!r} has no {split!r} split{where}: it lists no images. "
+                             "Evaluate on another split, or set --config.eval_every_steps=0 to train without "
+                             "evaluation")
+
     def num_examples(self, split: str) -> int:
+        self.check_split(split)
         return int(self.builder.info.splits[split].num_examples)
 
     def label_sizes(self, split: str):

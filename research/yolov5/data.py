@@ -404,6 +404,7 @@ def loader(dataset, split: str, *, train: bool, batch_size: int, hyp, seed: int,
     """YOLOv5 batches of a `research.data.detection.DetectionData` split (its config's image size,
     label count, workers, image cache), resumable from a saved iterator state."""
     c = dataset.config
+    dataset.check_split(split)
     hyp = {k: float(v) for k, v in dict(hyp).items()}
     out = make_detection_loader(
         dataset.builder, split, image_size=c.image_size, batch_size=batch_size, train=train,

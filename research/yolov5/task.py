@@ -255,6 +255,7 @@ class Task(tasks.Task):
         `data.max_labels`); padding examples skipped."""
         from research.data import pipeline
         cfg = self.config
+        self.dataset.check_split(split)
         # the records' own boxes: the batches cap them at data.max_labels, scoring must not
         truth = pipeline.ground_truth(str(self.dataset.builder.data_dir), split)
         for batch, pred in self.predictions(variables, onnx_path, split):

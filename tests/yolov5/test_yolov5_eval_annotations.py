@@ -135,3 +135,26 @@ def test_scoring_sees_every_box_not_the_training_cap(tmp_path):
         (evaluator,) = _PerfectFromRecords(c).evaluators()
         res = dict(evaluator.run(None))
         assert res["eval/mAP50"] == pytest.approx(1.0) and res["eval/mAP50_95"] > 0.99, (cap, res)
+
+
+def test_empty_validation_split_trains_without_evaluation_and_names_the_json(tmp_path):
+    """Issue 10 case 4: a val json with no images used to stop everything with a tfds assertion."""
+    from research import modes
+    root = tmp_path / "coco"
+    _coco_folder(root)
+    val = root / "annotations" / "instances_val2017.json"
+    val.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "person"}]}))
+    c = get_config("data=coco")
+    c.data.manual_dir, c.data.data_dir = str(root), str(tmp_path / "tfds")
+    c.data.image_size, c.data.max_labels, c.data.num_workers = 64, 4, 0
+    c.model.variant, c.batch_size, c.nbs, c.total_steps = "tiny", 1, 1, 2
+    c.eval_every_steps, c.autoanchor = 0, False
+    res = modes.run(c, str(tmp_path / "wd"), "train")  # evaluation off: trains
+    assert res["perf/train_step_compiles"] == 1
+    with pytest.raises(ValueError, match=r"no 'validation' split \(.*instances_val2017.json\): it lists no images"):
+        modes.run(c, str(tmp_path / "wd"), "eval")
+    train = root / "annotations" / "instances_train2017.json"
+    train.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    c.data.data_dir = str(tmp_path / "tfds2")
+    with pytest.raises(ValueError, match=r"instances_train2017.json: \"images\" is empty"):
+        modes.run(c, str(tmp_path / "wd2"), "train")
