@@ -263,3 +263,37 @@ def test_jpeg_without_end_marker_is_kept(tmp_path):
     ex = source[0]
     assert ex['image'].shape == (60, 80, 3) and int(ex['image_id']) == 1
     assert abs(int(ex['image'][30, 40, 1]) - 160) <= 3  # the pixels, not a substitute
+
+
+def test_coco_folder_with_its_own_categories_keeps_them(tmp_path):
+    """Issue 10 case 5: categories 0 cat, 1 dog, 2 bird are three classes of their own, not COCO's."""
+    import ml_collections
+    from PIL import Image
+    from research.data import detection
+    root = tmp_path / 'pets'
+    (root / 'annotations').mkdir(parents=True)
+    cats = [{'id': 2, 'name': 'bird'}, {'id': 0, 'name': 'cat'}, {'id': 1, 'name': 'dog'}]
+    for split in ('train2017', 'val2017'):
+        (root / split).mkdir()
+        Image.new('RGB', (80, 60), (30, 160, 90)).save(root / split / 'a.png')
+        anns = [{'id': k + 1, 'image_id': 1, 'category_id': cid, 'bbox': [10 + 20 * k, 10, 15, 15], 'area': 225,
+                 'iscrowd': 0} for k, cid in enumerate((0, 1, 2))]
+        json.dump({'images': [{'id': 1, 'file_name': 'a.png', 'width': 80, 'height': 60}], 'annotations': anns,
+                   'categories': cats}, open(root / 'annotations' / f'instances_{split}.json', 'w'))
+    cfg = ml_collections.ConfigDict(dict(name='coco', manual_dir=str(root), data_dir=str(tmp_path / 'tfds')))
+    ds = detection.DetectionData(cfg)
+    assert ds.class_names == ('cat', 'dog', 'bird') and ds.label_to_category_id == [0, 1, 2]
+    ex = pipeline.DetectionSource(ds.builder.data_dir, 'train')[0]
+    np.testing.assert_array_equal(ex['labels'][:, 0], [0, 1, 2])  # every box kept, each its own class
+    # a folder whose categories are COCO's own (a subset) keeps the 80-class table
+    for split in ('train2017', 'val2017'):
+        path = root / 'annotations' / f'instances_{split}.json'
+        d = json.load(open(path))
+        d['categories'] = [{'id': 1, 'name': 'person'}, {'id': 3, 'name': 'car'}]
+        for a in d['annotations']:
+            a['category_id'] = 3
+        json.dump(d, open(path, 'w'))
+    cfg.data_dir = str(tmp_path / 'tfds2')
+    ds = detection.DetectionData(cfg)
+    assert len(ds.class_names) == 80 and ds.label_to_category_id[2] == 3
+    assert set(pipeline.DetectionSource(ds.builder.data_dir, 'train')[0]['labels'][:, 0]) == {2}

@@ -13,7 +13,9 @@ transforms (YOLOv5: `research/yolov5/data.py`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import zlib
 from typing import Callable
 
 from absl import logging
@@ -72,7 +74,8 @@ def _shapes(c) -> DatasetSpec:
 
 @register_dataset("coco")
 def _coco(c) -> DatasetSpec:
-    """COCO detection from a local folder (images + annotations/instances_*.json)."""
+    """COCO detection from a local folder (images + annotations/instances_*.json); the classes are
+    COCO's 80 unless the folder's categories are its own (`folder_categories`)."""
     from research.data import coco
     if not c.manual_dir:
         raise ValueError("config.data.manual_dir must name the local COCO folder "
@@ -82,8 +85,43 @@ def _coco(c) -> DatasetSpec:
     data_dir = os.path.abspath(c.data_dir or "data/tfds")
     files = {split: getattr(coco.CocoConfig, f"{split}_annotations") for split in ("train", "validation")
              if hasattr(coco.CocoConfig, f"{split}_annotations")}
-    return DatasetSpec(pipeline.prepare("coco_detection_local", data_dir, manual_dir=c.manual_dir),
-                       tuple(coco.COCO80_NAMES), tuple(coco.COCO80_TO_91), files)
+    ids, names = folder_categories(os.path.join(c.manual_dir, files["train"]))
+    if ids is None:  # COCO itself (or a subset of its categories): the 80-class table, 80 <-> 91 ids
+        builder = pipeline.prepare("coco_detection_local", data_dir, manual_dir=c.manual_dir)
+        return DatasetSpec(builder, tuple(coco.COCO80_NAMES), tuple(coco.COCO80_TO_91), files)
+    digest = zlib.crc32(json.dumps([ids, names]).encode())
+    config = coco.CocoConfig(name=f"categories_{len(ids)}_{digest:08x}", category_ids=ids, class_names=names)
+    builder = pipeline.prepare("coco_detection_local", data_dir, manual_dir=c.manual_dir, config=config)
+    return DatasetSpec(builder, names, ids, files)
+
+
+def folder_categories(train_json: str) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
+    """The classes of a COCO-format folder, from its training json's `categories`.
+
+    Returns (None, None) when every category is COCO's own (same id and name as the 2017
+    detection table): the folder is COCO or a subset of it, trained with the 80 classes (official
+    weights fit). Otherwise (ids sorted, names): its own classes, label i <-> category id ids[i].
+
+    Raises:
+      FileNotFoundError / ValueError: the json is missing, unreadable, or its categories lack an
+        integer id or a name (naming the file).
+    """
+    from research.vision.coco_classes import COCO80_NAMES, COCO80_TO_91
+    if not os.path.isfile(train_json):
+        raise FileNotFoundError(f"COCO annotations file not found: {train_json}")
+    try:
+        with open(train_json) as f:
+            cats = json.load(f).get("categories", [])
+        pairs = sorted((int(cat["id"]), str(cat["name"])) for cat in cats)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{train_json}: categories must be a list of {{'id': int, 'name': str}}: {e!r}") from None
+    coco = dict(zip(COCO80_TO_91, COCO80_NAMES))
+    if not pairs or all(coco.get(i) == n for i, n in pairs):
+        return None, None
+    ids = [i for i, _ in pairs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{train_json}: duplicate category ids {sorted(i for i in ids if ids.count(i) > 1)}")
+    return tuple(ids), tuple(n for _, n in pairs)
 
 
 class DetectionData:
