@@ -239,8 +239,8 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
         root = self._root(dl_manager)
-        out = {}
-        for split in cfg.splits:
+        paths = {}
+        for split in cfg.splits:  # every file and folder first, so a missing one is named before anything
             if split not in ('train', 'validation'):
                 raise ValueError(f'unknown split {split!r}')
             ann = root / getattr(cfg, f'{split}_annotations')
@@ -251,6 +251,9 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
             if not img_dir.is_dir():
                 raise FileNotFoundError(
                     f'COCO images folder not found: {os.fspath(img_dir)}')
+            paths[split] = (ann, img_dir)
+        out = {}
+        for split, (ann, img_dir) in paths.items():
             if not _lists_images(ann):
                 # tfds cannot finalize a split without examples; an empty validation
                 # split is left out (training without evaluation still works), an
