@@ -292,7 +292,9 @@ class GlobalBatchSampler:
     ``t*b .. t*b + b - 1``.  The union over processes of each global batch is
     therefore the same records, in the same slots, with the same augmentation
     randomness, whatever the process count (a partial last global batch of a
-    finite order is dropped).
+    finite order is dropped). ``start_batch`` starts at global batch ``t``: a
+    run resumed after ``t`` steps continues the same sequence on any number of
+    processes.
 
     Raises:
       ValueError: ``global_batch`` is not divisible by ``process_count``.
@@ -300,7 +302,7 @@ class GlobalBatchSampler:
 
     def __init__(self, num_records: int, global_batch: int, process_index: int,
                  process_count: int, shuffle: bool, num_epochs: int | None,
-                 seed: int):
+                 seed: int, start_batch: int = 0):
         if global_batch % process_count:
             raise ValueError(f'global batch {global_batch} is not divisible by '
                              f'{process_count} processes')
@@ -310,9 +312,10 @@ class GlobalBatchSampler:
         self._global = int(global_batch)
         self._local = self._global // process_count
         self._offset = process_index * self._local
+        self._start = int(start_batch)
         total = len(self._inner)
-        self._len = total if num_epochs is None else (
-            total // self._global * self._local)
+        self._len = total if num_epochs is None else max(
+            total // self._global - self._start, 0) * self._local
 
     def __len__(self) -> int:
         return self._len
@@ -321,11 +324,11 @@ class GlobalBatchSampler:
         # grain stores the sampler's repr in iterator states and refuses another one
         return (f'GlobalBatchSampler(global_batch={self._global}, '
                 f'local_batch={self._local}, offset={self._offset}, '
-                f'inner={self._inner!r})')
+                f'start_batch={self._start}, inner={self._inner!r})')
 
     def global_position(self, index: int) -> int:
         """The global-order position of this process's local position ``index``."""
-        return (index // self._local) * self._global + self._offset + (
+        return (self._start + index // self._local) * self._global + self._offset + (
             index % self._local)
 
     def __getitem__(self, index: int):

@@ -239,7 +239,7 @@ def make_detection_loader(
     worker_count: int = 0, process_index: int | None = None,
     process_count: int | None = None, drop_remainder: bool | None = None,
     worker_buffer_size: int = 1, read_threads: int = 4,
-    rect_stride: int = 0, cache_images: bool = False) -> grain.DataLoader:
+    rect_stride: int = 0, cache_images: bool = False, start_batch: int = 0) -> grain.DataLoader:
     """Builds the grain DataLoader for one process.
 
     Args:
@@ -319,7 +319,7 @@ def make_detection_loader(
     sampler = GlobalBatchSampler(
         num_records=len(source), global_batch=batch_size,
         process_index=process_index, process_count=process_count,
-        shuffle=shuffle, num_epochs=num_epochs, seed=int(seed))
+        shuffle=shuffle, num_epochs=num_epochs, seed=int(seed), start_batch=start_batch)
     if train:
         op = TrainTransform(source, image_size, hyp or {}, max_labels)
     else:
@@ -386,29 +386,55 @@ def split_images(dataset, split: str, size: int, limit: int) -> Iterator[tuple]:
 
 
 class _ResumableLoader:
-    """`iter()` gives a grain iterator positioned at a saved state (if any)."""
+    """`iter()` gives an iterator over the loader's batches whose `get_state()` is the number of
+    global batches consumed, so a resumed run (on any process count) starts at the next one.
 
-    def __init__(self, loader, state: dict | None):
-        self.loader, self.state = loader, state
+    An older checkpoint's grain iterator state (same process count and workers only) is still
+    restored as grain stores it.
+    """
+
+    def __init__(self, make_loader, state: dict | None):
+        self.make_loader, self.state = make_loader, state or {}
 
     def __iter__(self):
-        it = iter(self.loader)
-        if self.state:
-            it.set_state(self.state["bytes"].encode("latin-1") if "bytes" in self.state else self.state)
+        if "global_batches" in self.state or not self.state:
+            return _CountingIterator(iter(self.make_loader(int(self.state.get("global_batches", 0)))),
+                                     int(self.state.get("global_batches", 0)))
+        it = iter(self.make_loader(0))  # a grain state from before global-batch positions
+        it.set_state(self.state["bytes"].encode("latin-1") if "bytes" in self.state else self.state)
         return it
+
+
+class _CountingIterator:
+    def __init__(self, it, start: int):
+        self.it, self.count = it, start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.count += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"global_batches": self.count}
 
 
 def loader(dataset, split: str, *, train: bool, batch_size: int, hyp, seed: int,
            iterator_state: dict | None = None, process_index: int | None = None,
            process_count: int | None = None, rect_stride: int = 0):
     """YOLOv5 batches of a `research.data.detection.DetectionData` split (its config's image size,
-    label count, workers, image cache), resumable from a saved iterator state."""
+    label count, workers, image cache), resumable from a saved iterator state
+    (`{"global_batches": n}`: the next batch is global batch n, whatever the process count)."""
     c = dataset.config
     dataset.check_split(split)
     hyp = {k: float(v) for k, v in dict(hyp).items()}
-    out = make_detection_loader(
-        dataset.builder, split, image_size=c.image_size, batch_size=batch_size, train=train,
-        hyp=hyp, max_labels=c.max_labels, seed=seed, num_epochs=None if train else 1,
-        worker_count=c.num_workers, process_index=process_index, process_count=process_count,
-        rect_stride=rect_stride, cache_images=bool(train and c.cache_images))
-    return _ResumableLoader(out, iterator_state)
+
+    def make(start_batch: int):
+        return make_detection_loader(
+            dataset.builder, split, image_size=c.image_size, batch_size=batch_size, train=train,
+            hyp=hyp, max_labels=c.max_labels, seed=seed, num_epochs=None if train else 1,
+            worker_count=c.num_workers, process_index=process_index, process_count=process_count,
+            rect_stride=rect_stride, cache_images=bool(train and c.cache_images), start_batch=start_batch)
+    return _ResumableLoader(make, iterator_state)

@@ -413,3 +413,37 @@ def test_extreme_aspect_ratio_resizes_to_at_least_one_pixel():
     rows = [r for r in range(64) if (lb[r, :, 0] == 200).all()]
     assert len(rows) == 1 and 30 <= rows[0] <= 33  # the 1-px image row, centred in the padding
 
+
+
+def test_resume_on_another_process_count_continues_the_same_global_batches(shapes_builder, tmp_path):
+    """The loader's state is the count of global batches consumed: 2 processes stop after 3 batches,
+    1 process resumes and gets global batch 4, which is the two processes' 4th slices joined."""
+    import ml_collections
+    from research.data import detection
+    cfg = ml_collections.ConfigDict(dict(name='shapes', data_dir=os.path.dirname(os.path.dirname(
+        os.path.dirname(str(shapes_builder.data_dir)))), image_size=48, num_train_examples=0,
+        num_eval_examples=0, max_labels=8, num_workers=0, cache_images=False))
+    ds = detection.DetectionData.__new__(detection.DetectionData)  # the prepared tiny builder as it is
+    ds.config, ds.builder = cfg, shapes_builder
+    ds.spec = detection.DatasetSpec(shapes_builder, ('a',))
+    hyp = {**T.DEFAULT_HYP, 'mosaic': 0.0}
+
+    def loader(p, n, state=None):
+        return y5data.loader(ds, 'train', train=True, batch_size=4, hyp=hyp, seed=3, iterator_state=state,
+                             process_index=p, process_count=n)
+
+    halves = [iter(loader(p, 2)) for p in (0, 1)]
+    for _ in range(3):
+        for it in halves:
+            next(it)
+    states = [it.get_state() for it in halves]
+    assert states == [{'global_batches': 3}] * 2
+    fourth = [next(it) for it in halves]
+    resumed = next(iter(loader(0, 1, states[0])))
+    for k in ('image', 'boxes', 'classes', 'valid', 'image_id'):
+        np.testing.assert_array_equal(resumed[k], np.concatenate([fourth[0][k], fourth[1][k]]), err_msg=k)
+    # and the uninterrupted single-process run has the same 4th batch
+    single = iter(loader(0, 1))
+    for _ in range(3):
+        next(single)
+    np.testing.assert_array_equal(next(single)['image'], resumed['image'])
