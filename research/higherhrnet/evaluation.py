@@ -19,7 +19,7 @@ import contextlib
 import io
 import json
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -82,42 +82,45 @@ def warp_to_input(image: np.ndarray, center, scale, size) -> np.ndarray:
     return cv2.warpAffine(image, mat, (int(size[0]), int(size[1])))
 
 
-def predict_people(forward: Callable[[np.ndarray], Sequence[np.ndarray]], images: Sequence[np.ndarray],
+def predict_people(forward: Callable[[np.ndarray], Sequence[np.ndarray]], images: Iterable[np.ndarray],
                    settings: group.PostprocessSettings, batch_size: int = 8) -> Iterator[dict]:
     """Grouped people of each image, in order.
 
     Args:
       forward: `x [B, H, W, 3] float32 RGB in [0, 1] -> (output 0, output 1)` (the exported graph's contract).
-      images: uint8 [H, W, 3] RGB images.
+      images: uint8 [H, W, 3] RGB images (any iterable; read once, one batch at a time).
       settings: post-processing (input_size, scale_factors, flip_test, thresholds...).
-      batch_size: images per forward call (consecutive images sharing a test geometry; the last batch padded).
+      batch_size: images per forward call (consecutive images of one size; every batch padded to this size by
+        repeating its last image, so a jitted forward compiles once per input size).
 
     Yields:
       per image `inference.people_from_maps`' dict (`keypoints` [N, J, 3 + T] original pixels, `scores` [N]).
     """
-    i = 0
-    while i < len(images):
-        geo = inference.multi_scale_geometry(images[i].shape[:2], settings)
-        key = images[i].shape[:2]
-        j = i
-        while j < len(images) and j - i < batch_size and images[j].shape[:2] == key:
-            j += 1
-        chunk = list(images[i:j])
-        n = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - n)
-        per_scale = []
-        for s in geo["scales"]:
-            size, center, scale = inference.multi_scale_size(key, settings.input_size, s, min(settings.scale_factors))
-            x = np.stack([warp_to_input(im, center, scale, size) for im in chunk]).astype(np.float32) / 255.0
-            outs = tuple(np.asarray(o) for o in forward(x))
-            outs_flip = tuple(np.asarray(o) for o in forward(np.ascontiguousarray(x[:, :, ::-1]))) \
-                if settings.flip_test else None
-            per_scale.append((outs, outs_flip))
-        maps = inference.aggregate_outputs(per_scale, settings, tuple(int(v) for v in geo["base_size"]))
-        people = inference.people_from_maps(maps["heatmaps"][:n], maps["tags"][:n], geo["center"], geo["scale"],
-                                            settings)
-        yield from people
-        i = j
+    chunk: list = []
+    for image in images:
+        if chunk and (len(chunk) == batch_size or image.shape[:2] != chunk[0].shape[:2]):
+            yield from _predict_chunk(forward, chunk, settings, batch_size)
+            chunk = []
+        chunk.append(image)
+    if chunk:
+        yield from _predict_chunk(forward, chunk, settings, batch_size)
+
+
+def _predict_chunk(forward, chunk: list, settings: group.PostprocessSettings, batch_size: int) -> list:
+    hw = chunk[0].shape[:2]
+    n = len(chunk)
+    chunk = chunk + [chunk[-1]] * (batch_size - n)
+    geo = inference.multi_scale_geometry(hw, settings)
+    per_scale = []
+    for s in geo["scales"]:
+        size, center, scale = inference.multi_scale_size(hw, settings.input_size, s, min(settings.scale_factors))
+        x = np.stack([warp_to_input(im, center, scale, size) for im in chunk]).astype(np.float32) / 255.0
+        outs = tuple(np.asarray(o) for o in forward(x))
+        outs_flip = tuple(np.asarray(o) for o in forward(np.ascontiguousarray(x[:, :, ::-1]))) \
+            if settings.flip_test else None
+        per_scale.append((outs, outs_flip))
+    maps = inference.aggregate_outputs(per_scale, settings, tuple(int(v) for v in geo["base_size"]))
+    return inference.people_from_maps(maps["heatmaps"][:n], maps["tags"][:n], geo["center"], geo["scale"], settings)
 
 
 class KeypointEvaluator:
@@ -143,8 +146,7 @@ class KeypointEvaluator:
         else:
             forward = task.forward_fn(variables)
         results = []
-        people = predict_people(forward, [r["image"] for r in records], task.postprocess_settings(),
-                                cfg.eval.batch_size)
+        people = predict_people(forward, task.eval_images(), task.postprocess_settings(), cfg.eval.batch_size)
         for r, p in zip(records, people):
             results += people_to_results(r["image_id"], p["keypoints"], p["scores"])
         stats = oks_ap(task.ground_truth(), results, task.oks_sigmas())

@@ -108,6 +108,10 @@ class _Records:
     def __getitem__(self, i):
         return data.decode_record(self._open()[int(i)])
 
+    def raw(self, i):
+        """Record i undecoded (images as bytes)."""
+        return self._open()[int(i)]
+
 
 class _LoadAugment:
     """One batch slice: the records of `indices` loaded, augmented (rng from (seed, global position)) and targeted."""
@@ -189,14 +193,33 @@ class Task(tasks.Task):
                 return it
         return Loader()
 
-    def eval_records(self) -> list[dict]:
-        """The decoded eval images and annotations (the first `config.eval.max_images`, 0 = all), cached."""
-        if "_eval_records" not in self.__dict__:
+    def _eval_rows(self) -> list[int]:
+        """Record indices of the evaluated images (the first `config.eval.max_images`, 0 = all), by image id."""
+        if "_rows" not in self.__dict__:
             recs = self.records(self.config.data.eval_split)
             n = len(recs) if self.config.eval.max_images <= 0 else min(len(recs), int(self.config.eval.max_images))
-            rows = sorted((recs[i] for i in range(n)), key=lambda r: r["image_id"])
+            ids = [int(recs.raw(i)["image_id"]) for i in range(len(recs))]
+            self._rows = sorted(range(len(recs)), key=lambda i: ids[i])[:n]
+        return self._rows
+
+    def eval_records(self) -> list[dict]:
+        """Annotations of the evaluated images (`hw` instead of the pixels), in `eval_images` order, cached."""
+        if "_eval_records" not in self.__dict__:
+            recs = self.records(self.config.data.eval_split)
+            rows = []
+            for i in self._eval_rows():
+                r = recs[i]
+                r["hw"] = r.pop("image").shape[:2]
+                r.pop("ignore")
+                rows.append(r)
             self._eval_records = rows
         return self._eval_records
+
+    def eval_images(self, limit: int | None = None):
+        """The evaluated images (uint8 [H, W, 3] RGB), decoded one at a time."""
+        recs = self.records(self.config.data.eval_split)
+        for i in self._eval_rows()[:limit]:
+            yield recs[i]["image"]
 
     def ground_truth(self) -> dict:
         return data.coco_ground_truth(self.eval_records(), int(self.config.data.num_joints),
@@ -273,12 +296,14 @@ class Task(tasks.Task):
         joints with value >= `config.predict.joint_threshold` of people scoring >= `config.predict.score_threshold`)."""
         import cv2
         c = self.config
-        recs = self.eval_records()[:int(c.predict.num_images)]
-        people = evaluation.predict_people(self.forward_fn(variables), [r["image"] for r in recs],
-                                           self.postprocess_settings(), c.eval.batch_size)
+        num = int(c.predict.num_images)
+        recs = self.eval_records()[:num]
+        images = list(self.eval_images(num))
+        people = evaluation.predict_people(self.forward_fn(variables), images, self.postprocess_settings(),
+                                           c.eval.batch_size)
         paths = []
-        for r, p in zip(recs, people):
-            img = np.ascontiguousarray(r["image"][..., ::-1]).copy()
+        for r, image, p in zip(recs, images, people):
+            img = np.ascontiguousarray(image[..., ::-1]).copy()
             img = cv2.resize(img, None, fx=c.predict.upscale, fy=c.predict.upscale, interpolation=cv2.INTER_NEAREST)
             u = float(c.predict.upscale)
             for n, (k, s) in enumerate(zip(p["keypoints"], p["scores"])):
