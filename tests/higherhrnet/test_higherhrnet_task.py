@@ -218,3 +218,24 @@ def test_smoke_mode_all(tmp_path):
     for r, g in zip(ref, got):
         assert np.abs(r - g).max() <= 1e-4 * np.abs(r).max()
     assert "deconv_layers.0.0.0.weight" in task.to_torch(variables)
+
+
+def test_loader_batches_are_deterministic_and_resumable(tmp_path):
+    config = get_config("smoke")
+    config.data.data_dir = str(tmp_path / "data")
+    task = research.higherhrnet.task.Task(config, "train")
+    assert task.num_train_examples() == 32
+    it = iter(task.train_loader())
+    first = next(it)
+    assert first["image"].shape == (4, 64, 64, 3) and first["image"].dtype == np.uint8
+    assert first["heatmaps_0"].shape == (4, 16, 16, 17) and first["heatmaps_1"].shape == (4, 32, 32, 17)
+    assert first["mask_1"].shape == (4, 32, 32) and first["joints_0"].shape == (4, 30, 17, 2)
+    assert first["heatmaps_1"].max() == 1.0 and first["joints_1"][..., 1].sum() > 0
+    state = it.get_state()
+    second = next(it)
+    again = iter(task.train_loader())
+    for k, v in next(again).items():
+        np.testing.assert_array_equal(v, first[k])
+    resumed = iter(task.train_loader(state))
+    for k, v in next(resumed).items():
+        np.testing.assert_array_equal(v, second[k])
