@@ -239,3 +239,28 @@ def test_loader_batches_are_deterministic_and_resumable(tmp_path):
     resumed = iter(task.train_loader(state))
     for k, v in next(resumed).items():
         np.testing.assert_array_equal(v, second[k])
+
+
+def test_config_variants_and_official_schedule():
+    from research.higherhrnet.task import lr_schedule, model_config
+    for arg, (net, size, batch) in {"variant=w32_512,data=coco": ("w32", 512, 96),
+                                    "variant=w32_640,data=coco": ("w32", 640, 96),
+                                    "variant=w48_640,data=coco": ("w48", 640, 80)}.items():
+        c = get_config(arg)
+        assert (c.model.variant, c.data.input_size, tuple(c.data.output_sizes), c.batch_size) == (
+            net, size, (size // 4, size // 2), batch)
+        assert (c.optim.lr, tuple(c.optim.lr_steps), c.optim.lr_factor, c.num_epochs) == (1e-3, (200, 260), 0.1, 300)
+        assert (c.data.max_rotation, c.data.min_scale, c.data.max_scale, c.data.max_translate) == (30, 0.75, 1.5, 40)
+    crowd = get_config("variant=w32_512,data=crowdpose")
+    assert crowd.data.num_joints == 14 and tuple(crowd.data.flip_index) == data.CROWDPOSE_FLIP_INDEX
+    assert model_config(crowd).num_joints == 14
+    default = get_config()
+    assert (default.model.variant, default.data.name, default.data.input_size) == ("tiny", "synthetic", 128)
+    with pytest.raises(ValueError, match="variant"):
+        get_config("variant=w64")
+    # MultiStepLR stepped at each epoch start: epoch e trains at lr * 0.1^(#milestones <= e + 1)
+    sched = lr_schedule(1e-3, (200, 260), 0.1, steps_per_epoch=10)
+    assert float(sched(1989)) == pytest.approx(1e-3)
+    assert float(sched(1990)) == pytest.approx(1e-4)
+    assert float(sched(2589)) == pytest.approx(1e-4)
+    assert float(sched(2590)) == pytest.approx(1e-5)
