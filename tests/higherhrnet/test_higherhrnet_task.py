@@ -264,3 +264,20 @@ def test_config_variants_and_official_schedule():
     assert float(sched(1990)) == pytest.approx(1e-4)
     assert float(sched(2589)) == pytest.approx(1e-4)
     assert float(sched(2590)) == pytest.approx(1e-5)
+
+
+def test_coco_folder_prepares_through_tfds(tmp_path):
+    import shutil
+
+    import ml_collections
+    root = str(tmp_path / "coco")
+    ann, imgs = _coco_folder(root)
+    shutil.copy(ann, ann.replace("val2017", "train2017"))
+    shutil.copy(os.path.join(imgs, "a.jpg"), os.path.join(root, "images", "train2017", "a.jpg"))
+    cfg = ml_collections.ConfigDict(dict(name="coco", num_joints=17, train_set="train2017", validation_set="val2017",
+                                         manual_dir=root, data_dir=str(tmp_path / "tfds")))
+    r = data.decode_record(data.open_split(data.prepare(cfg), "validation")[0])
+    assert r["image"].shape == (40, 50, 3) and r["ignore"].sum() == 100  # the 10 x 10 no-keypoint person
+    assert r["keypoints"].shape == (2, 17, 3) and r["ann_id"].tolist() == [7, 8] and r["filename"] == "a.jpg"
+    gt = data.coco_ground_truth([dict(r, hw=(40, 50))])
+    assert [a["num_keypoints"] for a in gt["annotations"]] == [1, 0]
