@@ -101,7 +101,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.async_checkpoints = True
+    c.resume_changes = False  # resume a workdir whose config changed in a field that matters
 
+    # evaluators by type (research/evaluation/base.py); every_steps 0 = eval_every_steps
+    c.evals = ml_collections.ConfigDict()
+    c.evals.oks = ml_collections.ConfigDict(dict(type="coco_keypoints", every_steps=0))
     c.eval = ml_collections.ConfigDict()
     c.eval.use_ema = False  # no EMA in the official trainer
     c.eval.onnx = False

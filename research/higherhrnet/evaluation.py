@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 
+from research.evaluation import base as evaluation_base
 from research.higherhrnet import group, inference
 
 STATS_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -123,15 +124,15 @@ def _predict_chunk(forward, chunk: list, settings: group.PostprocessSettings, ba
     return inference.people_from_maps(maps["heatmaps"][:n], maps["tags"][:n], geo["center"], geo["scale"], settings)
 
 
-class KeypointEvaluator:
-    """OKS AP of the model (or the exported ONNX graph) on `config.data.eval_split`.
+@evaluation_base.register("coco_keypoints")
+class KeypointEvaluator(evaluation_base.Evaluator):
+    """`config.evals.<name>.type = "coco_keypoints"`: OKS AP of the model (or the exported ONNX graph)
+    on `config.data.eval_split`, with the test settings of `config.eval`.
 
     `run(variables)` yields (`eval/AP`, ...) or (`eval_onnx/AP`, ...); with `out_dir` the results json is written as
-    `keypoints_<split>_results.json` (the official results file).
+    `keypoints_<split>_results.json` (the official results file). The task provides `eval_records()`,
+    `eval_images()`, `forward_fn(variables)`, `postprocess_settings()`, `ground_truth()`, `oks_sigmas()`.
     """
-
-    def __init__(self, task, onnx_path: str | None = None, out_dir: str | None = None):
-        self.task, self.onnx_path, self.out_dir = task, onnx_path, out_dir
 
     def run(self, variables) -> Iterator[tuple[str, float]]:
         import jax
@@ -150,7 +151,7 @@ class KeypointEvaluator:
         for r, p in zip(records, people):
             results += people_to_results(r["image_id"], p["keypoints"], p["scores"])
         stats = oks_ap(task.ground_truth(), results, task.oks_sigmas())
-        prefix = "eval_onnx" if self.onnx_path else "eval"
+        prefix = self.prefix
         if self.out_dir:
             name = f"keypoints_{cfg.data.eval_split}{'_onnx' if self.onnx_path else ''}_results.json"
             with open(os.path.join(self.out_dir, name), "w") as f:

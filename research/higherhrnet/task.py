@@ -4,7 +4,8 @@ Training follows `tools/dist_train.py` + `lib/core/trainer.py` `do_train`: the a
 (`research/higherhrnet/transforms.py`), heatmap / mask / joint targets at both output resolutions
 (`targets.py`), the loss sum of `multi_loss` (`loss.py`), Adam (no weight decay, `get_optimizer`) with MultiStepLR:
 the official scheduler steps at the start of each epoch, so epoch e (0-based) trains at lr * factor^(number of
-milestones <= e + 1). Evaluation: `evaluation.KeypointEvaluator` (valid.py + COCOeval keypoints).
+milestones <= e + 1). Evaluation: `evaluation.KeypointEvaluator` (valid.py + COCOeval keypoints), the `coco_keypoints` evaluator type
+that `config.evals.oks` selects.
 
 Batch layout from the loader (b = this process's rows of the global batch, S = input size, R_i = output sizes,
 P = max_num_people, J = joints):
@@ -287,9 +288,6 @@ class Task(tasks.Task):
         variables = parallel.local_copy(variables)
         fwd = jax.jit(self.apply_images)
         return lambda x: fwd(variables, jnp.asarray(x, jnp.float32))
-
-    def evaluators(self, onnx_path=None, out_dir=None):
-        return [evaluation.KeypointEvaluator(self, onnx_path=onnx_path, out_dir=out_dir)]
 
     def predict(self, variables, out_dir):
         """The first `config.predict.num_images` eval images with the grouped people drawn (one colour per person,
