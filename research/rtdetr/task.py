@@ -392,8 +392,9 @@ def benchmark_spec(config, *, variant: str, image_size: int, nc: int = 80):
     cfg = config.copy_and_resolve_references()
     if variant != cfg.model.variant:  # another variant: its own official structure, not this config's overrides
         cfg.model.variant = variant
+        import ml_collections
         for part in ("backbone", "encoder", "decoder"):
-            cfg.model[part] = {}
+            cfg.model[part] = ml_collections.ConfigDict()
     cfg.model.num_classes = nc
     cfg.data.image_size = image_size
     task = Task(cfg, mode="benchmark")

@@ -133,7 +133,7 @@ def test_lr_schedule_ema_and_parameter_groups():
     c.model.num_classes = 80
     task = task_lib.Task(c, mode="benchmark")
     assert task.ema_decay(2000) == pytest.approx(0.9999 * (1 - np.exp(-1)), rel=1e-6)
-    shapes = jax.eval_shape(lambda: task.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+    shapes = jax.eval_shape(lambda: task.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 640, 640, 3))))
     names = task_lib.torch_param_names(shapes["params"])
     from flax import traverse_util
     labels = {names[k]: v for k, v in traverse_util.flatten_dict(task.param_groups(shapes["params"])).items()}
@@ -145,6 +145,16 @@ def test_lr_schedule_ema_and_parameter_groups():
     assert labels["decoder.dec_score_head.0.bias"] == "g2"
     assert labels["decoder.dec_score_head.0.weight"] == "default"
     assert labels["decoder.denoising_class_embed.weight"] == "default"
+
+
+def test_benchmark_spec_is_the_official_r18vd():
+    spec = tasks.task_class("rtdetr").benchmark_spec(get_config(), variant="r18vd", image_size=640)
+    assert spec.info["params"] == 20_184_464  # official r18vd, 80 classes (tests/rtdetr/test_rtdetr_model.py)
+    inputs = spec.make_inputs(2)
+    out = jax.eval_shape(lambda v, x: spec.infer_fn(v, **x), spec.variables, inputs)
+    assert [o.shape for o in out] == [(2, 300), (2, 300, 4), (2, 300)]
+    batch = spec.make_batch(2)
+    assert set(batch) == {"image", "boxes", "classes", "valid"} and batch["image"].shape == (2, 640, 640, 3)
 
 
 # ----------------------------------------------------------------------------- the whole task
