@@ -166,6 +166,34 @@ def _smoke_config(tmp_path):
     return c
 
 
+def test_loader_global_batches_slices_and_resume(tmp_path):
+    """Two processes' slices make the one-process global batch (same records, same augmentation); a loader
+    restored from an iterator state continues with the same batch; eval batches are padded with image_id -1."""
+    from research.rtdetr import data as data_lib
+    c = _smoke_config(tmp_path)
+    task = tasks.get_task(c, "train")
+    builder = task.dataset.builder
+    kw = dict(image_size=64, batch_size=4, train=True, max_labels=16, seed=3, aug=dict(c.aug))
+    one = iter(data_lib.make_loader(builder, "train", process_index=0, process_count=1, **kw))
+    parts = [iter(data_lib.make_loader(builder, "train", process_index=p, process_count=2, **kw)) for p in (0, 1)]
+    b1 = next(one)
+    halves = [next(it) for it in parts]
+    for k in ("image", "boxes", "classes", "valid", "image_id"):
+        np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), b1[k], err_msg=k)
+    assert b1["image"].shape == (4, 64, 64, 3) and b1["boxes"].shape == (4, 16, 4)
+    state = one.get_state()
+    expected = next(one)
+    resumed = iter(data_lib.ResumableLoader(data_lib.make_loader(builder, "train", process_index=0, process_count=1,
+                                                                 **kw), {"bytes": state.decode("latin-1")}
+                                            if isinstance(state, bytes) else state))
+    np.testing.assert_array_equal(next(resumed)["image"], expected["image"])
+    ev = list(data_lib.make_loader(builder, "validation", image_size=64, batch_size=24, train=False, max_labels=16,
+                                   process_index=0, process_count=1))
+    ids = np.concatenate([b["image_id"] for b in ev])
+    assert len(ids) == 48 and (ids[:32] >= 0).all() and (ids[32:] == -1).all()
+    assert (ev[0]["orig_size"][0] == [64, 64]).all()
+
+
 def test_smoke_all_trains_evaluates_predicts_exports(tmp_path):
     c = _smoke_config(tmp_path)
     wd = str(tmp_path / "wd")
