@@ -177,6 +177,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every_steps = 375
         c.checkpoint_every_steps = 125
         c.log_every_steps = 25
+        c.predict.score_thres = 0.3
 
     if arg.smoke:
         c.model.variant = "tiny"
