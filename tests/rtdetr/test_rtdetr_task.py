@@ -157,6 +157,24 @@ def test_benchmark_spec_is_the_official_r18vd():
     assert set(batch) == {"image", "boxes", "classes", "valid"} and batch["image"].shape == (2, 640, 640, 3)
 
 
+def test_configs_variants_and_errors():
+    c = get_config()
+    assert (c.network, c.model.variant, c.data.name, c.data.image_size, c.multi_scale) == (
+        "rtdetr", "tiny", "shapes", 128, ())
+    assert c.evals.coco.type == "coco_detection" and c.ema.decay == 0.9999 and c.optim.clip_max_norm == 0.1
+    r50 = get_config("variant=r50vd,data=coco")
+    assert (r50.data.image_size, r50.num_epochs, r50.optim.lr, r50.multi_scale[0], r50.multi_scale[-1]) == (
+        640, 72, 1e-4, 480, 800)
+    assert r50.optim.groups[0] == ("backbone", 1e-5, -1.0) and not dict(r50.model.decoder)
+    assert get_config("variant=r101vd").optim.groups == (("backbone", 1e-6, -1.0),)
+    smoke = get_config("smoke")
+    assert smoke.total_steps > 0 and smoke.model.variant == "tiny" and smoke.eval.num_top_queries <= 20 * 6
+    with pytest.raises(ValueError, match="unknown RT-DETR variant 'r19vd'"):
+        get_config("variant=r19vd")
+    with pytest.raises(ValueError, match="unknown config argument 'varient'"):
+        get_config("varient=r18vd")
+
+
 # ----------------------------------------------------------------------------- the whole task
 
 
