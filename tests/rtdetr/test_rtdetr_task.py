@@ -157,6 +157,22 @@ def test_benchmark_spec_is_the_official_r18vd():
     assert set(batch) == {"image", "boxes", "classes", "valid"} and batch["image"].shape == (2, 640, 640, 3)
 
 
+def test_multi_scale_resize_is_torch_nearest_and_deterministic():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).integers(0, 256, (2, 12, 12, 3)).astype(np.uint8)
+    for size in (8, 12, 17):
+        ref = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)).float(), size=[size, size])
+        np.testing.assert_array_equal(np.asarray(task_lib.resize_nearest(jnp.asarray(x), size)),
+                                      ref.numpy().transpose(0, 2, 3, 1).astype(np.uint8))
+    c = get_config("variant=r18vd,data=coco")
+    c.model.num_classes = 80
+    c.multi_scale = (8, 16, 24)
+    task = task_lib.Task(c, mode="benchmark")
+    sizes = [task.transform_batch({"image": jnp.asarray(x)}, step)["image"].shape[1] for step in range(12)]
+    assert set(sizes) <= {8, 16, 24} and len(set(sizes)) > 1
+    assert sizes == [task.transform_batch({"image": jnp.asarray(x)}, step)["image"].shape[1] for step in range(12)]
+
+
 def test_configs_variants_and_errors():
     c = get_config()
     assert (c.network, c.model.variant, c.data.name, c.data.image_size, c.multi_scale) == (
