@@ -168,13 +168,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if not official:
         # CPU recipe for the embedded data (not official): no pretrained backbone, so one learning rate for
-        # every group, higher, with a short warmup; a few epochs.
+        # every group, higher, with a short warmup; a few epochs; a milder zoom-out.
         c.optim.lr = 1e-3
         c.optim.groups = ((r"^(?=.*backbone)(?=.*norm).*$", -1.0, 0.0),
                           (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bias)).*$", -1.0, 0.0))
         c.optim.warmup_steps = 50
+        # the shapes' objects are 8-60 % of a 128 px image: the official 1-4x zoom-out shrinks them to a few
+        # pixels; 1-2x learns faster here (mAP50 0.133 vs 0.102 after 375 steps, docs/rtdetr.md)
+        c.aug.zoom_out_side_range = (1.0, 2.0)
         c.num_epochs = 3
-        c.eval_every_steps = 375
+        c.eval_every_steps = 125
         c.checkpoint_every_steps = 125
         c.log_every_steps = 25
         c.predict.score_thres = 0.3
