@@ -132,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.async_checkpoints = True
+    c.resume_changes = False  # resume a workdir whose config changed in a field that matters
 
     c.evals = ml_collections.ConfigDict()
     c.evals.coco = ml_collections.ConfigDict(dict(type="coco_detection", every_steps=0, split=""))

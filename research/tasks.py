@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 _REGISTRY: dict[str, type] = {}
 # Networks whose package registers a Task on import (the module is imported on first use).
-NETWORKS = ("yolov5", "higherhrnet", "siamfc")
+NETWORKS = ("yolov5", "higherhrnet", "siamfc", "rtdetr")
 
 
 def register(name: str) -> Callable[[type], type]:
