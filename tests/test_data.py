@@ -297,3 +297,32 @@ def test_coco_folder_with_its_own_categories_keeps_them(tmp_path):
     ds = detection.DetectionData(cfg)
     assert len(ds.class_names) == 80 and ds.label_to_category_id[2] == 3
     assert set(pipeline.DetectionSource(ds.builder.data_dir, 'train')[0]['labels'][:, 0]) == {2}
+
+
+def test_prepared_coco_data_is_keyed_to_its_source(tmp_path):
+    """Issue 10 case 3: an edited annotation json (or another folder) is prepared anew, not reused."""
+    import ml_collections
+    from PIL import Image
+    from research.data import detection
+    root = tmp_path / 'coco'
+    (root / 'annotations').mkdir(parents=True)
+    for split in ('train2017', 'val2017'):
+        (root / split).mkdir()
+        Image.new('RGB', (80, 60), (30, 160, 90)).save(root / split / 'a.png')
+        json.dump({'images': [{'id': 1, 'file_name': 'a.png', 'width': 80, 'height': 60}],
+                   'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [10, 10, 15, 15],
+                                    'area': 225, 'iscrowd': 0}],
+                   'categories': [{'id': 1, 'name': 'person'}]},
+                  open(root / 'annotations' / f'instances_{split}.json', 'w'))
+    cfg = ml_collections.ConfigDict(dict(name='coco', manual_dir=str(root), data_dir=str(tmp_path / 'tfds')))
+    first = detection.DetectionData(cfg)
+    assert len(pipeline.DetectionSource(first.builder.data_dir, 'train')[0]['labels']) == 1
+    assert detection.DetectionData(cfg).builder.data_dir == first.builder.data_dir  # unchanged: reused
+    path = root / 'annotations' / 'instances_train2017.json'
+    d = json.load(open(path))
+    d['annotations'].append({'id': 2, 'image_id': 1, 'category_id': 1, 'bbox': [40, 20, 10, 10], 'area': 100,
+                             'iscrowd': 0})
+    json.dump(d, open(path, 'w'))
+    second = detection.DetectionData(cfg)
+    assert second.builder.data_dir != first.builder.data_dir
+    assert len(pipeline.DetectionSource(second.builder.data_dir, 'train')[0]['labels']) == 2

@@ -13,6 +13,7 @@ transforms (YOLOv5: `research/yolov5/data.py`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import zlib
@@ -86,13 +87,30 @@ def _coco(c) -> DatasetSpec:
     files = {split: getattr(coco.CocoConfig, f"{split}_annotations") for split in ("train", "validation")
              if hasattr(coco.CocoConfig, f"{split}_annotations")}
     ids, names = folder_categories(os.path.join(c.manual_dir, files["train"]))
+    # The prepared data is keyed to its source: the annotation files' contents (and the classes) name
+    # the builder config, so an edited json or another folder is prepared anew, never silently reused.
+    source = annotations_digest([os.path.join(c.manual_dir, f) for f in files.values()])
     if ids is None:  # COCO itself (or a subset of its categories): the 80-class table, 80 <-> 91 ids
-        builder = pipeline.prepare("coco_detection_local", data_dir, manual_dir=c.manual_dir)
+        config = coco.CocoConfig(name=f"coco80_{source}")
+        builder = pipeline.prepare("coco_detection_local", data_dir, manual_dir=c.manual_dir, config=config)
         return DatasetSpec(builder, tuple(coco.COCO80_NAMES), tuple(coco.COCO80_TO_91), files)
     digest = zlib.crc32(json.dumps([ids, names]).encode())
-    config = coco.CocoConfig(name=f"categories_{len(ids)}_{digest:08x}", category_ids=ids, class_names=names)
+    config = coco.CocoConfig(name=f"categories_{len(ids)}_{digest:08x}_{source}", category_ids=ids,
+                             class_names=names)
     builder = pipeline.prepare("coco_detection_local", data_dir, manual_dir=c.manual_dir, config=config)
     return DatasetSpec(builder, names, ids, files)
+
+
+def annotations_digest(paths) -> str:
+    """12 hex digits of the SHA-1 of the annotation files' bytes (missing files count as empty)."""
+    h = hashlib.sha1()
+    for path in paths:
+        h.update(os.path.basename(path).encode())
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:12]
 
 
 def folder_categories(train_json: str) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
