@@ -111,7 +111,7 @@ def test_coco_builder_examples_and_warnings(tmp_path, caplog):
     assert has('b.png', 'clipped')
     assert has('b.png', 'outside', 'dropped')
     assert has('b.png', 'unknown category id 12')
-    assert has('b.png', 'annotation 25', 'malformed')
+    assert has('instances_train2017.json', 'annotation 25', 'no bbox and no polygon')
     assert has('instances_train2017.json', 'without a valid image_id')
     assert not has('a.jpg')
 

@@ -271,6 +271,11 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
         cat_to_label = {int(c): i for i, c in enumerate(cfg.category_ids)}
         with ann_path.open('r') as f:
             data = json.load(f)
+        # the same normalisation the evaluator reads the file with (string ids, boxes from polygons)
+        from research.data import coco_annotations  # pylint: disable=g-import-not-at-top
+        data, problems = coco_annotations.normalize(data, os.fspath(ann_path))
+        for p in problems:
+            logging.warning('coco: %s', p)
         by_image = collections.defaultdict(list)
         for a in data.get('annotations', []):
             try:

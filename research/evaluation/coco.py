@@ -85,12 +85,22 @@ def _coco_from_dict(dataset: Mapping[str, Any]) -> COCO:
 
 
 def load_coco_gt(gt: COCO | Mapping[str, Any] | str | os.PathLike) -> COCO:
-    """A pycocotools COCO object from a COCO object, a COCO-format dict, or an annotations json path."""
+    """A pycocotools COCO object from a COCO object, a COCO-format dict, or an annotations json path.
+
+    Dicts and files are read through `research.data.coco_annotations.normalize` (string ids, missing
+    `iscrowd`/`area`, boxes from polygons), as the dataset builder reads them; problems are logged.
+    """
     if isinstance(gt, COCO):
         return gt
+    source = "annotations"
     if isinstance(gt, (str, os.PathLike)):
+        source = os.fspath(gt)
         with open(gt) as f:
             gt = json.load(f)
+    from research.data import coco_annotations
+    gt, problems = coco_annotations.normalize(gt, source)
+    for p in problems:
+        logging.warning("evaluation ground truth: %s", p)
     return _coco_from_dict(gt)
 
 

@@ -158,3 +158,33 @@ def test_empty_validation_split_trains_without_evaluation_and_names_the_json(tmp
     c.data.data_dir = str(tmp_path / "tfds2")
     with pytest.raises(ValueError, match=r"instances_train2017.json: \"images\" is empty"):
         modes.run(c, str(tmp_path / "wd2"), "train")
+
+
+def test_valid_coco_json_that_pycocotools_cannot_read_is_scored_as_trained(tmp_path):
+    """Issue 10 case 2: no area / iscrowd, string ids, a null bbox with a polygon, a null bbox without:
+    the builder and the evaluator read the same normalised annotations (ground truth as predictions
+    scores 1.0; it crashed with KeyError 'iscrowd' / 'area' / image id)."""
+    root = tmp_path / "coco"
+    _coco_folder(root)
+    cv2.imwrite(str(root / "val2017" / "p.png"), np.full((60, 80, 3), 90, np.uint8))
+    val = {"images": [{"id": "7", "file_name": "p.png", "height": 60, "width": 80}],
+           "annotations": [
+               {"id": 1, "image_id": "7", "category_id": 1, "bbox": [20, 10, 30, 20]},
+               {"id": 2, "image_id": "7", "category_id": 3, "bbox": None,
+                "segmentation": [[5, 30, 15, 30, 15, 50, 5, 50]]},
+               {"id": 3, "image_id": "7", "category_id": 3, "bbox": None}],
+           "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]}
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(val))
+    c = get_config("data=coco")
+    c.data.manual_dir, c.data.data_dir = str(root), str(tmp_path / "tfds")
+    c.data.image_size, c.data.max_labels, c.data.num_workers = 64, 4, 0
+    c.model.variant, c.eval.batch_size, c.eval.rect = "tiny", 2, False
+    task = _GroundTruthAsPredictions(c)
+    from research.data import pipeline
+    truth = pipeline.ground_truth(str(task.dataset.builder.data_dir), "validation")
+    classes, xyxy = truth[7]
+    assert sorted(classes.tolist()) == [0, 2]  # person, and the car boxed from its polygon (index 2 of 80)
+    np.testing.assert_allclose(xyxy[classes.tolist().index(2)], [5, 30, 15, 50], atol=0.01)
+    (evaluator,) = task.evaluators()
+    res = dict(evaluator.run(None))
+    assert res["eval/mAP50"] == pytest.approx(1.0), res
