@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 0
 
     c.log_every_steps = 20
-    c.eval_every_steps = 0  # 0: evaluate at the end only (the tracker over every eval video)
+    c.eval_every_steps = 0  # 0: no evaluation while training (--mode=eval runs the tracker over the eval videos)
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
     c.async_checkpoints = True
