@@ -178,6 +178,20 @@ class Task(abc.ABC):
     def prepare(self, workdir: str, mode: str) -> None:
         """Workdir-specific set-up before any mode runs. Default: nothing."""
 
+    def init_state_dict(self) -> dict | None:
+        """The official state_dict of `config.model.init_from` (numpy arrays), read once per task
+        without unpickling code (`torch.load(weights_only=True)` or safetensors); None when unset.
+
+        Raises:
+          FileNotFoundError / ValueError: the file is missing or not a state_dict (naming it).
+        """
+        if not self.config.model.init_from:
+            return None
+        if self.__dict__.get("_init_state_dict") is None:
+            from research.bridge import torch_bridge
+            self._init_state_dict = torch_bridge.load_state_dict_file(self.config.model.init_from)
+        return self._init_state_dict
+
     def evaluators(self, onnx_path: str | None = None, out_dir: str | None = None) -> list:
         """The evaluators of `config.evals` (each `run(variables) -> iterator of (name, value)`,
         at its own `every_steps`).

@@ -103,7 +103,7 @@ class ToyTask(tasks.Task):
     def init_variables(self, rng) -> dict:
         variables = dict(jax.jit(lambda r: self.model.init(r, jnp.zeros((1, 8, 8, 1))))(rng))
         if self.config.model.init_from:
-            sd = torch_bridge.load_state_dict_file(self.config.model.init_from)
+            sd = self.init_state_dict()
             variables = torch_bridge.torch_to_flax(sd, variables, what="ToyNet")
         return variables
 

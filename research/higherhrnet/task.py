@@ -239,8 +239,7 @@ class Task(tasks.Task):
         s = int(self.config.data.input_size)
         variables = dict(jax.jit(lambda r: self.model.init(r, jnp.zeros((1, s, s, 3)), train=False))(rng))
         if self.config.model.init_from:
-            from research.bridge import torch_bridge
-            sd = torch_bridge.load_state_dict_file(self.config.model.init_from)
+            sd = self.init_state_dict()
             variables = dict(bridge.from_torch(self.model, sd, variables))
         return variables
 

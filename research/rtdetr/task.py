@@ -79,7 +79,6 @@ class Task(tasks.Task):
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
         self.use_ema = bool(config.ema.use)
-        self._init_state_dict = None
         nc = self._resolve_num_classes()
         self.num_classes = nc
         self.model = model_from_config(config, nc)
@@ -101,12 +100,6 @@ class Task(tasks.Task):
         """The shared detection data of `config.data` (builder prepared on first use; its YOLOv5 loader unused)."""
         from research.data import detection
         return detection.DetectionData(self.config.data)
-
-    def init_state_dict(self) -> dict | None:
-        if self.config.model.init_from and self._init_state_dict is None:
-            from research.bridge import torch_bridge
-            self._init_state_dict = torch_bridge.load_state_dict_file(self.config.model.init_from)
-        return self._init_state_dict
 
     def _resolve_num_classes(self) -> int:
         """`config.model.num_classes` when > 0; else, for export/predict/benchmark with official weights, the

@@ -150,8 +150,7 @@ class Task(tasks.Task):
         """Official init (xavier-uniform convolutions, zero biases, BatchNorm 1 / 0), or `init_from`."""
         variables = jax.jit(lambda r: model_lib.init_variables(self.model, r, 87, 87))(rng)
         if self.config.model.init_from:
-            from research.bridge import torch_bridge
-            sd = torch_bridge.load_state_dict_file(self.config.model.init_from)
+            sd = self.init_state_dict()
             variables = bridge.from_torch(self.model, sd, variables)
             logging.info("initialised from %s", self.config.model.init_from)
         return dict(variables)

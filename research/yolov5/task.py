@@ -55,7 +55,6 @@ class Task(tasks.Task):
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
         self.use_ema = bool(config.ema)
-        self._init_state_dict = None
         nc = self._resolve_num_classes()
         self.model = model_from_config(config, nc=nc)
         hyp = dict(config.hyp)
@@ -70,13 +69,6 @@ class Task(tasks.Task):
         """The detection data of `config.data` (prepared on first use)."""
         from research.data import detection
         return detection.DetectionData(self.config.data)
-
-    def init_state_dict(self) -> dict | None:
-        """The official state_dict of `config.model.init_from` (read once, without unpickling code)."""
-        if self.config.model.init_from and self._init_state_dict is None:
-            from research.bridge import torch_bridge
-            self._init_state_dict = torch_bridge.load_state_dict_file(self.config.model.init_from)
-        return self._init_state_dict
 
     def _resolve_num_classes(self) -> int:
         c = self.config
