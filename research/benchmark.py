@@ -80,6 +80,14 @@ class BenchSpec:
       'train_step_ms': (lo, hi), 'gflops': float, 'source': str}; None when there are none.
     torch_reference_module: module with a `main(argv)` that times the official PyTorch model from
       a local checkout (--repo --variant --image_size --infer_batch --train_batch --repeats --out).
+      Its json maps each measurement to a list of ms per call: `infer`, `infer_fused`,
+      `train_step`, and any of the network's own (e.g. `tracker_frame`); `batches` may give
+      the batch of a measurement other than infer*/train* (default 1).
+    extra_stages: the network's own measurements (stage `extra`): `(repeats, warmup) -> list of
+      records` made with `record(...)` (SiamFC's template/search branches and tracker frames,
+      HigherHRNet's grouping, RT-DETR's matcher).
+    measured_pairs: more (ours, theirs) record names whose same-run time ratio is reported as
+      `<ours>_over_<theirs>_measured` (e.g. ('tracker_frame', 'torch_tracker_frame')).
     """
 
     name: str
@@ -99,6 +107,8 @@ class BenchSpec:
     torch_reference_module: str | None = None
     reference: dict | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    extra_stages: Callable[[int, int], list[dict]] | None = None
+    measured_pairs: tuple[tuple[str, str], ...] = ()
 
 
 def host_init(shapes: Any, seed: int = 0) -> dict:
@@ -310,8 +320,10 @@ def _memory_analysis(compiled) -> dict | None:
     return out or None
 
 
-def _record(what: str, batch: int, image_size: int, times_ms: list[float], cpu_ms: float | None = None,
-            **extra) -> dict:
+def record(what: str, batch: int, image_size: int, times_ms: list[float], cpu_ms: float | None = None,
+           **extra) -> dict:
+    """One benchmark record: `what`, batch, image size (pixels) and the per-call times (ms, with
+    median/min/max and images per second); `extra` adds fields (flops, notes, shares)."""
     med = float(statistics.median(times_ms))
     rec = {"what": what, "batch": int(batch), "image_size": int(image_size), "median_ms": med,
            "min_ms": float(min(times_ms)), "max_ms": float(max(times_ms)), "repeats": len(times_ms),
@@ -369,7 +381,7 @@ def measure_infer(spec: BenchSpec, batch: int, repeats: int, warmup: int, counte
         times, cpu_ms = time_calls(lambda i: fwd(variables, inputs), repeats, max(warmup - 1, 0))
         n_compiles = counter.stop()
     size_end = fwd._cache_size()
-    rec = _record("infer", batch, s, times, cpu_ms, compile_s=compile_s, lower_s=lower_s, compile_cache_hit=hit,
+    rec = record("infer", batch, s, times, cpu_ms, compile_s=compile_s, lower_s=lower_s, compile_cache_hit=hit,
                   flops=_cost_flops(compiled),
                   xla_memory=_memory_analysis(compiled), **rss.record())
     rec["recompilation"] = {"jit_cache_size_after_first_call": size_first, "jit_cache_size_end": size_end,
@@ -421,14 +433,14 @@ def measure_train_step(spec: BenchSpec, batch: int, repeats: int, warmup: int,
     flops = _cost_flops(compiled)
     common = dict(compile_s=compile_s, lower_s=lower_s, compile_cache_hit=hit, flops=flops,
                   xla_memory=_memory_analysis(compiled))
-    rec = _record("train_step", batch, s, times, cpu_ms, **common, **rss.record())
+    rec = record("train_step", batch, s, times, cpu_ms, **common, **rss.record())
     rec["loss_first_step"] = loss_first
     rec["note"] = "forward + backward + optimiser update + EMA every call (trainer.train_step, do_update=True)"
     rec["recompilation"] = {"jit_cache_size_after_first_call": size_first, "jit_cache_size_end": size_end,
                             "backend_compiles_after_first_call": n_compiles + n_compiles_acc,
                             "ok": size_end == size_first == 1 and n_compiles + n_compiles_acc == 0,
                             "checked": "hyper-parameters change every call; do_update True then False"}
-    acc = _record("train_step_accumulate", batch, s, times_acc, cpu_acc, **common)
+    acc = record("train_step_accumulate", batch, s, times_acc, cpu_acc, **common)
     acc["note"] = ("same compiled step with do_update=False (gradient accumulation only); flops are the "
                    "whole step's (XLA counts both cond branches), so no flops_per_s")
     acc["flops_per_s"] = None
@@ -456,7 +468,7 @@ def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir
         runner = OnnxRunner(path)
         session_s = time.perf_counter() - t0
         times, cpu_ms = time_calls(lambda i: runner(**inputs), repeats, warmup)
-    rec = _record("onnx_infer", batch, s, times, cpu_ms, compile_s=session_s, flops=flops, **rss.record())
+    rec = record("onnx_infer", batch, s, times, cpu_ms, compile_s=session_s, flops=flops, **rss.record())
     rec["export_s"] = export_s
     rec["onnx_path"] = os.path.abspath(path)
     rec["onnx_mb"] = os.path.getsize(path) / MB
@@ -557,8 +569,13 @@ def torch_records(spec: BenchSpec, repo: str, before: dict, after: dict, infer_b
                   train_batch: int) -> list[dict]:
     """Records like ours (what='torch_*') from timings taken before and after ours."""
     recs = []
-    for key, batch in (("infer", infer_batch), ("infer_fused", infer_batch), ("train_step", train_batch)):
-        r = _record(f"torch_{key}", batch, spec.image_size, before[key] + after[key])
+    batches = dict(before.get("batches", {}))
+    for key in before:
+        if not (isinstance(before[key], list) and isinstance(after.get(key), list) and before[key]):
+            continue
+        batch = batches.get(key, infer_batch if key.startswith("infer") else
+                            train_batch if key.startswith("train") else 1)
+        r = record(f"torch_{key}", batch, spec.image_size, before[key] + after[key])
         r["note"] = (f"official PyTorch {before['torch_version']} ({before['threads']} threads) from {repo}; "
                      "timed before and after ours")
         r["median_ms_before"] = float(statistics.median(before[key]))
@@ -604,7 +621,7 @@ def ratios(records: list[dict], spec: BenchSpec, infer_batch: int, train_batch: 
         else:
             out[f"{key}_over_torch_reference"] = None
     for ours, theirs in (("infer", "torch_infer_fused"), ("onnx_infer", "torch_infer_fused"),
-                         ("infer", "torch_infer"), ("train_step", "torch_train_step")):
+                         ("infer", "torch_infer"), ("train_step", "torch_train_step"), *spec.measured_pairs):
         if ours in by and theirs in by:  # measured in this run: the figures to quote
             out[f"{ours}_over_{theirs}_measured"] = by[ours]["median_ms"] / by[theirs]["median_ms"]
     if comp["infer"] and ref.get("gflops") and by.get("infer", {}).get("flops"):
@@ -632,7 +649,7 @@ def table(records: list[dict]) -> str:
 
 
 def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: int, warmup: int = 2,
-              stages: Sequence[str] = ("infer", "onnx", "train"), out_dir: str | None = None,
+              stages: Sequence[str] = ("infer", "onnx", "train", "extra"), out_dir: str | None = None,
               torch_repo: str = "", torch_python: str = "") -> dict:
     """Measures the given stages of `spec`; returns {'records', 'ratios', 'recompilation', ...}."""
     counter = CompileCounter()
@@ -656,6 +673,8 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
             records.append(measure_onnx(spec, infer_batch, repeats, warmup, out_dir, ref_out, infer_flops))
         if "train" in stages:
             records.extend(measure_train_step(spec, train_batch, repeats, warmup, counter))
+        if "extra" in stages and spec.extra_stages is not None:
+            records.extend(spec.extra_stages(repeats, warmup))
         if torch_repo:
             after = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats, torch_python)
             records.extend(torch_records(spec, torch_repo, torch_before, after, infer_batch, train_batch))

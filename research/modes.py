@@ -113,9 +113,22 @@ def export(task: Task, workdir: str) -> dict:
     return results
 
 
+SHARED_MODES = ("train", "eval", "predict", "export", "all", "benchmark")
+
+
 def run(config, workdir: str, mode: str) -> dict:
-    """What `launch.py --mode=<mode>` does: train | eval | predict | export | all | benchmark."""
+    """What `launch.py --mode=<mode>` does: train | eval | predict | export | all | benchmark, or
+    one of the network's own `Task.extra_modes` (SiamFC: track).
+
+    Raises:
+      ValueError: `mode` is neither a shared mode nor one of the network's (the message lists both).
+    """
     from research import tasks
+    if mode not in SHARED_MODES:
+        extra = tasks.task_class(config.network).extra_modes
+        if mode not in extra:
+            raise ValueError(f"unknown --mode={mode!r} for network {config.network!r}; modes: "
+                             f"{', '.join(SHARED_MODES + tuple(extra))}")
     from research.cpu import hostenv
     parallel.initialize_distributed(config.distributed.coordinator_address, config.distributed.num_processes,
                                     config.distributed.process_id)
@@ -138,6 +151,8 @@ def run(config, workdir: str, mode: str) -> dict:
         results["predictions"] = predict(task, workdir)
     if mode in ("export", "all"):
         results.update(export(task, workdir))
+    if mode in task.extra_modes:
+        results.update(task.run_mode(mode, workdir))
     if mode == "all" and config.export.onnx:
         results.update(evaluate(task, workdir, onnx=True))
     if mode in ("train", "all"):

@@ -35,6 +35,8 @@ Optional members (documented defaults here):
   to_device(local_batch) -> the batch    the arrays the step needs
   transform_batch(batch, step) -> batch  device-side change of the global batch before the step
   after_training(workdir)                curves.png from metrics.jsonl
+  extra_modes = (); run_mode(mode, workdir)   network-specific modes beyond the shared ones
+                                         (SiamFC: `track`), run by `launch.py --mode=<mode>`
   benchmark_spec(config, variant, image_size)   [classmethod] the network's `BenchSpec` for
                                          `--mode=benchmark` (default: a clear error)
 """
@@ -136,6 +138,7 @@ class Task(abc.ABC):
     name: str = ""
     use_ema: bool = False
     accumulates: bool = False
+    extra_modes: tuple[str, ...] = ()
 
     def __init__(self, config, mode: str = "train"):
         self.config = config
@@ -235,6 +238,16 @@ class Task(abc.ABC):
         """
         raise NotImplementedError(f"network {cls.name!r} has no benchmark spec: define "
                                   f"Task.benchmark_spec in research/{cls.name}/task.py")
+
+    def run_mode(self, mode: str, workdir: str) -> dict:
+        """Runs network-specific mode `mode` (one of `extra_modes`); returns its results (names ->
+        floats or paths). The task restores its variables itself
+        (`research.modes.restore_variables(self, workdir)`).
+
+        Raises:
+          NotImplementedError: the task lists `mode` in `extra_modes` without implementing it.
+        """
+        raise NotImplementedError(f"network {self.name!r} lists mode {mode!r} but does not run it")
 
     def after_training(self, workdir: str) -> None:
         """After the last step: `curves.png` from `metrics.jsonl` (process 0)."""

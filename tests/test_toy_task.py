@@ -104,6 +104,20 @@ def test_modes_run_from_official_weights_without_a_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(wd, "checkpoints")) or not os.listdir(os.path.join(wd, "checkpoints"))
 
 
+def test_a_network_mode_runs_from_weights_and_unknown_modes_are_named(tmp_path):
+    """`Task.extra_modes` (SiamFC's `track`) go through `modes.run` like the shared ones."""
+    c = _config()
+    task = tasks.get_task(c, "export")
+    variables = jax.tree_util.tree_map(np.asarray, task.init_variables(jax.random.PRNGKey(4)))
+    c.model.init_from = torch_bridge.save_state_dict_file(task.to_torch(variables), str(tmp_path / "w.pt"))
+    out = modes.run(c, str(tmp_path / "wd"), "brightness")
+    expected = float(np.mean(task.model.apply(variables, toy_task.make_data(4, seed=2)["image"])))
+    assert out["brightness/mean"] == pytest.approx(expected, rel=1e-6)
+    assert float(open(out["brightness_file"]).read()) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"unknown --mode='track' for network 'toy'; modes: train, .*brightness"):
+        modes.run(c, str(tmp_path / "wd"), "track")
+
+
 def test_unknown_evaluator_type_is_a_clear_error():
     c = _config()
     c.evals.mse.type = "msee"

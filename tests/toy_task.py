@@ -92,6 +92,7 @@ class MseEvaluator(evaluation_base.Evaluator):
 @tasks.register("toy")
 class ToyTask(tasks.Task):
     use_ema = True
+    extra_modes = ("brightness",)
 
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
@@ -144,6 +145,16 @@ class ToyTask(tasks.Task):
         path = os.path.join(out_dir, "predictions.txt")
         np.savetxt(path, np.stack([pred, data["target"]], 1))
         return [path]
+
+    def run_mode(self, mode, workdir):
+        """The toy's own mode: mean predicted brightness of 4 fixed images, written to a file."""
+        from research import modes
+        variables, _ = modes.restore_variables(self, workdir)
+        value = float(np.mean(self.model.apply(variables, make_data(4, seed=2)["image"])))
+        path = os.path.join(workdir, "brightness.txt")
+        with open(path, "w") as f:
+            f.write(f"{value}\n")
+        return {"brightness/mean": value, "brightness_file": path}
 
     def export_spec(self, variables):
         return tasks.ExportSpec(lambda images: self.model.apply(variables, images),

@@ -353,3 +353,47 @@ def label_to_category_id(builder_or_dir) -> list[int] | None:
     if meta and 'category_ids' in meta:
         return [int(c) for c in meta['category_ids']]
     return None
+
+
+class ResumableLoader:
+    """A training loader whose position is the number of global batches consumed.
+
+    `make_loader(start_batch)` builds the loader that starts at global batch `start_batch` (for
+    example over a `GlobalBatchSampler(..., start_batch=start_batch)`); `iter()` gives an
+    iterator whose `get_state()` is `{"global_batches": n}`, so a run resumed on any number of
+    processes (or grain workers) reads global batch `n` next. A grain iterator state saved by an
+    older checkpoint (same process count and workers only) is restored as grain stores it.
+    """
+
+    def __init__(self, make_loader, state: dict | None):
+        self.make_loader, self.state = make_loader, dict(state or {})
+
+    def __iter__(self):
+        if "global_batches" in self.state or not self.state:
+            start = int(self.state.get("global_batches", 0))
+            return _CountingIterator(iter(self.make_loader(start)), start)
+        it = iter(self.make_loader(0))  # a grain state from before global-batch positions
+        it.set_state(self.state["bytes"].encode("latin-1") if "bytes" in self.state else self.state)
+        return it
+
+
+class _CountingIterator:
+    def __init__(self, it, start: int):
+        self.it, self.count = it, start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.count += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"global_batches": self.count}
+
+    def close(self) -> None:
+        """Closes the wrapped iterator (its grain workers) when it can be closed."""
+        close = getattr(self.it, "close", None)
+        if close is not None:
+            close()

@@ -385,42 +385,6 @@ def split_images(dataset, split: str, size: int, limit: int) -> Iterator[tuple]:
         yield f"{split}_{i:04d}", img, lb, float(ratio[0]), tuple(float(p) for p in pad)
 
 
-class _ResumableLoader:
-    """`iter()` gives an iterator over the loader's batches whose `get_state()` is the number of
-    global batches consumed, so a resumed run (on any process count) starts at the next one.
-
-    An older checkpoint's grain iterator state (same process count and workers only) is still
-    restored as grain stores it.
-    """
-
-    def __init__(self, make_loader, state: dict | None):
-        self.make_loader, self.state = make_loader, state or {}
-
-    def __iter__(self):
-        if "global_batches" in self.state or not self.state:
-            return _CountingIterator(iter(self.make_loader(int(self.state.get("global_batches", 0)))),
-                                     int(self.state.get("global_batches", 0)))
-        it = iter(self.make_loader(0))  # a grain state from before global-batch positions
-        it.set_state(self.state["bytes"].encode("latin-1") if "bytes" in self.state else self.state)
-        return it
-
-
-class _CountingIterator:
-    def __init__(self, it, start: int):
-        self.it, self.count = it, start
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.it)
-        self.count += 1
-        return batch
-
-    def get_state(self) -> dict:
-        return {"global_batches": self.count}
-
-
 def loader(dataset, split: str, *, train: bool, batch_size: int, hyp, seed: int,
            iterator_state: dict | None = None, process_index: int | None = None,
            process_count: int | None = None, rect_stride: int = 0):
@@ -437,4 +401,4 @@ def loader(dataset, split: str, *, train: bool, batch_size: int, hyp, seed: int,
             hyp=hyp, max_labels=c.max_labels, seed=seed, num_epochs=None if train else 1,
             worker_count=c.num_workers, process_index=process_index, process_count=process_count,
             rect_stride=rect_stride, cache_images=bool(train and c.cache_images), start_batch=start_batch)
-    return _ResumableLoader(make, iterator_state)
+    return pipeline.ResumableLoader(make, iterator_state)

@@ -92,9 +92,9 @@ def test_ratios_reference_and_environment(result):
 
 
 def test_table_and_comparable_setting():
-    recs = [benchmark._record("infer", 1, 640, [120.0, 130.0, 125.0], flops=16.5e9, compile_s=1.0),
-            benchmark._record("train_step", 2, 640, [850.0, 870.0], flops=1e11, compile_s=2.0),
-            benchmark._record("onnx_infer", 1, 640, [90.0, 95.0], flops=16.5e9, compile_s=0.5)]
+    recs = [benchmark.record("infer", 1, 640, [120.0, 130.0, 125.0], flops=16.5e9, compile_s=1.0),
+            benchmark.record("train_step", 2, 640, [850.0, 870.0], flops=1e11, compile_s=2.0),
+            benchmark.record("onnx_infer", 1, 640, [90.0, 95.0], flops=16.5e9, compile_s=0.5)]
     assert recs[0]["median_ms"] == 125.0 and recs[0]["images_per_s"] == pytest.approx(8.0)
     assert recs[0]["flops_per_s"] == pytest.approx(16.5e9 / 0.125)
     from research.yolov5.benchmark import REFERENCE
