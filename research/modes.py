@@ -139,6 +139,10 @@ def run(config, workdir: str, mode: str) -> dict:
         from research import benchmark
         return benchmark.run(config, workdir)
     task = tasks.get_task(config, mode)
+    if mode in ("train", "eval", "all") and jax.process_index() == 0:
+        # one list of everything the data validation found, before any step (also in the workdir)
+        from research.data import validation
+        validation.publish(task.data_problems(), workdir, what=f"{config.network} data")
     task.prepare(workdir, mode)
     results: dict = {}
     if mode in ("train", "all"):

@@ -29,6 +29,9 @@ Optional members (documented defaults here):
                                          `every_steps` and `run(variables)` yielding (name, value)
   use_ema = False; accumulates = False   no EMA, no gradient-accumulation state
   prepare(workdir, mode)                 nothing (YOLOv5: the anchors of this run)
+  data_problems() -> []                  what the data validation pass found in the run's
+                                         dataset folders (`research.data.validation.Problem`s),
+                                         listed once before the run and written to the workdir
   accumulate(step) -> 1                  batches per optimiser update (only when `accumulates`)
   ema_decay(opt_step) -> None
   log_hyperparams(step) -> {}            host floats logged as `hyper/<name>`
@@ -180,6 +183,12 @@ class Task(abc.ABC):
     # ------------------------------------------------------------------ optional, with defaults
     def prepare(self, workdir: str, mode: str) -> None:
         """Workdir-specific set-up before any mode runs. Default: nothing."""
+
+    def data_problems(self) -> list:
+        """The problems the validation pass found in the data this run reads
+        (`research.data.validation.Problem`s; `research.data.validation.read(data_dir)` gives a
+        prepared dataset's). Default: none (generated data)."""
+        return []
 
     def init_state_dict(self) -> dict | None:
         """The official state_dict of `config.model.init_from` (numpy arrays), read once per task

@@ -101,16 +101,18 @@ def test_coco_builder_examples_and_warnings(tmp_path, caplog):
     assert pipeline.label_to_category_id(builder) == list(coco.COCO80_TO_91)
     np.testing.assert_array_equal(coco.label_to_category_id([2, 79]), [3, 90])
 
-    msgs = [r.getMessage() for r in caplog.records
-            if r.levelno >= py_logging.WARNING]
+    # every problem is in the one validation list kept next to the data (not logged piecemeal)
+    from research.data import validation
+    msgs = [p.line() for p in validation.read(builder.data_dir)]
+    assert not [r for r in caplog.records if r.getMessage().startswith('coco:')]
     def has(*parts):
         return any(all(p in m for p in parts) for m in msgs)
-    assert has('bad.jpg', 'skipping')
-    assert has('missing.jpg', 'skipping')
-    assert has('b.png', 'non-positive')
-    assert has('b.png', 'clipped')
-    assert has('b.png', 'outside', 'dropped')
-    assert has('b.png', 'unknown category id 12')
+    assert has('bad.jpg', 'cannot decode', 'skipped')
+    assert has('missing.jpg', 'cannot read', 'skipped')
+    assert has('instances_train2017.json', '[image 2', 'no positive size', 'dropped')
+    assert has('instances_train2017.json', '[image 2', 'clipped')
+    assert has('instances_train2017.json', '[image 2', 'outside', 'dropped')
+    assert has('instances_train2017.json', 'category id 12', 'image 2', 'dropped')
     assert has('instances_train2017.json', 'annotation 25', 'no bbox and no polygon')
     assert has('instances_train2017.json', 'without a valid image_id')
     assert not has('a.jpg')
@@ -209,10 +211,11 @@ def test_coco_exif_orientation_keeps_boxes_on_their_objects(tmp_path, caplog):
         builder = pipeline.prepare('coco_detection_local', str(tmp_path / 'tfds'),
                                    manual_dir=str(root), config=coco.CocoConfig(
                                        name='exif', splits=('train',)))
-    log = caplog.text
-    assert 'a.jpg: EXIF orientation 6 applied' in log
-    assert 'b.jpg: EXIF orientation 6, but the annotation file gives the stored size' in log
-    assert 'c.jpg: EXIF orientation 3 applied' in log
+    from research.data import validation
+    log = '\n'.join(p.line() for p in validation.read(builder.data_dir))
+    assert 'a.jpg [image 1]: EXIF orientation 6; applied to the pixels' in log
+    assert 'b.jpg [image 2]: EXIF orientation 6, but the annotation file gives the stored size' in log
+    assert 'c.jpg [image 3]: EXIF orientation 3; applied' in log
     source = pipeline.DetectionSource(builder.data_dir, 'train')
     sizes = pipeline.image_sizes(builder.data_dir, 'train')
     expect_hw = {1: (64, 40), 2: (40, 64), 3: (64, 48)}

@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from research.data import _tfds_compat
+from research.data import validation
 
 from research.vision.coco_classes import COCO80_NAMES, COCO80_TO_91  # noqa: E402,F401  (one table)
 
@@ -127,7 +128,11 @@ def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[int(orientation)](arr))
 
 
-def _orientation_frame(orientation: int, raw_hw, json_hw, fname: str) -> bool:
+def _log_note(fname: str, what: str, action: str) -> None:
+    logging.warning('coco: %s: %s; %s', fname, what, action)
+
+
+def _orientation_frame(orientation: int, raw_hw, json_hw, fname: str, note=_log_note) -> bool:
     """Whether the annotations are in the displayed (EXIF-oriented) frame.
 
     A 90-degree orientation (5..8) swaps height and width, so the annotation file's image size
@@ -137,17 +142,18 @@ def _orientation_frame(orientation: int, raw_hw, json_hw, fname: str) -> bool:
     h, w = raw_hw
     if orientation >= 5 and json_hw != (None, None):
         if tuple(json_hw) == (h, w) and h != w:
-            logging.warning('coco: %s: EXIF orientation %d, but the annotation file gives the stored '
-                            'size %dx%d; boxes taken in the stored (unrotated) frame', fname,
-                            orientation, h, w)
+            note(fname, f'EXIF orientation {orientation}, but the annotation file gives the stored size '
+                 f'{h}x{w}', 'boxes taken in the stored (unrotated) frame')
             return False
-    logging.warning('coco: %s: EXIF orientation %d applied to the pixels (as the image is shown '
-                    'and cv2.imread loads it); boxes taken in that frame', fname, orientation)
+    note(fname, f'EXIF orientation {orientation}', 'applied to the pixels (as the image is shown and '
+         'cv2.imread loads it); boxes taken in that frame')
     return True
 
 
-def _decode_check(data: bytes, json_hw=(None, None), fname: str = ''):
+def _decode_check(data: bytes, json_hw=(None, None), fname: str = '', note=_log_note):
     """Decodes image bytes; returns (bytes to store, height, width) or None.
+
+    `note(fname, what, action)` receives what was changed (default: logged).
 
     The stored bytes decode (ignoring any EXIF orientation, as the loader does) to the pixel frame
     the annotations use: an image whose EXIF orientation applies is stored re-encoded (PNG,
@@ -160,14 +166,14 @@ def _decode_check(data: bytes, json_hw=(None, None), fname: str = ''):
         # decodes what is there
         arr = cv2.imdecode(np.frombuffer(data + b'\xff\xd9', np.uint8), cv2.IMREAD_UNCHANGED)
         if arr is not None:
-            logging.warning('coco: %s: JPEG without its end marker; restored', fname)
+            note(fname, 'JPEG without its end marker', 'restored and kept')
             data = data + b'\xff\xd9'
     if arr is None or arr.ndim not in (2, 3) or arr.size == 0:
         return None
     is_jpeg = data[:3] == b'\xff\xd8\xff'
     is_png = data[:8] == b'\x89PNG\r\n\x1a\n'
     orientation = exif_orientation(data)
-    oriented = orientation != 1 and _orientation_frame(orientation, arr.shape[:2], json_hw, fname)
+    oriented = orientation != 1 and _orientation_frame(orientation, arr.shape[:2], json_hw, fname, note)
     if oriented:
         arr = apply_orientation(arr, orientation)
     if not oriented and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8 and (
@@ -236,6 +242,13 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
             raise FileNotFoundError(f'COCO folder not found: {os.fspath(root)}')
         return root
 
+    @property
+    def validation(self) -> validation.Collector:
+        """The problems found while preparing (written next to the data by `pipeline.prepare`)."""
+        if '_validation' not in self.__dict__:
+            self._validation = validation.Collector()
+        return self._validation
+
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
         root = self._root(dl_manager)
@@ -260,8 +273,8 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
                 # empty training split is an error naming the file
                 if split == 'train':
                     raise ValueError(f'{os.fspath(ann)}: "images" is empty: nothing to train on')
-                logging.warning('coco: %s: "images" is empty; no %r split (evaluation on it '
-                                'will say so)', os.fspath(ann), split)
+                self.validation.add(ann, '"images" is empty', f'no {split!r} split (evaluation on it will '
+                                    'say so)')
                 continue
             out[split] = self._generate_examples(ann, img_dir)
         return out
@@ -274,55 +287,46 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
         # the same normalisation the evaluator reads the file with (string ids, boxes from polygons)
         from research.data import coco_annotations  # pylint: disable=g-import-not-at-top
         data, problems = coco_annotations.normalize(data, os.fspath(ann_path))
-        for p in problems:
-            logging.warning('coco: %s', p)
+        report = self.validation
+        report.extend(problems)
         by_image = collections.defaultdict(list)
         for a in data.get('annotations', []):
-            try:
-                by_image[int(a['image_id'])].append(a)
-            except (KeyError, TypeError, ValueError):
-                logging.warning('coco: %s: annotation without a valid image_id: %r; '
-                                'dropped', os.fspath(ann_path), a)
+            by_image[int(a['image_id'])].append(a)  # normalize() kept only integer image ids
         images = []
         for info in data.get('images', []):
-            try:
-                images.append((int(info['id']), str(info['file_name']), info))
-            except (KeyError, TypeError, ValueError):
-                logging.warning('coco: %s: image entry without id/file_name: %r; '
-                                'skipped', os.fspath(ann_path), info)
-        warned_cats = set()
+            if 'file_name' not in info:
+                report.add(ann_path, 'image entry without file_name', 'skipped', info.get('id'))
+                continue
+            images.append((int(info['id']), str(info['file_name']), info))
+        known_ids = {image_id for image_id, _, _ in images}
+        for image_id in sorted(set(by_image) - known_ids):
+            for a in by_image[image_id]:
+                report.add(ann_path, f'annotation of image id {image_id}, which "images" does not list', 'dropped',
+                           image_id, a.get('id'))
+        unknown_cats: dict[int, list] = collections.defaultdict(list)
         for image_id, fname, info in sorted(images, key=lambda x: x[0]):
             path = img_dir / fname
+            note = lambda f, what, action, _id=image_id: report.add(f, what, action, _id)  # noqa: E731
             try:
-                checked = _decode_check(path.read_bytes(), (info.get('height'), info.get('width')), fname)
+                checked = _decode_check(path.read_bytes(), (info.get('height'), info.get('width')),
+                                        os.fspath(path), note)
             except Exception as e:  # pylint: disable=broad-except
-                logging.warning('coco: skipping image %s (id %d): cannot read: %s',
-                                os.fspath(path), image_id, e)
+                report.add(path, f'cannot read the image ({e})', 'image skipped with its annotations', image_id)
                 continue
             if checked is None:
-                logging.warning('coco: skipping image %s (id %d): cannot decode',
-                                os.fspath(path), image_id)
+                report.add(path, 'cannot decode the image', 'image skipped with its annotations', image_id)
                 continue
             encoded, h, w = checked
             if (info.get('height'), info.get('width')) not in ((h, w), (None, None)):
-                logging.warning('coco: %s: json size %sx%s differs from decoded %dx%d;'
-                                ' using decoded', fname, info.get('height'),
-                                info.get('width'), h, w)
+                report.add(ann_path, f'json size {info.get("height")}x{info.get("width")} differs from the '
+                           f'decoded {h}x{w} of {fname}', 'decoded size used', image_id)
             bboxes, labels, cats, crowd = [], [], [], []
             for a in by_image.get(image_id, []):
-                try:
-                    cid = int(a['category_id'])
-                except (KeyError, TypeError, ValueError):
-                    logging.warning('coco: %s: annotation %s has no valid category_id; '
-                                    'dropped', fname, a.get('id'))
-                    continue
+                cid = int(a['category_id'])  # normalize() kept only integer category ids
                 if cid not in cat_to_label:
-                    if cid not in warned_cats:
-                        logging.warning('coco: %s: unknown category id %d; dropping its '
-                                        'boxes', fname, cid)
-                        warned_cats.add(cid)
+                    unknown_cats[cid].append((image_id, a.get('id')))
                     continue
-                box = self._check_box(a.get('bbox'), w, h, fname, a.get('id'))
+                box = self._check_box(a.get('bbox'), w, h, ann_path, image_id, a.get('id'), report)
                 if box is None:
                     continue
                 x1, y1, x2, y2 = box
@@ -341,29 +345,26 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
                     'is_crowd': np.asarray(crowd, np.bool_),
                 },
             }
+        for cid, where in sorted(unknown_cats.items()):  # one entry per category, not per box
+            report.add(ann_path, f'category id {cid} is not among the dataset\'s categories '
+                       f'({len(where)} annotations, e.g. annotation {where[0][1]} of image {where[0][0]})',
+                       'its boxes dropped')
 
     @staticmethod
-    def _check_box(bbox, w: int, h: int, fname: str, ann_id):
-        """Validated, clipped pixel box (x1, y1, x2, y2) or None (logged)."""
-        try:
-            x, y, bw, bh = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            logging.warning('coco: %s: annotation %s has a malformed bbox %r; '
-                            'dropped', fname, ann_id, bbox)
-            return None
+    def _check_box(bbox, w: int, h: int, ann_path, image_id, ann_id, report: validation.Collector):
+        """Validated, clipped pixel box (x1, y1, x2, y2), or None; problems go to `report`."""
+        x, y, bw, bh = (float(v) for v in bbox)  # normalize() kept only 4-number boxes
         if not all(np.isfinite([x, y, bw, bh])) or bw <= 0 or bh <= 0:
-            logging.warning('coco: %s: annotation %s has non-positive size bbox %r;'
-                            ' dropped', fname, ann_id, bbox)
+            report.add(ann_path, f'bbox {bbox!r} has no positive size', 'dropped', image_id, ann_id)
             return None
         x1, y1, x2, y2 = x, y, x + bw, y + bh
         cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)
         cx2, cy2 = min(max(x2, 0.0), w), min(max(y2, 0.0), h)
         if cx2 - cx1 <= 0 or cy2 - cy1 <= 0:
-            logging.warning('coco: %s: annotation %s bbox %r lies outside the %dx%d '
-                            'image; dropped', fname, ann_id, bbox, w, h)
+            report.add(ann_path, f'bbox {bbox!r} lies outside the {w}x{h} image', 'dropped', image_id, ann_id)
             return None
         overshoot = max(cx1 - x1, cy1 - y1, x2 - cx2, y2 - cy2)
         if overshoot > _CLIP_TOLERANCE_PX:
-            logging.warning('coco: %s: annotation %s bbox %r extends outside the '
-                            '%dx%d image; clipped', fname, ann_id, bbox, w, h)
+            report.add(ann_path, f'bbox {bbox!r} extends outside the {w}x{h} image', 'clipped to the image',
+                       image_id, ann_id)
         return cx1, cy1, cx2, cy2

@@ -11,13 +11,16 @@ read `normalize(json)`: what is trained on is what is scored.
   area missing                       -> the box's w * h
   anything unusable                  (an id that is no integer, a malformed box) dropped, reported
 
-Each problem is one line naming the file, the id and what was done.
+Each problem is a `research.data.validation.Problem` naming the file, the ids, what is wrong and
+what was done.
 """
 
 from __future__ import annotations
 
 import copy
 from typing import Any, Mapping
+
+from research.data.validation import Problem
 
 
 def _int(v) -> int:
@@ -42,16 +45,21 @@ def _polygon_box(segmentation) -> list[float] | None:
     return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
 
 
-def normalize(dataset: Mapping[str, Any], source: str = "annotations") -> tuple[dict, list[str]]:
-    """(a normalised deep copy of a COCO-format dict, the list of problems found), see the module doc."""
+def normalize(dataset: Mapping[str, Any], source: str = "annotations") -> tuple[dict, list[Problem]]:
+    """(a normalised deep copy of a COCO-format dict, the list of problems found), see the module doc.
+
+    Args:
+      dataset: the parsed json (images, annotations, categories).
+      source: the file it came from, named in each problem.
+    """
     data = copy.deepcopy(dict(dataset))
-    problems: list[str] = []
+    problems: list[Problem] = []
     images = []
     for info in data.get("images", []) or []:
         try:
             info = dict(info, id=_int(info["id"]))
         except (KeyError, TypeError, ValueError):
-            problems.append(f"{source}: image entry without an integer id: {info!r}; dropped")
+            problems.append(Problem(source, f"image entry without an integer id: {info!r}", "dropped"))
             continue
         images.append(info)
     data["images"] = images
@@ -60,7 +68,7 @@ def normalize(dataset: Mapping[str, Any], source: str = "annotations") -> tuple[
         try:
             cats.append(dict(cat, id=_int(cat["id"])))
         except (KeyError, TypeError, ValueError):
-            problems.append(f"{source}: category without an integer id: {cat!r}; dropped")
+            problems.append(Problem(source, f"category without an integer id: {cat!r}", "dropped"))
     data["categories"] = cats
     anns = []
     for k, a in enumerate(data.get("annotations", []) or []):
@@ -69,23 +77,24 @@ def normalize(dataset: Mapping[str, Any], source: str = "annotations") -> tuple[
             a = dict(a, image_id=_int(a["image_id"]), category_id=_int(a["category_id"]))
             a["id"] = _int(a.get("id", k + 1))
         except (KeyError, TypeError, ValueError):
-            problems.append(f"{source}: annotation {aid} without a valid image_id/category_id/id; dropped")
+            problems.append(Problem(source, "annotation without a valid image_id/category_id/id", "dropped",
+                                    annotation_id=aid))
             continue
         box = a.get("bbox")
         if box is None:
             box = _polygon_box(a.get("segmentation"))
             if box is None:
-                problems.append(f"{source}: annotation {aid} (image {a['image_id']}): no bbox and no polygon "
-                                "segmentation; dropped")
+                problems.append(Problem(source, "no bbox and no polygon segmentation", "dropped",
+                                        a["image_id"], aid))
                 continue
-            problems.append(f"{source}: annotation {aid} (image {a['image_id']}): bbox taken from its segmentation")
+            problems.append(Problem(source, "no bbox", "box taken from its polygon segmentation",
+                                    a["image_id"], aid))
         try:
             box = [float(v) for v in box]
             if len(box) != 4:
                 raise ValueError(box)
         except (TypeError, ValueError):
-            problems.append(f"{source}: annotation {aid} (image {a['image_id']}): malformed bbox {a.get('bbox')!r}; "
-                            "dropped")
+            problems.append(Problem(source, f"malformed bbox {a.get('bbox')!r}", "dropped", a["image_id"], aid))
             continue
         a["bbox"] = box
         a.setdefault("iscrowd", 0)

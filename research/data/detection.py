@@ -171,6 +171,12 @@ class DetectionData:
                              "Evaluate on another split, or set --config.eval_every_steps=0 to train without "
                              "evaluation")
 
+    def problems(self) -> list:
+        """What the validation pass found while preparing this dataset (`validation.Problem`s,
+        read from the prepared data; [] for generated data)."""
+        from research.data import validation
+        return validation.read(self.builder.data_dir)
+
     def num_examples(self, split: str) -> int:
         self.check_split(split)
         return int(self.builder.info.splits[split].num_examples)

@@ -46,7 +46,9 @@ def prepare(builder_name: str, data_dir: str, *, manual_dir: str | None = None,
             **builder_kwargs) -> tfds.core.DatasetBuilder:
     """Generates ``builder_name`` as array_record under ``data_dir`` if needed.
 
-    Idempotent: returns at once when the dataset is already prepared.
+    Idempotent: returns at once when the dataset is already prepared. A builder that validates
+    a user's folder (a `validation` collector, `research.data.validation`) has its problems
+    written next to the prepared data (`validation_report.json`).
 
     Args:
       builder_name: e.g. ``'shapes_detection'``, ``'shapes_detection/tiny'``,
@@ -81,6 +83,12 @@ def prepare(builder_name: str, data_dir: str, *, manual_dir: str | None = None,
                 download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
             builder.download_and_prepare(download_config=download_config,
                                          file_format='array_record')
+            # what the builder's validation pass found, kept next to the data it describes
+            collector = getattr(builder, 'validation', None)
+            if collector is not None:
+                from research.data import validation  # pylint: disable=g-import-not-at-top
+                validation.write(collector.problems, os.path.join(os.fspath(builder.data_dir),
+                                                                  validation.REPORT_FILE))
     return builder
 
 
@@ -393,7 +401,36 @@ class _CountingIterator:
         return {"global_batches": self.count}
 
     def close(self) -> None:
-        """Closes the wrapped iterator (its grain workers) when it can be closed."""
-        close = getattr(self.it, "close", None)
-        if close is not None:
-            close()
+        """Stops the wrapped iterator's grain workers and frees their shared memory."""
+        close_iterator(self.it)
+
+
+def close_iterator(it) -> None:
+    """Stops a loader iterator's worker processes and unlinks the shared memory of the batches
+    they had prepared but nobody read, so a run that ends (or fails) mid-epoch leaves nothing
+    behind (Python's `resource_tracker` otherwise reports leaked shared_memory objects at exit).
+
+    Accepts grain `DatasetIterator`s (their `close()`), grain `DataLoader` iterators (which wrap
+    one without exposing `close()` in grain 0.2), our wrappers and plain iterators (no-op).
+    """
+    close = getattr(it, "close", None)
+    if close is None:
+        inner = getattr(it, "_iterator", None)  # grain.DataLoaderIterator
+        close = getattr(inner, "close", None)
+    if close is not None:
+        close()
+
+
+class closing_iterator:  # noqa: N801 (used like contextlib.closing)
+    """`with closing_iterator(loader) as it:` iterates `loader` and closes the iterator (its grain
+    workers and their shared memory) when the block ends, normally or by an exception."""
+
+    def __init__(self, iterable):
+        self.it = iter(iterable)
+
+    def __enter__(self):
+        return self.it
+
+    def __exit__(self, *exc):
+        close_iterator(self.it)
+        return False

@@ -88,7 +88,7 @@ def load_coco_gt(gt: COCO | Mapping[str, Any] | str | os.PathLike) -> COCO:
     """A pycocotools COCO object from a COCO object, a COCO-format dict, or an annotations json path.
 
     Dicts and files are read through `research.data.coco_annotations.normalize` (string ids, missing
-    `iscrowd`/`area`, boxes from polygons), as the dataset builder reads them; problems are logged.
+    `iscrowd`/`area`, boxes from polygons), as the dataset builder reads them (whose validation report lists the problems).
     """
     if isinstance(gt, COCO):
         return gt
@@ -99,8 +99,9 @@ def load_coco_gt(gt: COCO | Mapping[str, Any] | str | os.PathLike) -> COCO:
             gt = json.load(f)
     from research.data import coco_annotations
     gt, problems = coco_annotations.normalize(gt, source)
-    for p in problems:
-        logging.warning("evaluation ground truth: %s", p)
+    if problems:  # the same entries the dataset's validation report lists before the run
+        logging.info("evaluation ground truth %s: %d entries normalised or dropped, e.g. %s", source,
+                     len(problems), problems[0].line())
     return _coco_from_dict(gt)
 
 

@@ -311,6 +311,12 @@ def make_detection_loader(
         if train or process_count != 1 or drop_remainder:
             raise ValueError('rectangular batches are for single-process evaluation '
                              '(train=False, process_count=1, no drop_remainder)')
+        if worker_count:
+            # each grain worker batches its own share of the records, which would mix images of
+            # rect batches of different shapes in one batch: read them in this process (threads)
+            logging.info('data: rectangular evaluation batches are read in-process '
+                         '(num_workers=%d ignored for them)', worker_count)
+            worker_count = 0
         order, shapes = rect_batch_shapes(image_sizes(str(builder.data_dir), split),
                                           batch_size, image_size, rect_stride)
         source = RectSource(source, order, shapes, batch_size)

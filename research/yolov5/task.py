@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from research import parallel, tasks
+from research.data import pipeline
 from research.vision import boxes as postprocess
 from research.yolov5 import data
 from research.yolov5 import loss as loss_lib
@@ -69,6 +70,10 @@ class Task(tasks.Task):
         """The detection data of `config.data` (prepared on first use)."""
         from research.data import detection
         return detection.DetectionData(self.config.data)
+
+    def data_problems(self) -> list:
+        """What the validation pass found in `config.data` (listed before the run)."""
+        return self.dataset.problems()
 
     def _resolve_num_classes(self) -> int:
         c = self.config
@@ -238,8 +243,9 @@ class Task(tasks.Task):
             fwd = self.predict_fn()
             variables = parallel.local_copy(variables)
             run = lambda images: np.asarray(fwd(variables, images))  # noqa: E731
-        for batch in loader:
-            yield batch, run(batch["image"])
+        with pipeline.closing_iterator(loader) as it:  # workers and shared memory freed at the end or on error
+            for batch in it:
+                yield batch, run(batch["image"])
 
     def detections(self, variables, onnx_path: str | None, split: str) -> Iterator[dict]:
         """val.py's detections: NMS (`config.eval` thresholds, multi-label) and boxes back to the

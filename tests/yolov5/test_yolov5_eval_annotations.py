@@ -151,6 +151,9 @@ def test_empty_validation_split_trains_without_evaluation_and_names_the_json(tmp
     c.eval_every_steps, c.autoanchor = 0, False
     res = modes.run(c, str(tmp_path / "wd"), "train")  # evaluation off: trains
     assert res["perf/train_step_compiles"] == 1
+    listed = json.load(open(tmp_path / "wd" / "data_problems.json"))  # listed before training
+    assert [(os.path.basename(p["file"]), p["what"]) for p in listed["problems"]] == [
+        ("instances_val2017.json", '"images" is empty')]
     with pytest.raises(ValueError, match=r"no 'validation' split \(.*instances_val2017.json\): it lists no images"):
         modes.run(c, str(tmp_path / "wd"), "eval")
     train = root / "annotations" / "instances_train2017.json"
