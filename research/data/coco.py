@@ -60,7 +60,7 @@ __all__ = ['COCO80_TO_91', 'COCO80_NAMES', 'COCO91_TO_80', 'CocoConfig',
            'CocoDetectionLocal', 'label_to_category_id']
 
 
-def _lists_images(ann_path) -> bool:
+def lists_images(ann_path) -> bool:
     """Whether an annotation json lists at least one image (raises a named error if unreadable)."""
     try:
         with open(ann_path) as f:
@@ -150,7 +150,7 @@ def _orientation_frame(orientation: int, raw_hw, json_hw, fname: str, note=_log_
     return True
 
 
-def _decode_check(data: bytes, json_hw=(None, None), fname: str = '', note=_log_note):
+def decode_check(data: bytes, json_hw=(None, None), fname: str = '', note=_log_note):
     """Decodes image bytes; returns (bytes to store, height, width) or None.
 
     `note(fname, what, action)` receives what was changed (default: logged).
@@ -267,7 +267,7 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
             paths[split] = (ann, img_dir)
         out = {}
         for split, (ann, img_dir) in paths.items():
-            if not _lists_images(ann):
+            if not lists_images(ann):
                 # tfds cannot finalize a split without examples; an empty validation
                 # split is left out (training without evaluation still works), an
                 # empty training split is an error naming the file
@@ -308,7 +308,7 @@ class CocoDetectionLocal(_tfds_compat.SourceFileCodePath,
             path = img_dir / fname
             note = lambda f, what, action, _id=image_id: report.add(f, what, action, _id)  # noqa: E731
             try:
-                checked = _decode_check(path.read_bytes(), (info.get('height'), info.get('width')),
+                checked = decode_check(path.read_bytes(), (info.get('height'), info.get('width')),
                                         os.fspath(path), note)
             except Exception as e:  # pylint: disable=broad-except
                 report.add(path, f'cannot read the image ({e})', 'image skipped with its annotations', image_id)

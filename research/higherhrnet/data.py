@@ -22,10 +22,25 @@ and sometimes one extra figure annotated without keypoints (its box is then an i
 unannotated people). Generated deterministically from (seed, split, index) with numpy + OpenCV.
 
 `higherhrnet_coco_local` reads `<root>/annotations/person_keypoints_<set>.json` and `<root>/images/<set>/<file>`
-(the official `DATASET.ROOT` layout, `lib/dataset/COCODataset.py`). It validates and raises a named error:
-FileNotFoundError for a missing folder / annotation file / image (naming the path), ValueError for a corrupt image,
-an annotation of an unknown image id, a duplicate image id, a keypoint list of the wrong length, or a labelled
-keypoint outside its image (naming the annotation id and the file).
+(the official `DATASET.ROOT` layout, `lib/dataset/COCODataset.py`). A missing folder or annotation file is a
+FileNotFoundError naming the path, an empty training `images` list a ValueError naming the json. Everything else
+is validated entry by entry, the way the detection builder does it (`research/data/coco.py`), and each problem is
+recorded (`research.data.validation`: listed once before the run and in the workdir), not raised:
+
+  json entries            read through `research.data.coco_annotations.normalize` (string ids, missing
+                          iscrowd / area, boxes from polygons); a person without a box takes the extent of its
+                          labelled keypoints
+  duplicate image id      the later entry dropped
+  unknown image id        the annotation dropped
+  missing / corrupt image the image skipped; a JPEG missing only its end marker restored and kept; EXIF
+                          orientation and json sizes handled as for detection
+  keypoints               the wrong count or non-finite values: the person kept as unannotated (num_keypoints 0,
+                          so its region is masked out like COCO's unannotated people); a labelled joint outside
+                          the image or a visibility flag other than 0/1/2: that joint set to unlabelled
+  empty validation json   no validation split (evaluating says so)
+
+The prepared data is keyed to the annotation files' bytes (SHA-1 in the builder config name): an edited json or
+another folder is prepared anew.
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from research.data import _tfds_compat
+from research.data import validation
 
 SPLIT_CODES = {"train": 0, "validation": 1}
 
@@ -315,9 +331,17 @@ class HigherhrnetCocoLocal(_tfds_compat.SourceFileCodePath, tfds.core.GeneratorB
             raise FileNotFoundError(f"COCO keypoints folder not found: {root}")
         return root
 
+    @property
+    def validation(self) -> validation.Collector:
+        """The problems found while preparing (written next to the data by `pipeline.prepare`)."""
+        if "_validation" not in self.__dict__:
+            self._validation = validation.Collector()
+        return self._validation
+
     def _split_generators(self, dl_manager):
+        from research.data import coco as coco_data
         root, cfg = self._root(dl_manager), self.builder_config
-        out = {}
+        paths = {}
         for split, name in (("train", cfg.train_set), ("validation", cfg.validation_set)):
             ann = os.path.join(root, "annotations", f"person_keypoints_{name}.json")
             img_dir = os.path.join(root, "images", name)
@@ -325,13 +349,21 @@ class HigherhrnetCocoLocal(_tfds_compat.SourceFileCodePath, tfds.core.GeneratorB
                 raise FileNotFoundError(f"annotation file not found: {ann}")
             if not os.path.isdir(img_dir):
                 raise FileNotFoundError(f"image folder not found: {img_dir}")
+            paths[split] = (ann, img_dir)
+        out = {}
+        for split, (ann, img_dir) in paths.items():
+            if not coco_data.lists_images(ann):  # tfds cannot write a split without examples
+                if split == "train":
+                    raise ValueError(f'{ann}: "images" is empty: nothing to train on')
+                self.validation.add(ann, '"images" is empty', f"no {split!r} split (evaluation on it will say so)")
+                continue
             out[split] = self._generate_examples(ann, img_dir, split)
         return out
 
     def _generate_examples(self, ann_path: str, img_dir: str, split: str):
         cfg = self.builder_config
         return generate_coco_examples(ann_path, img_dir, cfg.num_joints,
-                                      cfg.remove_images_without_annotations and split == "train")
+                                      cfg.remove_images_without_annotations and split == "train", self.validation)
 
 
 def _ignore_mask(anns: list, h: int, w: int) -> np.ndarray:
@@ -350,63 +382,116 @@ def _ignore_mask(anns: list, h: int, w: int) -> np.ndarray:
     return (m >= 0.5).astype(np.uint8)
 
 
+def _keypoint_box(keypoints) -> list[float] | None:
+    """(x, y, w, h) extent of the labelled keypoints of a flat COCO keypoint list, or None."""
+    try:
+        k = np.asarray(keypoints, np.float64).reshape(-1, 3)
+    except (TypeError, ValueError):
+        return None
+    k = k[(k[:, 2] > 0) & np.all(np.isfinite(k), axis=1)]
+    if not len(k):
+        return None
+    x0, y0 = k[:, :2].min(0)
+    x1, y1 = k[:, :2].max(0)
+    return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+
+
 def generate_coco_examples(ann_path: str, img_dir: str, num_joints: int = 17,
-                           remove_images_without_annotations: bool = False):
-    """Yields (key, record) for every image of a person_keypoints json, after validating it (see module doc)."""
+                           remove_images_without_annotations: bool = False,
+                           report: validation.Collector | None = None):
+    """Yields (key, record) for every usable image of a person_keypoints json, validating it entry by entry (see
+    the module doc); each problem goes to `report` (a fresh collector when None)."""
+    from research.data import coco as coco_data
+    from research.data import coco_annotations
+    report = report if report is not None else validation.Collector()
     with open(ann_path) as f:
         data = json.load(f)
+    for a in data.get("annotations", []) or []:  # people annotated by keypoints only: their extent as the box
+        if isinstance(a, dict) and a.get("bbox") is None and not a.get("segmentation"):
+            box = _keypoint_box(a.get("keypoints"))
+            if box is not None:
+                a["bbox"] = box
+                report.add(ann_path, "no bbox", "box taken from its labelled keypoints", a.get("image_id"), a.get("id"))
+    data, problems = coco_annotations.normalize(data, ann_path)
+    report.extend(problems)
     images = {}
-    for im in data.get("images", []):
-        if im["id"] in images:
-            raise ValueError(f"{ann_path}: duplicate image id {im['id']}")
-        images[im["id"]] = im
+    for im in data["images"]:
+        if "file_name" not in im:
+            report.add(ann_path, "image entry without file_name", "skipped", im["id"])
+        elif im["id"] in images:
+            report.add(ann_path, "duplicate image id", "the later entry dropped", im["id"])
+        else:
+            images[im["id"]] = im
     anns: dict = {i: [] for i in images}
-    for a in data.get("annotations", []):
-        if a.get("image_id") not in images:
-            raise ValueError(f"{ann_path}: annotation {a.get('id')} refers to unknown image id {a.get('image_id')}")
+    for a in data["annotations"]:
+        if a["image_id"] not in images:
+            report.add(ann_path, f'annotation of image id {a["image_id"]}, which "images" does not list', "dropped",
+                       a["image_id"], a["id"])
+            continue
         anns[a["image_id"]].append(a)
     for image_id in sorted(images):
         im, objs = images[image_id], anns[image_id]
         if remove_images_without_annotations and not objs:
             continue
         path = os.path.join(img_dir, im["file_name"])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image file not found: {path} (image id {image_id})")
-        with open(path, "rb") as f:
-            raw = f.read()
-        arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if arr is None or arr.ndim != 3 or arr.size == 0:
-            raise ValueError(f"corrupt image: {path} (image id {image_id})")
-        h, w = arr.shape[:2]
-        if (im.get("height", h), im.get("width", w)) != (h, w):
-            raise ValueError(f"{path}: annotation file says {im.get('width')}x{im.get('height')}, image is {w}x{h}")
+        note = lambda f, what, action, _id=image_id: report.add(f, what, action, _id)  # noqa: E731
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            checked = coco_data.decode_check(raw, (im.get("height"), im.get("width")), path, note)
+        except OSError as e:
+            report.add(path, f"cannot read the image ({e.strerror or e})", "image skipped with its annotations",
+                       image_id)
+            continue
+        if checked is None:
+            report.add(path, "cannot decode the image", "image skipped with its annotations", image_id)
+            continue
+        encoded, h, w = checked
+        if (im.get("height"), im.get("width")) not in ((h, w), (None, None)):
+            report.add(ann_path, f"json size {im.get('height')}x{im.get('width')} differs from the decoded {h}x{w} "
+                       f"of {im['file_name']}", "decoded size used", image_id)
         kps = np.zeros((len(objs), num_joints, 3), np.float32)
+        num_kps = np.zeros((len(objs),), np.int32)
         for n, a in enumerate(objs):
-            k = np.asarray(a.get("keypoints") or [0] * (3 * num_joints), np.float64)
+            given = a.get("keypoints")
+            try:
+                k = np.asarray(given if given is not None else [0] * (3 * num_joints), np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                k = np.zeros((0,), np.float64)
             if k.size != 3 * num_joints or not np.all(np.isfinite(k)):
-                raise ValueError(f"annotation {a.get('id')} of {path}: keypoints must be {3 * num_joints} finite "
-                                 f"numbers, got {k.size}")
+                report.add(ann_path, f"keypoints must be {3 * num_joints} finite numbers, got {k.size}",
+                           "the person kept as unannotated (masked out)", image_id, a["id"])
+                k = np.zeros((3 * num_joints,), np.float64)
             k = k.reshape(num_joints, 3)
+            bad_flag = ~np.isin(k[:, 2], (0, 1, 2))
+            if bad_flag.any():
+                report.add(ann_path, f"visibility flags {k[bad_flag, 2].tolist()} of joints "
+                           f"{np.nonzero(bad_flag)[0].tolist()} are not 0, 1 or 2", "those joints set to unlabelled",
+                           image_id, a["id"])
+                k[bad_flag] = 0.0
             lab = k[:, 2] > 0
-            bad = lab & ((k[:, 0] < 0) | (k[:, 0] > w) | (k[:, 1] < 0) | (k[:, 1] > h))
-            if bad.any():
-                j = int(np.nonzero(bad)[0][0])
-                raise ValueError(f"annotation {a.get('id')} of {path}: keypoint {j} at ({k[j, 0]}, {k[j, 1]}) is "
-                                 f"outside the {w}x{h} image")
-            if not np.isin(k[:, 2], (0, 1, 2)).all():
-                raise ValueError(f"annotation {a.get('id')} of {path}: visibility flags must be 0, 1 or 2")
+            outside = lab & ((k[:, 0] < 0) | (k[:, 0] > w) | (k[:, 1] < 0) | (k[:, 1] > h))
+            if outside.any():
+                js = np.nonzero(outside)[0]
+                report.add(ann_path, f"labelled joints {js.tolist()} lie outside the {w}x{h} image (e.g. joint "
+                           f"{int(js[0])} at ({k[js[0], 0]:g}, {k[js[0], 1]:g}))", "those joints set to unlabelled",
+                           image_id, a["id"])
+                k[outside] = 0.0
             kps[n] = k
+            counted = int((k[:, 2] > 0).sum())
+            num_kps[n] = counted if (bad_flag.any() or outside.any() or "num_keypoints" not in a) else min(
+                int(a["num_keypoints"]), counted)
+        for n, a in enumerate(objs):  # people left without keypoints are masked like COCO's unannotated ones
+            a["num_keypoints"] = int(num_kps[n])
         yield image_id, {
-            "image": _png(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)) if not path.lower().endswith((".jpg", ".jpeg", ".png"))
-            else raw,
+            "image": encoded,
             "ignore": _png(_ignore_mask(objs, h, w)[..., None]), "image_id": int(image_id),
             "image/filename": im["file_name"], "keypoints": kps,
-            "bbox": np.asarray([a.get("bbox", [0, 0, 0, 0]) for a in objs], np.float32).reshape(-1, 4),
-            "area": np.asarray([a.get("area", 0.0) for a in objs], np.float32),
-            "is_crowd": np.asarray([a.get("iscrowd", 0) for a in objs], np.int32),
-            "num_keypoints": np.asarray([a.get("num_keypoints", int((kps[n, :, 2] > 0).sum()))
-                                         for n, a in enumerate(objs)], np.int32),
-            "ann_id": np.asarray([a.get("id", n) for n, a in enumerate(objs)], np.int64)}
+            "bbox": np.asarray([a["bbox"] for a in objs], np.float32).reshape(-1, 4),
+            "area": np.asarray([a["area"] for a in objs], np.float32),
+            "is_crowd": np.asarray([a["iscrowd"] for a in objs], np.int32),
+            "num_keypoints": num_kps,
+            "ann_id": np.asarray([a["id"] for a in objs], np.int64)}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -421,7 +506,13 @@ def builder_name(data_cfg) -> tuple[str, dict]:
                               num_validation=int(data_cfg.num_eval_examples))
         return "higherhrnet_synthetic", {"config": cfg}
     if data_cfg.name in ("coco", "crowdpose"):
-        cfg = CocoKeypointsConfig(name=f"j{data_cfg.num_joints}", num_joints=int(data_cfg.num_joints),
+        from research.data import detection
+        root = data_cfg.manual_dir or ""
+        digest = detection.annotations_digest(
+            [os.path.join(root, "annotations", f"person_keypoints_{s}.json")
+             for s in (data_cfg.train_set, data_cfg.validation_set)])
+        # keyed to the annotation files' bytes: an edited json or another folder is prepared anew
+        cfg = CocoKeypointsConfig(name=f"j{data_cfg.num_joints}_{digest}", num_joints=int(data_cfg.num_joints),
                                   train_set=data_cfg.train_set, validation_set=data_cfg.validation_set)
         return "higherhrnet_coco_local", {"config": cfg, "manual_dir": data_cfg.manual_dir or None}
     raise ValueError(f"unknown config.data.name {data_cfg.name!r}: synthetic, coco or crowdpose")

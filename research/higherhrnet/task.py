@@ -169,6 +169,11 @@ class Task(tasks.Task):
     def builder(self):
         return data.prepare(self.config.data)
 
+    def data_problems(self) -> list:
+        """What the validation pass found in a COCO / CrowdPose folder (none for the synthetic data)."""
+        from research.data import validation
+        return validation.read(self.builder.data_dir)
+
     def records(self, split: str) -> _Records:
         return _Records(str(self.builder.data_dir), split)
 

@@ -146,22 +146,51 @@ def _coco_folder(root, keypoints=None, image_id=1, write_image=True, corrupt=Fal
     return p, os.path.join(root, "images", "val2017")
 
 
-def test_coco_folder_records_and_named_errors(tmp_path):
+def _examples(ann, imgs):
+    from research.data import validation
+    report = validation.Collector()
+    return list(data.generate_coco_examples(ann, imgs, report=report)), report.problems
+
+
+def test_coco_folder_records_and_named_problems(tmp_path):
+    """Issue 10 on the keypoints path: each bad entry is named (file, ids, what, action) and skipped or
+    repaired; the run goes on with what is usable."""
     ann, imgs = _coco_folder(str(tmp_path / "ok"))
-    (key, rec), = list(data.generate_coco_examples(ann, imgs))
+    ((key, rec),), problems = _examples(ann, imgs)
+    assert problems == []
     assert key == 1 and rec["keypoints"].shape == (2, 17, 3) and rec["ann_id"].tolist() == [7, 8]
     ignore = cv2.imdecode(np.frombuffer(rec["ignore"], np.uint8), cv2.IMREAD_GRAYSCALE)
     assert ignore[25, 35] == 1 and ignore[10, 10] == 0  # the person without keypoints is ignored (get_mask)
-    with pytest.raises(ValueError, match=r"annotation 7 .*keypoint 0 .*outside"):
-        list(data.generate_coco_examples(*_coco_folder(str(tmp_path / "out"), [60, 10, 2] + [0] * 48)))
-    with pytest.raises(ValueError, match=r"annotation 7 refers to unknown image id 3"):
-        list(data.generate_coco_examples(*_coco_folder(str(tmp_path / "id"), image_id=3)))
-    with pytest.raises(FileNotFoundError, match=r"a\.jpg"):
-        list(data.generate_coco_examples(*_coco_folder(str(tmp_path / "miss"), write_image=False)))
-    with pytest.raises(ValueError, match=r"corrupt image: .*a\.jpg"):
-        list(data.generate_coco_examples(*_coco_folder(str(tmp_path / "bad"), corrupt=True)))
-    with pytest.raises(ValueError, match=r"annotation 7 .*51 finite"):
-        list(data.generate_coco_examples(*_coco_folder(str(tmp_path / "len"), [1, 2, 2])))
+
+    # a labelled joint outside the image: that joint unlabelled, the other kept
+    ((_, rec),), (p,) = _examples(*_coco_folder(str(tmp_path / "out"), [60, 10, 2, 12, 14, 2] + [0] * 45))
+    assert (p.image_id, p.annotation_id, p.action) == (1, 7, "those joints set to unlabelled") and "[0]" in p.what
+    np.testing.assert_array_equal(rec["keypoints"][0, :2], [[0, 0, 0], [12, 14, 2]])
+    assert rec["num_keypoints"].tolist() == [1, 0]
+    # an annotation of an unknown image: dropped, the image kept with its other person
+    ((_, rec),), (p,) = _examples(*_coco_folder(str(tmp_path / "id"), image_id=3))
+    assert (p.image_id, p.annotation_id, p.action) == (3, 7, "dropped") and rec["ann_id"].tolist() == [8]
+    # a missing or corrupt image: skipped and named
+    recs, (p,) = _examples(*_coco_folder(str(tmp_path / "miss"), write_image=False))
+    assert recs == [] and p.file.endswith("a.jpg") and "cannot read" in p.what and p.image_id == 1
+    recs, (p,) = _examples(*_coco_folder(str(tmp_path / "bad"), corrupt=True))
+    assert recs == [] and p.file.endswith("a.jpg") and p.what == "cannot decode the image"
+    # keypoints of the wrong length: the person kept as unannotated, so its region is masked out
+    ((_, rec),), (p,) = _examples(*_coco_folder(str(tmp_path / "len"), [1, 2, 2]))
+    assert "51 finite numbers, got 3" in p.what and p.annotation_id == 7
+    assert rec["num_keypoints"].tolist() == [0, 0] and not rec["keypoints"][0].any()
+    # string ids and missing fields (no bbox, area, iscrowd): normalised as for detection
+    root = str(tmp_path / "str")
+    ann, imgs = _coco_folder(root)
+    d = json.load(open(ann))
+    d["images"][0]["id"] = "1"
+    d["annotations"][0] = {"id": "7", "image_id": "1", "category_id": 1, "keypoints": [10, 10, 2, 20, 30, 1] + [0] * 45}
+    json.dump(d, open(ann, "w"))
+    ((key, rec),), (p,) = _examples(ann, imgs)
+    assert key == 1 and p.action == "box taken from its labelled keypoints" and p.annotation_id == "7"
+    np.testing.assert_allclose(rec["bbox"][0], [10, 10, 10, 20])
+    np.testing.assert_allclose(rec["area"][0], 200.0)
+    assert rec["is_crowd"].tolist() == [0, 0] and rec["num_keypoints"].tolist() == [2, 0]
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -281,3 +310,13 @@ def test_coco_folder_prepares_through_tfds(tmp_path):
     assert r["keypoints"].shape == (2, 17, 3) and r["ann_id"].tolist() == [7, 8] and r["filename"] == "a.jpg"
     gt = data.coco_ground_truth([dict(r, hw=(40, 50))])
     assert [a["num_keypoints"] for a in gt["annotations"]] == [1, 0]
+    from research.data import validation
+    first = data.prepare(cfg)
+    assert validation.read(first.data_dir) == []  # a clean folder: nothing to report
+    d = json.load(open(ann))  # an edited json is prepared anew, with its problems recorded (issue 10 case 3)
+    d["annotations"][0]["keypoints"] = [60, 10, 2] + [0] * 48
+    json.dump(d, open(ann, "w"))
+    again = data.prepare(cfg)
+    assert again.data_dir != first.data_dir
+    (p,) = validation.read(again.data_dir)
+    assert (p.image_id, p.annotation_id, p.action) == (1, 7, "those joints set to unlabelled")
