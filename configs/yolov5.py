@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import add_shared_fields, parse_arg
 
 from research.yolov5.hyp import HYP_SCRATCH_LOW  # data/hyps/hyp.scratch-low.yaml (v7.0)
 
@@ -74,12 +74,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_epochs = 300
     c.total_steps = 0  # > 0 overrides num_epochs
 
-    c.log_every_steps = 20
-    c.eval_every_steps = 500  # and at the end; 0 = no evaluation while training
-    c.checkpoint_every_steps = 200
-    c.keep_checkpoints = 3
-    c.async_checkpoints = True
-    c.resume_changes = False  # resume a workdir whose config changed in a field that matters
+    # eval_every_steps: and at the end; 0 = no evaluation while training. benchmark: yolov5s at 640;
+    # torch_repo a clone of ultralytics/yolov5, torch_python an interpreter with its requirements
+    # (at head it imports pandas, ultralytics, torchvision)
+    add_shared_fields(c, log_every_steps=20, eval_every_steps=500, checkpoint_every_steps=200,
+                      benchmark_variant="s")
 
     # evaluators by type (research/evaluation/base.py); every_steps 0 = eval_every_steps, split "" = data.eval_split
     c.evals = ml_collections.ConfigDict()
@@ -106,27 +105,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.predict.num_images = 8
     c.predict.input_dir = ""  # images to draw on; "" = the first eval images
 
-    c.export = ml_collections.ConfigDict()
-    c.export.onnx = True
-    c.export.torch = True
-
-    c.benchmark = ml_collections.ConfigDict()
-    c.benchmark.image_size = 640
-    c.benchmark.batch_size = 1
-    c.benchmark.train_batch_size = 2
-    c.benchmark.variant = "s"
-    c.benchmark.repeats = 10
-    # A local clone of ultralytics/yolov5 (with its requirements importable): the official
-    # PyTorch model is then timed in the same run and the json reports measured ratios.
-    c.benchmark.torch_repo = ""
-    # The interpreter that runs the official code (an environment with its own requirements:
-    # ultralytics/yolov5 at head imports pandas, ultralytics, torchvision); "" = this one.
-    c.benchmark.torch_python = ""
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
 
     if arg.data == "shapes":
         # CPU recipe for the embedded data (not official): a short schedule learns faster with an
