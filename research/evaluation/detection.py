@@ -57,3 +57,77 @@ class CocoDetection(Evaluator):
             ev.to_json(os.path.join(self.out_dir, f"{name}_{split}.json"))
         yield f"{self.prefix}/mAP50", res["mAP50"]
         yield f"{self.prefix}/mAP50_95", res["mAP50_95"]
+
+
+class DetectionDataMixin:
+    """What a detector task on the shared detection datasets (`research/data/detection.py`) has in
+    common, for the protocol above and the class count: mix into a `research.tasks.Task` subclass
+    (`class Task(DetectionDataMixin, tasks.Task)`) that has `config` and `mode`.
+
+    Provides `dataset` (the `DetectionData` of `config.data`, prepared on first use),
+    `data_problems()`, `label_to_category_id`, `ground_truth_file(split)`, `coco_gt_file(path)`,
+    and `resolve_num_classes(weights_num_classes)`, which sets `class_names`.
+    """
+
+    @property
+    def dataset(self):
+        """The detection data of `config.data` (prepared on first use, once per task)."""
+        if "_dataset" not in self.__dict__:
+            from research.data import detection
+            self._dataset = detection.DetectionData(self.config.data)
+        return self._dataset
+
+    def data_problems(self) -> list:
+        """What the validation pass found in `config.data` (listed before the run)."""
+        return self.dataset.problems()
+
+    @property
+    def label_to_category_id(self):
+        return self.dataset.label_to_category_id
+
+    def ground_truth_file(self, split: str) -> str | None:
+        return self.dataset.annotation_file(split, self.config.eval.annotations)
+
+    def coco_gt_file(self, path: str):
+        """pycocotools COCO of an annotation json, loaded once per task."""
+        cache = self.__dict__.setdefault("_coco_gt_files", {})
+        if path not in cache:
+            from research.evaluation.coco import load_coco_gt
+            cache[path] = load_coco_gt(path)
+        return cache[path]
+
+    @staticmethod
+    def names_for(nc: int) -> tuple[str, ...]:
+        """COCO's 80 names for 80 classes, else `class0..`."""
+        from research.vision.coco_classes import COCO80_NAMES
+        return tuple(COCO80_NAMES) if nc == len(COCO80_NAMES) else tuple(f"class{i}" for i in range(nc))
+
+    def resolve_num_classes(self, weights_num_classes) -> int:
+        """The model's class count, and `self.class_names`: `config.model.num_classes` when > 0;
+        else, with official weights (`config.model.init_from`) in `--mode=export/predict`, the
+        weights' count (`weights_num_classes(state_dict)`); else the dataset's, which must then
+        agree with the weights'.
+
+        Raises:
+          ValueError: the weights' class count differs from the data's (naming both).
+        """
+        c = self.config
+        if c.model.num_classes > 0:
+            nc = int(c.model.num_classes)
+            self.class_names = self.names_for(nc)
+            return nc
+        sd = self.init_state_dict()
+        nc_weights = None
+        if sd is not None:
+            nc_weights = int(weights_num_classes(sd))
+            if self.mode in ("export", "predict"):
+                self.class_names = self.names_for(nc_weights)
+                return nc_weights
+        names = tuple(self.dataset.class_names)
+        if nc_weights is not None and nc_weights != len(names):
+            raise ValueError(
+                f"config.model.init_from={c.model.init_from} has {nc_weights} classes but the "
+                f"{c.data.name!r} data has {len(names)}: train on data with the weights' classes, or set "
+                "config.model.init_from='' (or --mode=export/predict, which use the weights' classes)")
+        self.class_names = names
+        return len(names)

@@ -15,6 +15,7 @@ from absl import logging
 
 from research import parallel, tasks
 from research.data import pipeline
+from research.evaluation.detection import DetectionDataMixin
 from research.vision import boxes as postprocess
 from research.yolov5 import data
 from research.yolov5 import loss as loss_lib
@@ -42,7 +43,7 @@ def model_from_config(config, nc: int, anchors: list | None = None) -> YOLOv5:
 
 
 @tasks.register("yolov5")
-class Task(tasks.Task):
+class Task(DetectionDataMixin, tasks.Task):
     """YOLOv5 on a detection dataset (`shapes` or a local COCO folder).
 
     The class count: `config.model.num_classes` when set; else, for `export` and `predict` with
@@ -56,7 +57,9 @@ class Task(tasks.Task):
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
         self.use_ema = bool(config.ema)
-        nc = self._resolve_num_classes()
+        from research.yolov5 import bridge
+        nc = self.resolve_num_classes(
+            lambda sd: bridge.num_classes(model_from_config(config, nc=80), sd, config.model.init_from))
         self.model = model_from_config(config, nc=nc)
         hyp = dict(config.hyp)
         if config.scale_hyp:
@@ -64,45 +67,6 @@ class Task(tasks.Task):
         self.loss_hyp = hyp
         self.schedule = None  # set by make_optimizer (it needs the run's step counts)
         self.anchors = jnp.asarray(self.model.anchors_stride_units)
-
-    @functools.cached_property
-    def dataset(self):
-        """The detection data of `config.data` (prepared on first use)."""
-        from research.data import detection
-        return detection.DetectionData(self.config.data)
-
-    def data_problems(self) -> list:
-        """What the validation pass found in `config.data` (listed before the run)."""
-        return self.dataset.problems()
-
-    def _resolve_num_classes(self) -> int:
-        c = self.config
-        if c.model.num_classes > 0:
-            nc = int(c.model.num_classes)
-            self.class_names = self._names_for(nc)
-            return nc
-        sd = self.init_state_dict()
-        nc_weights = None
-        if sd is not None:
-            from research.yolov5 import bridge
-            nc_weights = bridge.num_classes(model_from_config(c, nc=80), sd, c.model.init_from)
-            if self.mode in ("export", "predict"):
-                self.class_names = self._names_for(nc_weights)
-                return nc_weights
-        names = tuple(self.dataset.class_names)
-        if nc_weights is not None and nc_weights != len(names):
-            raise ValueError(
-                f"config.model.init_from={c.model.init_from} has {nc_weights} classes but the "
-                f"{c.data.name!r} data has {len(names)}: train on data with the weights' classes, or set "
-                "config.model.init_from='' (or --mode=export/predict, which use the weights' classes)")
-        self.class_names = names
-        return len(names)
-
-    def _names_for(self, nc: int) -> tuple[str, ...]:
-        from research.vision.coco_classes import COCO80_NAMES
-        if nc == len(COCO80_NAMES):
-            return tuple(COCO80_NAMES)
-        return tuple(f"class{i}" for i in range(nc))
 
     # ---------------------------------------------------------------- workdir set-up
     def prepare(self, workdir: str, mode: str) -> None:
@@ -216,13 +180,6 @@ class Task(tasks.Task):
 
     # ---------------------------------------------------------------- the detector protocol
     # (research/evaluation/detection.py: the `coco_detection` evaluator of config.evals)
-    @property
-    def label_to_category_id(self):
-        return self.dataset.label_to_category_id
-
-    def ground_truth_file(self, split: str) -> str | None:
-        return self.dataset.annotation_file(split, self.config.eval.annotations)
-
     def predictions(self, variables, onnx_path: str | None, split: str) -> Iterator[tuple[dict, np.ndarray]]:
         """(loader batch, raw `pred` [B, N, 5 + nc]) over `split`, from `variables` or the ONNX model."""
         cfg = self.config
@@ -251,7 +208,6 @@ class Task(tasks.Task):
         """val.py's detections: NMS (`config.eval` thresholds, multi-label) and boxes back to the
         original image pixels, with each image's ground truth (all its boxes, not capped at
         `data.max_labels`); padding examples skipped."""
-        from research.data import pipeline
         cfg = self.config
         self.dataset.check_split(split)
         # the records' own boxes: the batches cap them at data.max_labels, scoring must not
@@ -311,14 +267,6 @@ class Task(tasks.Task):
     def benchmark_spec(cls, config, *, variant: str, image_size: int):
         from research.yolov5 import benchmark
         return benchmark.benchmark_spec(config, variant=variant, image_size=image_size)
-
-    def coco_gt_file(self, path: str):
-        """pycocotools COCO of an annotation json, loaded once per task."""
-        cache = self.__dict__.setdefault("_coco_gt_files", {})
-        if path not in cache:
-            from research.evaluation.coco import load_coco_gt
-            cache[path] = load_coco_gt(path)
-        return cache[path]
 
     def predict_fn(self):
         @jax.jit
