@@ -10,8 +10,10 @@ with `ExponentialLR` stepped per epoch: epoch e uses `initial_lr * gamma ** e`, 
 
 Evaluation and prediction run the tracker (`research/siamfc/tracker.py`) with the trained
 variables over the evaluation videos (`research/siamfc/evaluation.py`: OTB success AUC and
-precision at 20 px). Export: ONNX `exemplar [B, 127, 127, 3]`, `search [B, 255, 255, 3]` float32
-0..255 -> `response [B, 17, 17, 1]` (pairs i <-> i), and the official state_dict.
+precision at 20 px); `--mode=track` runs it on a user's video (`research/siamfc/track.py`).
+Export: the official state_dict, the shared `model.onnx` (`exemplar [B, 127, 127, 3]`,
+`search [B, 255, 255, 3]` float32 0..255 -> `response [B, 17, 17, 1]`, pairs i <-> i) and the two
+graphs trackers deploy, `template.onnx` and `search.onnx` (`research/siamfc/export.py`).
 """
 
 from __future__ import annotations
@@ -88,10 +90,16 @@ def exponential_lr(initial_lr: float, ultimate_lr: float, num_epochs: int, steps
 
 @tasks.register("siamfc")
 class Task(tasks.Task):
-    """SiamFC on video pairs (`synthetic` embedded videos or a local GOT-10k folder)."""
+    """SiamFC on video pairs (`synthetic` embedded videos or a local GOT-10k folder).
+
+    Extra mode: `track` (`research/siamfc/track.py`).
+    """
+
+    extra_modes = ("track",)
 
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
+        self.workdir: str | None = None
         self.model = build_model(config)
         self.export_model = build_model(config, export=True)
         c = config.model
@@ -99,6 +107,17 @@ class Task(tasks.Task):
         self.transforms = transforms_lib.SiamFCTransforms(self.z_size, self.x_size, float(config.data.context))
         embedding_size(self.transforms.search_sz)  # fails early on crops too small for the network
         self.schedule = None
+
+    def prepare(self, workdir: str, mode: str) -> None:
+        """Remembers the workdir: `export_spec` writes `template.onnx` / `search.onnx` into its `export/`."""
+        self.workdir = workdir
+
+    def run_mode(self, mode: str, workdir: str) -> dict:
+        """`track`: the tracker on `config.track.input` from `config.track.box` (`research/siamfc/track.py`)."""
+        if mode != "track":
+            raise NotImplementedError(f"siamfc has no mode {mode!r}")
+        from research.siamfc import track
+        return track.run(self, workdir)
 
     # ------------------------------------------------------------------ data
     @functools.cached_property
@@ -198,8 +217,10 @@ class Task(tasks.Task):
             response_up=int(t.response_up), total_stride=loss_lib.TOTAL_STRIDE)
 
     def make_tracker(self, variables):
-        """A `TrackerSiamFC` on these variables (a local numpy copy of possibly sharded arrays)."""
-        return tracker_lib.TrackerSiamFC(self.model, parallel.local_copy(variables), self.tracker_settings())
+        """A `TrackerSiamFC` whose `JaxBackend` holds these variables (a local numpy copy of possibly
+        sharded arrays)."""
+        backend = tracker_lib.JaxBackend(self.model, parallel.local_copy(variables))
+        return tracker_lib.TrackerSiamFC(backend, self.tracker_settings())
 
     def predict(self, variables: dict, out_dir: str) -> list[str]:
         """Tracks the first `config.predict.num_frames` frames of eval video `config.predict.video`;
@@ -221,8 +242,22 @@ class Task(tasks.Task):
 
     # ------------------------------------------------------------------ export
     def export_spec(self, variables: dict) -> tasks.ExportSpec:
-        """`exemplar [B, 127, 127, 3]`, `search [B, 255, 255, 3]` float32 0..255 -> `response [B, 17, 17, 1]`."""
+        """`exemplar [B, 127, 127, 3]`, `search [B, 255, 255, 3]` float32 0..255 -> `response [B, 17, 17, 1]`
+        (the shared `model.onnx`, pairs i <-> i).
+
+        After `prepare(workdir, ...)` this also writes the tracker's graphs `workdir/export/template.onnx`
+        and `search.onnx`, each checked against JAX in ONNX Runtime (`research/siamfc/export.py`;
+        the shared export writes one graph per task, so the two extra ones are written here).
+
+        Raises:
+          RuntimeError: an exported tracker graph disagrees with JAX (`export.check_graphs`).
+        """
         model = self.export_model
+        if self.workdir is not None:
+            from research.siamfc import export
+            paths = export.export_graphs(model, variables, os.path.join(self.workdir, "export"),
+                                         z_size=self.z_size, x_size=self.x_size)
+            logging.info("tracker graphs: %s", paths)
 
         def apply_fn(exemplar, search):
             z = model.apply(variables, exemplar, method=model_lib.SiamFC.embed)
