@@ -18,6 +18,7 @@ from configs import siamfc as siamfc_config
 from research import modes, tasks
 from research.siamfc import data, evaluation
 from research.siamfc import transforms as T
+import siamfc_testlib
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -121,9 +122,8 @@ def test_siamfc_transforms_sizes_centre_and_determinism():
 
 # ------------------------------------------------------------------------------------------ data
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    return d, data.prepare("synthetic", d, config="tiny")
+def tiny_data():
+    return siamfc_testlib.tiny_data()  # prepared once per test process
 
 
 def test_synthetic_builder_is_deterministic_and_boxes_are_exact(tiny_data, tmp_path):
