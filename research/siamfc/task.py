@@ -271,6 +271,12 @@ class Task(tasks.Task):
     def to_torch(self, variables: dict) -> dict:
         return bridge.to_torch(self.model, variables)
 
+    @classmethod
+    def benchmark_spec(cls, config, *, variant: str, image_size: int):
+        """`research/siamfc/benchmark.py`: search branch, template branch, train step, tracker fps."""
+        from research.siamfc import benchmark
+        return benchmark.benchmark_spec(config, variant=variant, image_size=image_size)
+
 
 def pairwise_xcorr(exemplar: jax.Array, search: jax.Array, out_scale: float) -> jax.Array:
     """`model.xcorr` for `Bz == Bx` (pair i <-> i) as a sum of shifted products, for ONNX export.
