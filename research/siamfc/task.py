@@ -135,13 +135,19 @@ class Task(tasks.Task):
     def num_train_examples(self) -> int:
         return len(self.source(self.config.data.train_split)) * int(self.config.data.pairs_per_seq)
 
-    def train_loader(self, iterator_state=None):
+    def train_loader(self, iterator_state=None, *, process_index: int | None = None,
+                     process_count: int | None = None):
+        """This process's slices of the global pair batches, as a `pipeline.ResumableLoader`: its state
+        is the number of global batches consumed (`{"global_batches": n}`), so a run resumes on any
+        number of processes or grain workers (a grain state of an older checkpoint is restored as
+        grain saved it). `process_index` / `process_count` default to JAX's (tests set them)."""
         import grain
+
+        from research.data import pipeline
         c = self.config
+        p_index = jax.process_index() if process_index is None else int(process_index)
+        p_count = jax.process_count() if process_count is None else int(process_count)
         sampler = transforms_lib.PairSampler(self.source(c.data.train_split), self.transforms)
-        ds = transforms_lib.pair_dataset(sampler, batch_size=c.batch_size, seed=c.seed,
-                                         pairs_per_seq=c.data.pairs_per_seq, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
         options = grain.ReadOptions(num_threads=max(int(c.data.num_threads), 1), prefetch_buffer_size=4)
         workers = int(c.data.num_workers)
         if workers:
@@ -149,16 +155,15 @@ class Task(tasks.Task):
             if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside launch.py accept defaults
                 flags.FLAGS.mark_as_parsed()
 
-        class Loader:
-            def __iter__(self):
-                it_ds = ds.to_iter_dataset(options)
-                if workers:
-                    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-                it = iter(it_ds)
-                if iterator_state:
-                    it.set_state(iterator_state)
-                return it
-        return Loader()
+        def make(start_batch: int):
+            ds = transforms_lib.pair_dataset(sampler, batch_size=c.batch_size, seed=c.seed,
+                                             pairs_per_seq=c.data.pairs_per_seq, process_index=p_index,
+                                             process_count=p_count, start_batch=start_batch)
+            it_ds = ds.to_iter_dataset(options)
+            if workers:
+                it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+            return it_ds
+        return pipeline.ResumableLoader(make, iterator_state)
 
     @staticmethod
     def to_device(local: dict) -> dict:  # noqa: D102 (the contract's)

@@ -286,13 +286,23 @@ def test_loader_slices_and_resumes(tiny_data):
     for b in (0, 3):  # batch 3 crosses into the second epoch (12 sequences)
         np.testing.assert_array_equal(np.concatenate([h[b]["search"] for h in halves]), full[b]["search"])
     assert all(len(set(full[b]["sequence"].tolist())) == 4 for b in range(3))  # one epoch: distinct sequences
+    # the loader's state is the number of global batches consumed
     it = iter(task.train_loader())
-    next(it), next(it)
-    state = it.get_state()
-    third = next(it)
-    resumed = next(iter(task.train_loader(state)))
-    np.testing.assert_array_equal(resumed["exemplar"], third["exemplar"])
-    np.testing.assert_array_equal(resumed["frames"], third["frames"])
+    uninterrupted = [next(it) for _ in range(4)]
+    assert it.get_state() == {"global_batches": 4}
+    resumed = iter(task.train_loader({"global_batches": 3}))
+    third = next(resumed)
+    for k in ("exemplar", "search", "frames", "sequence"):
+        np.testing.assert_array_equal(third[k], uninterrupted[3][k])
+    assert resumed.get_state() == {"global_batches": 4}
+    assert not np.array_equal(uninterrupted[2]["search"], uninterrupted[3]["search"])  # the check can fail
+    # resumed on 2 processes from the same state: process 0 + process 1 = the 1-process global batch
+    parts = [next(iter(task.train_loader({"global_batches": 3}, process_index=p, process_count=2))) for p in (0, 1)]
+    assert parts[0]["search"].shape[0] == 2
+    for k in ("exemplar", "search", "frames"):
+        np.testing.assert_array_equal(np.concatenate([q[k] for q in parts]), uninterrupted[3][k])
+    with pytest.raises(ValueError, match="not divisible by process_count 3"):
+        iter(task.train_loader(None, process_index=0, process_count=3))
 
 
 # ------------------------------------------------------------------------------------------ end to end
