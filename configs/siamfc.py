@@ -41,7 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.variant = arg.variant or ("tiny" if synthetic else "alexnet_v1")
     c.model.widths = ()  # a 5-tuple overrides the variant's widths
     c.model.dtype = "float32"
-    c.model.conv_impl = "auto"  # auto: grouped convs per group on CPU (same variables), plain elsewhere
+    # auto: grouped convs per group on CPU ("split"), plain ("lax") elsewhere; "dot" / "onednn": the
+    # shared CPU speed layer (research/cpu/layers.py). Same variables whichever.
+    c.model.conv_impl = "auto"
     c.model.init_from = ""  # an official state_dict (siamfc_alexnet_e50.pth as weights_only / .safetensors)
     c.model.out_scale = 0.001
     c.model.exemplar_sz = 127

@@ -58,9 +58,15 @@ def embedding_size(size: int) -> int:
 def build_model(config, export: bool = False) -> model_lib.SiamFC:
     """The `SiamFC` of `config.model` (widths of the variant unless `config.model.widths` is set).
 
-    `conv_impl`: "auto" = `SplitGroupConv` (grouped layers per group: same variables and sums,
-    faster) on CPU, `nn.Conv` elsewhere; "split" / "lax" force one. `export=True` always uses
-    `nn.Conv` (one grouped convolution node in ONNX).
+    `conv_impl` (same variables whichever): "split" = `SplitGroupConv` (grouped layers group by
+    group: same sums, faster on XLA:CPU), "lax" = `nn.Conv`; "dot" / "onednn" = the shared CPU
+    speed layer (`research.cpu.layers.select`: its convolutions per group and its memory-lean
+    BatchNorm); "auto" = "split" on CPU (measured faster than the speed layer for this network,
+    docs/siamfc.md), "lax" elsewhere. `export=True` always uses `nn.Conv` (one grouped
+    convolution node in ONNX).
+
+    Raises:
+      ValueError: an unknown variant, dtype or conv_impl.
     """
     m = config.model
     if m.variant not in VARIANTS:
@@ -72,10 +78,15 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     impl = m.conv_impl
     if impl == "auto":
         impl = "split" if jax.default_backend() == "cpu" else "lax"
-    if impl not in ("split", "lax"):
-        raise ValueError(f"config.model.conv_impl={m.conv_impl!r}: use auto, split or lax")
-    conv = nn.Conv if export or impl == "lax" else model_lib.SplitGroupConv
-    return model_lib.SiamFC(widths=widths, out_scale=float(m.out_scale), conv=conv, dtype=dtype)
+    if impl not in ("split", "lax", "dot", "onednn"):
+        raise ValueError(f"config.model.conv_impl={m.conv_impl!r}: use auto, split, lax, dot or onednn")
+    out_scale = float(m.out_scale)
+    if export or impl == "lax":
+        return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=nn.Conv, dtype=dtype)
+    if impl == "split":
+        return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=model_lib.SplitGroupConv, dtype=dtype)
+    from research.cpu import layers as layers_lib
+    return model_lib.SiamFC(widths=widths, out_scale=out_scale, layers=layers_lib.select(impl), dtype=dtype)
 
 
 def exponential_lr(initial_lr: float, ultimate_lr: float, num_epochs: int, steps_per_epoch: int):
