@@ -41,8 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.variant = arg.variant or ("tiny" if synthetic else "alexnet_v1")
     c.model.widths = ()  # a 5-tuple overrides the variant's widths
     c.model.dtype = "float32"
-    # auto: grouped convs per group on CPU ("split"), plain ("lax") elsewhere; "dot" / "onednn": the
-    # shared CPU speed layer (research/cpu/layers.py). Same variables whichever.
+    # auto: on CPU the shared speed layer's oneDNN convolutions (research/cpu/layers.py) where they
+    # load, else grouped convs per group ("split"); plain ("lax") elsewhere. Same variables whichever.
     c.model.conv_impl = "auto"
     c.model.init_from = ""  # an official state_dict (siamfc_alexnet_e50.pth as weights_only / .safetensors)
     c.model.out_scale = 0.001

@@ -61,9 +61,10 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     `conv_impl` (same variables whichever): "split" = `SplitGroupConv` (grouped layers group by
     group: same sums, faster on XLA:CPU), "lax" = `nn.Conv`; "dot" / "onednn" = the shared CPU
     speed layer (`research.cpu.layers.select`: its convolutions per group and its memory-lean
-    BatchNorm); "auto" = "split" on CPU (measured faster than the speed layer for this network,
-    docs/siamfc.md), "lax" elsewhere. `export=True` always uses `nn.Conv` (one grouped
-    convolution node in ONNX).
+    BatchNorm); "auto" = "onednn" on CPU where its kernels load (same-run A/B, alexnet_v1:
+    train step b8 -37 %, 3-scale search branch -55 % against "split"; "dot" is slower than
+    "split", so without oneDNN "auto" is "split"; docs/siamfc.md), "lax" elsewhere.
+    `export=True` always uses `nn.Conv` (one grouped convolution node in ONNX).
 
     Raises:
       ValueError: an unknown variant, dtype or conv_impl.
@@ -77,7 +78,7 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
         raise ValueError(f"config.model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
     impl = m.conv_impl
     if impl == "auto":
-        impl = "split" if jax.default_backend() == "cpu" else "lax"
+        impl = "lax" if jax.default_backend() != "cpu" else ("onednn" if _onednn_available() else "split")
     if impl not in ("split", "lax", "dot", "onednn"):
         raise ValueError(f"config.model.conv_impl={m.conv_impl!r}: use auto, split, lax, dot or onednn")
     out_scale = float(m.out_scale)
@@ -87,6 +88,11 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
         return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=model_lib.SplitGroupConv, dtype=dtype)
     from research.cpu import layers as layers_lib
     return model_lib.SiamFC(widths=widths, out_scale=out_scale, layers=layers_lib.select(impl), dtype=dtype)
+
+
+def _onednn_available() -> bool:
+    from research.cpu.kernels import onednn
+    return onednn.available()[0]
 
 
 def exponential_lr(initial_lr: float, ultimate_lr: float, num_epochs: int, steps_per_epoch: int):
