@@ -162,6 +162,7 @@ def benchmark_spec(config, *, variant: str, image_size: int) -> BenchSpec:
         measured_pairs=(("template", "torch_template"), ("tracker_frame", "torch_tracker_frame"),
                         ("onnx_tracker_frame", "torch_tracker_frame")),
         info={"params": param_count(variables), "exemplar_size": z_size, "search_size": x_size,
-              "train_search_size": train_x, "conv_impl": cfg.model.conv_impl, "dtype": cfg.model.dtype,
+              "train_search_size": train_x, "conv_impl": task_lib.resolve_conv_impl(cfg.model.conv_impl),
+              "dtype": cfg.model.dtype,
               "infer": "search branch: B search crops against one cached template",
               "tracker_video": f"{VIDEO_SIZE[1]}x{VIDEO_SIZE[0]}, {int(b.tracker_frames)} timed updates"})

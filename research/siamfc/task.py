@@ -76,11 +76,7 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(m.dtype)
     if dtype is None:
         raise ValueError(f"config.model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
-    impl = m.conv_impl
-    if impl == "auto":
-        impl = "lax" if jax.default_backend() != "cpu" else ("onednn" if _onednn_available() else "split")
-    if impl not in ("split", "lax", "dot", "onednn"):
-        raise ValueError(f"config.model.conv_impl={m.conv_impl!r}: use auto, split, lax, dot or onednn")
+    impl = resolve_conv_impl(m.conv_impl)
     out_scale = float(m.out_scale)
     if export or impl == "lax":
         return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=nn.Conv, dtype=dtype)
@@ -90,9 +86,21 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     return model_lib.SiamFC(widths=widths, out_scale=out_scale, layers=layers_lib.select(impl), dtype=dtype)
 
 
-def _onednn_available() -> bool:
-    from research.cpu.kernels import onednn
-    return onednn.available()[0]
+def resolve_conv_impl(conv_impl: str) -> str:
+    """`config.model.conv_impl` with "auto" resolved for this backend (see `build_model`).
+
+    Raises:
+      ValueError: an unknown value.
+    """
+    impl = conv_impl
+    if impl == "auto":
+        if jax.default_backend() != "cpu":
+            return "lax"
+        from research.cpu.kernels import onednn
+        return "onednn" if onednn.available()[0] else "split"
+    if impl not in ("split", "lax", "dot", "onednn"):
+        raise ValueError(f"config.model.conv_impl={conv_impl!r}: use auto, split, lax, dot or onednn")
+    return impl
 
 
 def exponential_lr(initial_lr: float, ultimate_lr: float, num_epochs: int, steps_per_epoch: int):

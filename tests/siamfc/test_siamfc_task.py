@@ -9,6 +9,7 @@ import json
 import os
 
 import cv2
+import flax.linen as flax_nn
 import jax
 import numpy as np
 import pytest
@@ -368,3 +369,21 @@ def test_config_variants_and_crop_geometry():
     task = siamfc_task.Task(siamfc_config.get_config("smoke"), "export")
     s = task.tracker_settings()
     assert (s.exemplar_sz, s.instance_sz, s.response_sz, s.upscale_sz) == (127, 255, 17, 272)
+
+
+def test_conv_impl_choices_build_the_same_variables():
+    from research.cpu.kernels import onednn
+    c = siamfc_config.get_config("smoke")
+    assert siamfc_task.resolve_conv_impl("auto") == ("onednn" if onednn.available()[0] else "split")
+    assert siamfc_task.resolve_conv_impl("lax") == "lax"
+    with pytest.raises(ValueError, match="conv_impl='fast'"):
+        siamfc_task.resolve_conv_impl("fast")
+    shapes = {}
+    for impl in ("lax", "split", "dot"):
+        c.model.conv_impl = impl
+        model = siamfc_task.build_model(c)
+        assert (model.layers is not None) == (impl == "dot")
+        shapes[impl] = jax.tree_util.tree_map(lambda a: a.shape, jax.eval_shape(
+            lambda m=model: m.init(jax.random.PRNGKey(0), np.zeros((1, 87, 87, 3)), np.zeros((1, 87, 87, 3)))))
+    assert shapes["lax"] == shapes["split"] == shapes["dot"]
+    assert siamfc_task.build_model(c, export=True).conv is flax_nn.Conv
