@@ -24,7 +24,6 @@ the same run (`research/siamfc/official_torch.py`): `torch_infer`, `torch_templa
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 

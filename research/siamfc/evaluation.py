@@ -149,7 +149,8 @@ class TrackingEvaluator:
 @evaluation_base.register("tracking_otb")
 class OtbTracking(evaluation_base.Evaluator):
     """`config.evals.<name>.type = "tracking_otb"`: the task's tracker (JAX, or with `onnx_path` the
-    same tracker on the exported `template.onnx` / `search.onnx` in that folder) over the evaluation videos, scored as the got10k toolkit's ExperimentOTB (`TrackingEvaluator`).
+    same tracker on the exported `template.onnx` / `search.onnx` in that folder) over the evaluation
+    videos, scored as the got10k toolkit's ExperimentOTB (`TrackingEvaluator`).
 
     Entry fields: `split` ("" = `config.data.eval_split`), `max_videos`, `max_frames` (0 = all).
     The task provides `source(split)`, `make_tracker(variables)` and `tracker_settings()`.
