@@ -41,7 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.variant = arg.variant or ("tiny" if synthetic else "alexnet_v1")
     c.model.widths = ()  # a 5-tuple overrides the variant's widths
     c.model.dtype = "float32"
-    c.model.conv_impl = "auto"  # auto: grouped convs per group on CPU (same variables), plain elsewhere
+    # auto: on CPU the shared speed layer's oneDNN convolutions (research/cpu/layers.py) where they
+    # load, else grouped convs per group ("split"); plain ("lax") elsewhere. Same variables whichever.
+    c.model.conv_impl = "auto"
     c.model.init_from = ""  # an official state_dict (siamfc_alexnet_e50.pth as weights_only / .safetensors)
     c.model.out_scale = 0.001
     c.model.exemplar_sz = 127
@@ -88,7 +90,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.predict = ml_collections.ConfigDict(dict(video=0, num_frames=12, upscale=3 if synthetic else 1))
 
-    c.export = ml_collections.ConfigDict(dict(onnx=True, torch=True))
+    c.export = ml_collections.ConfigDict(dict(onnx=True, torch=True))  # onnx: model, template and search.onnx
+
+    # --mode=track (research/siamfc/track.py): input = a folder of frames or a video file; box = the
+    # target in the first frame, "x,y,w,h" pixels (1-based x, y as OTB / GOT-10k ground truth).
+    # Writes <workdir>/track/boxes.txt and track.mp4 (or frames/*.png with save_frames).
+    c.track = ml_collections.ConfigDict(dict(input="", box="", onnx=False, save_frames=False,
+                                             fps=0.0,  # of the written video; 0 = the input's (else 25)
+                                             max_frames=0))  # 0 = all
+
+    # --mode=benchmark (research/siamfc/benchmark.py): infer = the search branch (3 scales of
+    # image_size px against one template), train_step at train_batch_size pairs, plus the template
+    # branch and the whole tracker per frame on a synthetic video.
+    c.benchmark = ml_collections.ConfigDict()
+    c.benchmark.variant = "alexnet_v1"
+    c.benchmark.image_size = 255  # search crop side (the exemplar is config.model.exemplar_sz)
+    c.benchmark.batch_size = 3  # search scales
+    c.benchmark.train_batch_size = 8
+    c.benchmark.repeats = 10
+    c.benchmark.tracker_frames = 24  # frames of the synthetic video timed by the tracker stage
+    # A local clone of huanglianghua/siamfc-pytorch (with got10k importable): the official network,
+    # train step and tracker are timed in the same run (research/siamfc/official_torch.py).
+    c.benchmark.torch_repo = ""
+    c.benchmark.torch_python = ""  # interpreter for the official code; "" = this one
 
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
 

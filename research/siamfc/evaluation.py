@@ -22,7 +22,6 @@ from typing import Any, Iterator
 import numpy as np
 
 from research.evaluation import base as evaluation_base
-from research.siamfc import ops
 from research.siamfc import tracker as tracker_lib
 
 NBINS_IOU = 21
@@ -87,53 +86,6 @@ def otb_report(curves: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
             "precision_score": float(prec[20]), "success_rate": float(succ[NBINS_IOU // 2])}
 
 
-class OnnxTracker(tracker_lib.TrackerSiamFC):
-    """`TrackerSiamFC` whose network is the exported ONNX graph (`exemplar`, `search` -> `response`).
-
-    The graph pairs exemplar i with search i, so each update feeds the exemplar crop once per
-    scale; crops, post-processing and state updates are the official ones (`tracker_lib` helpers).
-    """
-
-    def __init__(self, onnx_path: str, settings: tracker_lib.TrackerSettings):  # noqa: D107
-        from research.bridge.onnx_export import OnnxRunner
-        self.runner = OnnxRunner(onnx_path)
-        self.settings = settings
-        self.scale_factors = settings.scale_factors
-        self.hann = ops.hann_window(settings.upscale_sz)
-        self.last: dict[str, Any] = {}
-
-    def init(self, frame: np.ndarray, box) -> None:
-        s = self.settings
-        frame = tracker_lib._check_frame(frame)
-        box = np.asarray(box, np.float64)
-        state = np.array([box[1] - 1 + (box[3] - 1) / 2, box[0] - 1 + (box[2] - 1) / 2, box[3], box[2]],
-                         dtype=np.float32)
-        self.center, self.target_sz = state[:2], state[2:]
-        self.z_sz = np.sqrt(np.prod(self.target_sz + s.context * np.sum(self.target_sz)))
-        self.x_sz = self.z_sz * s.instance_sz / s.exemplar_sz
-        self.avg_color = np.mean(frame, axis=(0, 1))
-        self.kernel = ops.crop_and_resize(frame, self.center, self.z_sz, s.exemplar_sz, border_value=self.avg_color)
-
-    def update(self, frame: np.ndarray) -> np.ndarray:
-        if not hasattr(self, "kernel"):
-            raise RuntimeError("OnnxTracker.update called before init")
-        s = self.settings
-        frame = tracker_lib._check_frame(frame)
-        crops, _, _ = self.search_crops(frame)
-        z = np.repeat(self.kernel[None].astype(np.float32), len(crops), axis=0)
-        responses = self.runner(exemplar=z, search=crops.astype(np.float32))[0][..., 0]
-        scale_id, peak, _ = tracker_lib.locate_peak(tracker_lib.upsample_and_penalize(responses, s), self.hann, s)
-        disp = (np.array(peak) - (s.upscale_sz - 1) / 2) * s.total_stride / s.response_up
-        self.center += disp * self.x_sz * self.scale_factors[scale_id] / s.instance_sz
-        scale = (1 - s.scale_lr) * 1.0 + s.scale_lr * self.scale_factors[scale_id]
-        self.target_sz *= scale
-        self.z_sz = self.z_sz * scale
-        self.x_sz = self.x_sz * scale
-        return np.array([self.center[1] + 1 - (self.target_sz[1] - 1) / 2,
-                         self.center[0] + 1 - (self.target_sz[0] - 1) / 2,
-                         self.target_sz[1], self.target_sz[0]], dtype=np.float64)
-
-
 class TrackingEvaluator:
     """Runs a tracker over the videos of a `VideoSource` and reports the OTB scores.
 
@@ -196,8 +148,9 @@ class TrackingEvaluator:
 
 @evaluation_base.register("tracking_otb")
 class OtbTracking(evaluation_base.Evaluator):
-    """`config.evals.<name>.type = "tracking_otb"`: the task's tracker (or the exported ONNX model)
-    over the evaluation videos, scored as the got10k toolkit's ExperimentOTB (`TrackingEvaluator`).
+    """`config.evals.<name>.type = "tracking_otb"`: the task's tracker (JAX, or with `onnx_path` the
+    same tracker on the exported `template.onnx` / `search.onnx` in that folder) over the evaluation
+    videos, scored as the got10k toolkit's ExperimentOTB (`TrackingEvaluator`).
 
     Entry fields: `split` ("" = `config.data.eval_split`), `max_videos`, `max_frames` (0 = all).
     The task provides `source(split)`, `make_tracker(variables)` and `tracker_settings()`.
@@ -205,9 +158,10 @@ class OtbTracking(evaluation_base.Evaluator):
 
     def __init__(self, task, name, config, **kwargs):
         super().__init__(task, name, config, **kwargs)
-        if self.onnx_path:
-            settings = task.tracker_settings()
-            make = lambda _: OnnxTracker(self.onnx_path, settings)  # noqa: E731
+        if self.onnx_path:  # the tracker on the exported template.onnx / search.onnx beside model.onnx
+            settings, export_dir = task.tracker_settings(), os.path.dirname(os.path.abspath(self.onnx_path))
+            make = lambda _: tracker_lib.TrackerSiamFC(tracker_lib.OnnxBackend.from_dir(export_dir),  # noqa: E731
+                                                       settings)
         else:
             make = task.make_tracker
         split = config.get("split", "") or task.config.data.eval_split

@@ -97,6 +97,45 @@ def split_groups_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, l
 SplitGroupConv: ModuleDef = functools.partial(nn.Conv, conv_general_dilated=split_groups_conv)
 
 
+def layers_conv_general_dilated(impl: str):
+    """A `conv_general_dilated` for `nn.Conv` that computes through `research.cpu.conv.conv2d(impl)`,
+    group by group (the shared CPU convolutions take groups of 1 only).
+
+    Used for the AlexNetV1 layers as `nn.Conv` builds them: NHWC / HWIO, square kernels and
+    strides, VALID padding, no dilation; anything else goes to `split_groups_conv`. Same sums as
+    `lax.conv_general_dilated` to float rounding (tests/siamfc/test_siamfc_model.py).
+    """
+    from research.cpu import conv as conv_lib
+
+    def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+             feature_group_count: int = 1, precision=None, **kwargs):
+        dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        nhwc = dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+        valid = padding == "VALID" or (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+        plain = all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+        strides = tuple(window_strides)
+        if not (nhwc and valid and plain and strides[0] == strides[1] and rhs.shape[0] == rhs.shape[1]
+                and precision is None and not kwargs):
+            return split_groups_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                     dimension_numbers, feature_group_count, precision, **kwargs)
+        g = feature_group_count
+        parts = [conv_lib.conv2d(a, b, strides[0], 0, 1, impl)
+                 for a, b in zip(jnp.split(lhs, g, axis=3), jnp.split(rhs, g, axis=3))]
+        return parts[0] if g == 1 else jnp.concatenate(parts, axis=3)
+    return conv
+
+
+def layer_factories(layers) -> tuple[ModuleDef, ModuleDef]:
+    """`(conv, norm)` factories of a `research.cpu.layers.Layers` choice, with `nn.Conv` /
+    `nn.BatchNorm` variables: `PLAIN` gives `(SplitGroupConv, nn.BatchNorm)`; the CPU speed
+    layer its convolutions (`layers_conv_general_dilated`) and its memory-lean BatchNorm."""
+    if layers.conv_impl == "lax":
+        conv = SplitGroupConv
+    else:
+        conv = functools.partial(nn.Conv, conv_general_dilated=layers_conv_general_dilated(layers.conv_impl))
+    return conv, layers.nn_batch_norm
+
+
 class ConvBlock(nn.Module):
     """One official `nn.Sequential` stage: conv `0`, then optional BatchNorm `1`, ReLU, max pool.
 
@@ -184,6 +223,8 @@ class SiamFC(nn.Module):
         passes the model to `jax.jit` as a static (hashed) argument.
       out_scale: response scale (official 0.001).
       conv, norm: layer factories injected into every backbone layer.
+      layers: a `research.cpu.layers.Layers` (`select(config.model.conv_impl)`); when set it
+        chooses `conv` and `norm` (`layer_factories`), parameters unchanged.
       precision: `jax.lax.Precision` of the correlation head (the backbone's comes with `conv`).
     """
 
@@ -191,12 +232,14 @@ class SiamFC(nn.Module):
     out_scale: float = OUT_SCALE
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = nn.BatchNorm
+    layers: Any = None
     precision: Any = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.backbone = AlexNetV1(widths=self.widths, conv=self.conv, norm=self.norm, dtype=self.dtype,
+        conv, norm = layer_factories(self.layers) if self.layers is not None else (self.conv, self.norm)
+        self.backbone = AlexNetV1(widths=self.widths, conv=conv, norm=norm, dtype=self.dtype,
                                   param_dtype=self.param_dtype)
 
     def embed(self, images: jax.Array, train: bool = False) -> jax.Array:

@@ -10,8 +10,10 @@ with `ExponentialLR` stepped per epoch: epoch e uses `initial_lr * gamma ** e`, 
 
 Evaluation and prediction run the tracker (`research/siamfc/tracker.py`) with the trained
 variables over the evaluation videos (`research/siamfc/evaluation.py`: OTB success AUC and
-precision at 20 px). Export: ONNX `exemplar [B, 127, 127, 3]`, `search [B, 255, 255, 3]` float32
-0..255 -> `response [B, 17, 17, 1]` (pairs i <-> i), and the official state_dict.
+precision at 20 px); `--mode=track` runs it on a user's video (`research/siamfc/track.py`).
+Export: the official state_dict, the shared `model.onnx` (`exemplar [B, 127, 127, 3]`,
+`search [B, 255, 255, 3]` float32 0..255 -> `response [B, 17, 17, 1]`, pairs i <-> i) and the two
+graphs trackers deploy, `template.onnx` and `search.onnx` (`research/siamfc/export.py`).
 """
 
 from __future__ import annotations
@@ -56,9 +58,16 @@ def embedding_size(size: int) -> int:
 def build_model(config, export: bool = False) -> model_lib.SiamFC:
     """The `SiamFC` of `config.model` (widths of the variant unless `config.model.widths` is set).
 
-    `conv_impl`: "auto" = `SplitGroupConv` (grouped layers per group: same variables and sums,
-    faster) on CPU, `nn.Conv` elsewhere; "split" / "lax" force one. `export=True` always uses
-    `nn.Conv` (one grouped convolution node in ONNX).
+    `conv_impl` (same variables whichever): "split" = `SplitGroupConv` (grouped layers group by
+    group: same sums, faster on XLA:CPU), "lax" = `nn.Conv`; "dot" / "onednn" = the shared CPU
+    speed layer (`research.cpu.layers.select`: its convolutions per group and its memory-lean
+    BatchNorm); "auto" = "onednn" on CPU where its kernels load (same-run A/B, alexnet_v1:
+    train step b8 -37 %, 3-scale search branch -55 % against "split"; "dot" is slower than
+    "split", so without oneDNN "auto" is "split"; docs/siamfc.md), "lax" elsewhere.
+    `export=True` always uses `nn.Conv` (one grouped convolution node in ONNX).
+
+    Raises:
+      ValueError: an unknown variant, dtype or conv_impl.
     """
     m = config.model
     if m.variant not in VARIANTS:
@@ -67,13 +76,31 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(m.dtype)
     if dtype is None:
         raise ValueError(f"config.model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
-    impl = m.conv_impl
+    impl = resolve_conv_impl(m.conv_impl)
+    out_scale = float(m.out_scale)
+    if export or impl == "lax":
+        return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=nn.Conv, dtype=dtype)
+    if impl == "split":
+        return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=model_lib.SplitGroupConv, dtype=dtype)
+    from research.cpu import layers as layers_lib
+    return model_lib.SiamFC(widths=widths, out_scale=out_scale, layers=layers_lib.select(impl), dtype=dtype)
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+    """`config.model.conv_impl` with "auto" resolved for this backend (see `build_model`).
+
+    Raises:
+      ValueError: an unknown value.
+    """
+    impl = conv_impl
     if impl == "auto":
-        impl = "split" if jax.default_backend() == "cpu" else "lax"
-    if impl not in ("split", "lax"):
-        raise ValueError(f"config.model.conv_impl={m.conv_impl!r}: use auto, split or lax")
-    conv = nn.Conv if export or impl == "lax" else model_lib.SplitGroupConv
-    return model_lib.SiamFC(widths=widths, out_scale=float(m.out_scale), conv=conv, dtype=dtype)
+        if jax.default_backend() != "cpu":
+            return "lax"
+        from research.cpu.kernels import onednn
+        return "onednn" if onednn.available()[0] else "split"
+    if impl not in ("split", "lax", "dot", "onednn"):
+        raise ValueError(f"config.model.conv_impl={conv_impl!r}: use auto, split, lax, dot or onednn")
+    return impl
 
 
 def exponential_lr(initial_lr: float, ultimate_lr: float, num_epochs: int, steps_per_epoch: int):
@@ -88,10 +115,16 @@ def exponential_lr(initial_lr: float, ultimate_lr: float, num_epochs: int, steps
 
 @tasks.register("siamfc")
 class Task(tasks.Task):
-    """SiamFC on video pairs (`synthetic` embedded videos or a local GOT-10k folder)."""
+    """SiamFC on video pairs (`synthetic` embedded videos or a local GOT-10k folder).
+
+    Extra mode: `track` (`research/siamfc/track.py`).
+    """
+
+    extra_modes = ("track",)
 
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
+        self.workdir: str | None = None
         self.model = build_model(config)
         self.export_model = build_model(config, export=True)
         c = config.model
@@ -99,6 +132,17 @@ class Task(tasks.Task):
         self.transforms = transforms_lib.SiamFCTransforms(self.z_size, self.x_size, float(config.data.context))
         embedding_size(self.transforms.search_sz)  # fails early on crops too small for the network
         self.schedule = None
+
+    def prepare(self, workdir: str, mode: str) -> None:
+        """Remembers the workdir: `export_spec` writes `template.onnx` / `search.onnx` into its `export/`."""
+        self.workdir = workdir
+
+    def run_mode(self, mode: str, workdir: str) -> dict:
+        """`track`: the tracker on `config.track.input` from `config.track.box` (`research/siamfc/track.py`)."""
+        if mode != "track":
+            raise NotImplementedError(f"siamfc has no mode {mode!r}")
+        from research.siamfc import track
+        return track.run(self, workdir)
 
     # ------------------------------------------------------------------ data
     @functools.cached_property
@@ -116,13 +160,19 @@ class Task(tasks.Task):
     def num_train_examples(self) -> int:
         return len(self.source(self.config.data.train_split)) * int(self.config.data.pairs_per_seq)
 
-    def train_loader(self, iterator_state=None):
+    def train_loader(self, iterator_state=None, *, process_index: int | None = None,
+                     process_count: int | None = None):
+        """This process's slices of the global pair batches, as a `pipeline.ResumableLoader`: its state
+        is the number of global batches consumed (`{"global_batches": n}`), so a run resumes on any
+        number of processes or grain workers (a grain state of an older checkpoint is restored as
+        grain saved it). `process_index` / `process_count` default to JAX's (tests set them)."""
         import grain
+
+        from research.data import pipeline
         c = self.config
+        p_index = jax.process_index() if process_index is None else int(process_index)
+        p_count = jax.process_count() if process_count is None else int(process_count)
         sampler = transforms_lib.PairSampler(self.source(c.data.train_split), self.transforms)
-        ds = transforms_lib.pair_dataset(sampler, batch_size=c.batch_size, seed=c.seed,
-                                         pairs_per_seq=c.data.pairs_per_seq, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
         options = grain.ReadOptions(num_threads=max(int(c.data.num_threads), 1), prefetch_buffer_size=4)
         workers = int(c.data.num_workers)
         if workers:
@@ -130,16 +180,15 @@ class Task(tasks.Task):
             if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside launch.py accept defaults
                 flags.FLAGS.mark_as_parsed()
 
-        class Loader:
-            def __iter__(self):
-                it_ds = ds.to_iter_dataset(options)
-                if workers:
-                    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-                it = iter(it_ds)
-                if iterator_state:
-                    it.set_state(iterator_state)
-                return it
-        return Loader()
+        def make(start_batch: int):
+            ds = transforms_lib.pair_dataset(sampler, batch_size=c.batch_size, seed=c.seed,
+                                             pairs_per_seq=c.data.pairs_per_seq, process_index=p_index,
+                                             process_count=p_count, start_batch=start_batch)
+            it_ds = ds.to_iter_dataset(options)
+            if workers:
+                it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+            return it_ds
+        return pipeline.ResumableLoader(make, iterator_state)
 
     @staticmethod
     def to_device(local: dict) -> dict:  # noqa: D102 (the contract's)
@@ -198,8 +247,10 @@ class Task(tasks.Task):
             response_up=int(t.response_up), total_stride=loss_lib.TOTAL_STRIDE)
 
     def make_tracker(self, variables):
-        """A `TrackerSiamFC` on these variables (a local numpy copy of possibly sharded arrays)."""
-        return tracker_lib.TrackerSiamFC(self.model, parallel.local_copy(variables), self.tracker_settings())
+        """A `TrackerSiamFC` whose `JaxBackend` holds these variables (a local numpy copy of possibly
+        sharded arrays)."""
+        backend = tracker_lib.JaxBackend(self.model, parallel.local_copy(variables))
+        return tracker_lib.TrackerSiamFC(backend, self.tracker_settings())
 
     def predict(self, variables: dict, out_dir: str) -> list[str]:
         """Tracks the first `config.predict.num_frames` frames of eval video `config.predict.video`;
@@ -221,8 +272,22 @@ class Task(tasks.Task):
 
     # ------------------------------------------------------------------ export
     def export_spec(self, variables: dict) -> tasks.ExportSpec:
-        """`exemplar [B, 127, 127, 3]`, `search [B, 255, 255, 3]` float32 0..255 -> `response [B, 17, 17, 1]`."""
+        """`exemplar [B, 127, 127, 3]`, `search [B, 255, 255, 3]` float32 0..255 -> `response [B, 17, 17, 1]`
+        (the shared `model.onnx`, pairs i <-> i).
+
+        After `prepare(workdir, ...)` this also writes the tracker's graphs `workdir/export/template.onnx`
+        and `search.onnx`, each checked against JAX in ONNX Runtime (`research/siamfc/export.py`;
+        the shared export writes one graph per task, so the two extra ones are written here).
+
+        Raises:
+          RuntimeError: an exported tracker graph disagrees with JAX (`export.check_graphs`).
+        """
         model = self.export_model
+        if self.workdir is not None:
+            from research.siamfc import export
+            paths = export.export_graphs(model, variables, os.path.join(self.workdir, "export"),
+                                         z_size=self.z_size, x_size=self.x_size)
+            logging.info("tracker graphs: %s", paths)
 
         def apply_fn(exemplar, search):
             z = model.apply(variables, exemplar, method=model_lib.SiamFC.embed)
@@ -235,6 +300,12 @@ class Task(tasks.Task):
 
     def to_torch(self, variables: dict) -> dict:
         return bridge.to_torch(self.model, variables)
+
+    @classmethod
+    def benchmark_spec(cls, config, *, variant: str, image_size: int):
+        """`research/siamfc/benchmark.py`: search branch, template branch, train step, tracker fps."""
+        from research.siamfc import benchmark
+        return benchmark.benchmark_spec(config, variant=variant, image_size=image_size)
 
 
 def pairwise_xcorr(exemplar: jax.Array, search: jax.Array, out_scale: float) -> jax.Array:

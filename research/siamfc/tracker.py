@@ -9,9 +9,13 @@ the peak's offset from the map centre (through the stride 8, the x16 upsampling 
 scale) and damps the size change (scale learning rate 0.59).
 
 Where it runs: crops and the post-processing run on the host in numpy / OpenCV exactly as the
-official code (`research/siamfc/ops.py` says why); only the network runs under `jax.jit`, with
-fixed shapes (`[1, 127, 127, 3]` and `[3, 255, 255, 3]` uint8 crops), so it compiles once per
-model and never per frame (`TRACE_COUNTS` counts traces for tests).
+official code (`research/siamfc/ops.py` says why). The network part is a small backend with two
+calls, `template(z_crop) -> features` and `responses(features, x_crops) -> [S, 17, 17]`:
+`JaxBackend` runs the Flax model under `jax.jit` with fixed shapes (`[1, 127, 127, 3]` and
+`[3, 255, 255, 3]` uint8 crops), so it compiles once per model and never per frame
+(`TRACE_COUNTS` counts traces for tests); `OnnxBackend` runs the exported `template.onnx` /
+`search.onnx` graphs (`research/siamfc/export.py`) in ONNX Runtime. The tracking logic is the
+same object for both.
 
 The state keeps the official numpy dtypes: centre `(y, x)` and target size `(h, w)` float32 arrays
 updated in place; `z_sz` / `x_sz` float32 after `init` and float64 after the first update (numpy
@@ -98,6 +102,75 @@ def search_responses(model: SiamFC, variables: Mapping[str, Any], kernel: jax.Ar
     return model.apply(variables, kernel, x.astype(jnp.float32), method=SiamFC.respond)["response"][..., 0]
 
 
+class JaxBackend:
+    """The tracker's network part as the jitted Flax model (`embed_exemplar`, `search_responses`).
+
+    Args:
+      model: the `SiamFC` module (hashable: a static jit argument).
+      variables: its `{'params', 'batch_stats'}` (numpy or jax arrays, e.g. `bridge.from_torch`).
+
+    Attributes:
+      out_scale: the head's response scale (checked against the tracker settings).
+    """
+
+    def __init__(self, model: SiamFC, variables: Mapping[str, Any]):
+        self.model, self.variables = model, variables
+        self.out_scale = float(model.out_scale)
+
+    def template(self, z: np.ndarray) -> jax.Array:
+        """`[1, 127, 127, 3]` uint8 exemplar crop -> `[1, 6, 6, C]` template features (on the device)."""
+        return embed_exemplar(self.model, self.variables, z)
+
+    def responses(self, features, x: np.ndarray) -> np.ndarray:
+        """Template features `[1, 6, 6, C]` against `[S, 255, 255, 3]` uint8 search crops -> `[S, 17, 17]`
+        float32 responses (official `net.head(kernel, net.backbone(x))`, NCHW channel dropped)."""
+        return np.asarray(search_responses(self.model, self.variables, features, x))
+
+
+class OnnxBackend:
+    """The tracker's network part as the two exported graphs in ONNX Runtime (CPU).
+
+    `template.onnx`: `exemplar [B, 127, 127, 3]` float32 0..255 -> `template [B, 6, 6, C]`;
+    `search.onnx`: `template [1, 6, 6, C]`, `search [B, 255, 255, 3]` -> `response [B, 1, 17, 17]`
+    (`research/siamfc/export.py` writes both with `--mode=export`).
+
+    Args:
+      template_path, search_path: the two `.onnx` files.
+      num_threads: ONNX Runtime intra-op threads (None: its default).
+
+    Raises:
+      FileNotFoundError: a graph is missing (the message says to run `--mode=export`).
+    """
+
+    out_scale = None  # baked into search.onnx
+
+    def __init__(self, template_path: str, search_path: str, num_threads: int | None = None):
+        import os
+
+        from research.bridge.onnx_export import OnnxRunner
+        for path in (template_path, search_path):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} not found: run --mode=export first (it writes template.onnx "
+                                        "and search.onnx)")
+        self.template_runner = OnnxRunner(template_path, num_threads)
+        self.search_runner = OnnxRunner(search_path, num_threads)
+
+    @classmethod
+    def from_dir(cls, export_dir: str, num_threads: int | None = None) -> "OnnxBackend":
+        """The graphs `export_dir/template.onnx` and `export_dir/search.onnx`."""
+        import os
+        return cls(os.path.join(export_dir, "template.onnx"), os.path.join(export_dir, "search.onnx"), num_threads)
+
+    def template(self, z: np.ndarray) -> np.ndarray:
+        """`[1, 127, 127, 3]` uint8 exemplar crop -> `[1, 6, 6, C]` float32 template features."""
+        return self.template_runner(exemplar=np.asarray(z, np.float32))[0]
+
+    def responses(self, features, x: np.ndarray) -> np.ndarray:
+        """`[1, 6, 6, C]` features against `[S, 255, 255, 3]` uint8 crops -> `[S, 17, 17]` float32."""
+        out = self.search_runner(template=np.asarray(features, np.float32), search=np.asarray(x, np.float32))[0]
+        return out[:, 0]
+
+
 def upsample_and_penalize(responses: np.ndarray, settings: TrackerSettings) -> np.ndarray:
     """`[S, 17, 17]` float32 responses -> `[S, 272, 272]` float32, non-centre scales times the penalty."""
     up = ops.upsample_bicubic(np.asarray(responses, np.float32), settings.upscale_sz)
@@ -130,23 +203,27 @@ def locate_peak(responses_up: np.ndarray, hann: np.ndarray,
 
 
 class TrackerSiamFC:
-    """Official `TrackerSiamFC` inference (`init`, `update`, `track`) with a Flax `SiamFC`.
+    """Official `TrackerSiamFC` inference (`init`, `update`, `track`) around a network backend.
+
+    Args:
+      backend: the network part, `JaxBackend(model, variables)` or `OnnxBackend(template.onnx,
+        search.onnx)`: `template(z) -> features`, `responses(features, x) -> [S, 17, 17]`.
+      settings: inference hyper-parameters (official defaults).
+
+    Raises:
+      ValueError: `settings.out_scale` differs from the backend's (one value, two places).
 
     Attributes (after `init`): `center` `(y, x)` and `target_sz` `(h, w)` float32 state, `z_sz`,
     `x_sz` crop sides (px), `avg_color` first-frame mean RGB (float64, crop padding), `kernel`
-    cached exemplar embedding `[1, 6, 6, C]`, and `last`: the intermediates of the latest call
-    (crops, corners, responses, upsampled maps, final map, scale id, peak) for inspection.
+    template features `[1, 6, 6, C]`, and `last`: the intermediates of the latest call (crops,
+    corners, responses, upsampled maps, final map, scale id, peak) for inspection.
     """
 
-    def __init__(self, model: SiamFC, variables: Mapping[str, Any], settings: TrackerSettings = TrackerSettings()):
-        """`variables`: `{'params', 'batch_stats'}` of `model` (e.g. `bridge.from_torch` of official weights).
-
-        Raises ValueError if `settings.out_scale` differs from `model.out_scale` (one value, two places).
-        """
-        if settings.out_scale != model.out_scale:
-            raise ValueError(f"settings.out_scale {settings.out_scale} != model.out_scale {model.out_scale}")
-        self.model = model
-        self.variables = variables
+    def __init__(self, backend, settings: TrackerSettings = TrackerSettings()):
+        out_scale = getattr(backend, "out_scale", None)
+        if out_scale is not None and settings.out_scale != out_scale:
+            raise ValueError(f"settings.out_scale {settings.out_scale} != the network's out_scale {out_scale}")
+        self.backend = backend
         self.settings = settings
         self.scale_factors = settings.scale_factors
         self.hann = ops.hann_window(settings.upscale_sz)
@@ -171,7 +248,7 @@ class TrackerSiamFC:
         self.x_sz = self.z_sz * s.instance_sz / s.exemplar_sz
         self.avg_color = np.mean(frame, axis=(0, 1))
         z = ops.crop_and_resize(frame, self.center, self.z_sz, s.exemplar_sz, border_value=self.avg_color)
-        self.kernel = embed_exemplar(self.model, self.variables, z[None])
+        self.kernel = self.backend.template(z[None])
         self.last = {"z_crop": z, "z_corners": ops.crop_corners(self.center, self.z_sz)[1]}
 
     def search_crops(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -194,7 +271,7 @@ class TrackerSiamFC:
         s = self.settings
         frame = _check_frame(frame)
         crops, sizes, corners = self.search_crops(frame)
-        responses = np.asarray(search_responses(self.model, self.variables, self.kernel, crops))
+        responses = np.asarray(self.backend.responses(self.kernel, crops), np.float32)
         responses_up = upsample_and_penalize(responses, s)
         scale_id, peak, final = locate_peak(responses_up, self.hann, s)
 

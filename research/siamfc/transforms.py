@@ -231,7 +231,7 @@ class PairSampler:
 
 
 def pair_dataset(sampler: PairSampler, *, batch_size: int, seed: int, pairs_per_seq: int = 1,
-                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                 process_index: int = 0, process_count: int = 1, start_batch: int = 0) -> grain.MapDataset:
     """An endless grain `MapDataset` of this process's slices of the global batches.
 
     Epochs are shuffled passes over `len(source) * pairs_per_seq` items (item k is sequence
@@ -239,7 +239,9 @@ def pair_dataset(sampler: PairSampler, *, batch_size: int, seed: int, pairs_per_
     `b * batch_size ... + batch_size - 1` and process p takes its contiguous `batch_size //
     process_count` of them. Each pair's randomness is seeded by `(seed, global position)`, so the
     data do not depend on the number of processes or threads, and grain's iterator state (the
-    batch position) resumes exactly.
+    batch position) resumes exactly. With `start_batch` the dataset starts at global batch
+    `start_batch` (item i is global batch `start_batch + i`): a run resumed on any number of
+    processes reads the batches the interrupted run would have read next.
 
     Raises:
       ValueError: `batch_size` not divisible by `process_count`, or fewer items than a batch.
@@ -260,4 +262,5 @@ def pair_dataset(sampler: PairSampler, *, batch_size: int, seed: int, pairs_per_
             out.append(sampler(int(ids[j]) % n_seq, rng))
         return {k: np.stack([o[k] for o in out]) for k in out[0]}
 
-    return items.map_with_index(make)
+    ds = items.map_with_index(make)  # the index is the global batch number
+    return ds[int(start_batch):] if start_batch else ds

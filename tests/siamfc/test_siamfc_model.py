@@ -358,3 +358,38 @@ def test_split_group_conv_is_nn_conv_computed_per_group(tiny):
     grad = jax.grad(lambda w: jnp.sum(split_groups_conv(x, w, **kw) ** 2))(w)
     np.testing.assert_allclose(grad, jax.grad(lambda w: jnp.sum(jax.lax.conv_general_dilated(x, w, **kw) ** 2))(w),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["dot", "onednn"])
+def test_cpu_speed_layer_keeps_parameters_and_values(tiny, impl):
+    """`SiamFC(layers=select(impl))` (the shared CPU convolutions per group, the lean BatchNorm): the
+    same variable tree, the same responses and, in training, the same loss gradients and running
+    statistics as the plain model (float rounding)."""
+    from research.cpu import layers as layers_lib
+    from research.cpu.kernels import onednn
+    if impl == "onednn" and not onednn.available()[0]:
+        pytest.skip(f"oneDNN kernels unavailable: {onednn.available()[1]}")
+    model, v = tiny
+    fast = TinySiamFC(layers=layers_lib.select(impl))
+    shapes = jax.eval_shape(lambda: init_variables(fast, jax.random.PRNGKey(0), 87, 87))
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(v)
+    assert jax.tree_util.tree_map(lambda a: a.shape, shapes) == jax.tree_util.tree_map(lambda a: a.shape, v)
+    rng = np.random.default_rng(5)
+    z = jnp.asarray(rng.uniform(0, 255, (2, 87, 87, 3)).astype(np.float32))
+    x = jnp.asarray(rng.uniform(0, 255, (2, 135, 135, 3)).astype(np.float32))
+    ref = model.apply(v, z, x)["response"]
+    np.testing.assert_allclose(jax.jit(fast.apply)(v, z, x)["response"], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    labels = jnp.asarray(create_labels(2, 7, 7))
+
+    def loss_and_grads(m):
+        def loss_fn(params):
+            out, new = m.apply({"params": params, "batch_stats": v["batch_stats"]}, z, x, train=True,
+                               mutable=["batch_stats"])
+            return balanced_loss(out["response"], labels), new["batch_stats"]
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(v["params"])
+
+    (l_ref, s_ref), g_ref = loss_and_grads(model)
+    (l_fast, s_fast), g_fast = loss_and_grads(fast)
+    assert float(l_fast) == pytest.approx(float(l_ref), rel=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves((g_fast, s_fast)), jax.tree_util.tree_leaves((g_ref, s_ref))):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(b).max()) + 1e-8)

@@ -9,6 +9,7 @@ import json
 import os
 
 import cv2
+import flax.linen as flax_nn
 import jax
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from configs import siamfc as siamfc_config
 from research import modes, tasks
 from research.siamfc import data, evaluation
 from research.siamfc import transforms as T
+import siamfc_testlib
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -121,9 +123,8 @@ def test_siamfc_transforms_sizes_centre_and_determinism():
 
 # ------------------------------------------------------------------------------------------ data
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    return d, data.prepare("synthetic", d, config="tiny")
+def tiny_data():
+    return siamfc_testlib.tiny_data()  # prepared once per test process
 
 
 def test_synthetic_builder_is_deterministic_and_boxes_are_exact(tiny_data, tmp_path):
@@ -286,13 +287,23 @@ def test_loader_slices_and_resumes(tiny_data):
     for b in (0, 3):  # batch 3 crosses into the second epoch (12 sequences)
         np.testing.assert_array_equal(np.concatenate([h[b]["search"] for h in halves]), full[b]["search"])
     assert all(len(set(full[b]["sequence"].tolist())) == 4 for b in range(3))  # one epoch: distinct sequences
+    # the loader's state is the number of global batches consumed
     it = iter(task.train_loader())
-    next(it), next(it)
-    state = it.get_state()
-    third = next(it)
-    resumed = next(iter(task.train_loader(state)))
-    np.testing.assert_array_equal(resumed["exemplar"], third["exemplar"])
-    np.testing.assert_array_equal(resumed["frames"], third["frames"])
+    uninterrupted = [next(it) for _ in range(4)]
+    assert it.get_state() == {"global_batches": 4}
+    resumed = iter(task.train_loader({"global_batches": 3}))
+    third = next(resumed)
+    for k in ("exemplar", "search", "frames", "sequence"):
+        np.testing.assert_array_equal(third[k], uninterrupted[3][k])
+    assert resumed.get_state() == {"global_batches": 4}
+    assert not np.array_equal(uninterrupted[2]["search"], uninterrupted[3]["search"])  # the check can fail
+    # resumed on 2 processes from the same state: process 0 + process 1 = the 1-process global batch
+    parts = [next(iter(task.train_loader({"global_batches": 3}, process_index=p, process_count=2))) for p in (0, 1)]
+    assert parts[0]["search"].shape[0] == 2
+    for k in ("exemplar", "search", "frames"):
+        np.testing.assert_array_equal(np.concatenate([q[k] for q in parts]), uninterrupted[3][k])
+    with pytest.raises(ValueError, match="not divisible by process_count 3"):
+        iter(task.train_loader(None, process_index=0, process_count=3))
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -358,3 +369,21 @@ def test_config_variants_and_crop_geometry():
     task = siamfc_task.Task(siamfc_config.get_config("smoke"), "export")
     s = task.tracker_settings()
     assert (s.exemplar_sz, s.instance_sz, s.response_sz, s.upscale_sz) == (127, 255, 17, 272)
+
+
+def test_conv_impl_choices_build_the_same_variables():
+    from research.cpu.kernels import onednn
+    c = siamfc_config.get_config("smoke")
+    assert siamfc_task.resolve_conv_impl("auto") == ("onednn" if onednn.available()[0] else "split")
+    assert siamfc_task.resolve_conv_impl("lax") == "lax"
+    with pytest.raises(ValueError, match="conv_impl='fast'"):
+        siamfc_task.resolve_conv_impl("fast")
+    shapes = {}
+    for impl in ("lax", "split", "dot"):
+        c.model.conv_impl = impl
+        model = siamfc_task.build_model(c)
+        assert (model.layers is not None) == (impl == "dot")
+        shapes[impl] = jax.tree_util.tree_map(lambda a: a.shape, jax.eval_shape(
+            lambda m=model: m.init(jax.random.PRNGKey(0), np.zeros((1, 87, 87, 3)), np.zeros((1, 87, 87, 3)))))
+    assert shapes["lax"] == shapes["split"] == shapes["dot"]
+    assert siamfc_task.build_model(c, export=True).conv is flax_nn.Conv

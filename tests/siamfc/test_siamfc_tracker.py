@@ -54,7 +54,7 @@ def tracks(gold, real):
     key = ("search_responses", model)
     out = {}
     for prefix, settings in TRACKS.items():
-        tr = T.TrackerSiamFC(model, variables, settings)
+        tr = T.TrackerSiamFC(T.JaxBackend(model, variables), settings)
         tr.init(gold["frames"][0], gold["init_box"])
         rec = {"init": dict(center=tr.center.copy(), target_sz=tr.target_sz.copy(), z_sz=tr.z_sz, x_sz=tr.x_sz,
                             avg_color=tr.avg_color, z_crop=tr.last["z_crop"], z_corners=tr.last["z_corners"],
@@ -104,7 +104,7 @@ def test_init_state_template_crop_and_kernel(gold, tracks):
 def test_search_crops_exact(gold, real, track, pre, frame):
     """Crops from the frame and the saved state equal the official ones exactly (uint8 values)."""
     model, variables = real
-    tr = T.TrackerSiamFC(model, variables, TRACKS[track])
+    tr = T.TrackerSiamFC(T.JaxBackend(model, variables), TRACKS[track])
     tr.center, tr.x_sz = gold[pre + "center_before"].copy(), gold[pre + "x_sz_before"][()]
     tr.avg_color = gold["avg_color"]
     crops, sizes, corners = tr.search_crops(gold["frames"][frame])
@@ -178,7 +178,7 @@ def test_tiny_tracker_static_shapes_and_errors():
     template = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), 87, 87))
     rng = np.random.default_rng(0)
     variables = jax.tree_util.tree_map(lambda l: rng.normal(size=l.shape).astype(np.float32) * 0.1 + 1, template)
-    tr = T.TrackerSiamFC(model, variables)
+    tr = T.TrackerSiamFC(T.JaxBackend(model, variables))
     with pytest.raises(RuntimeError, match="before init"):
         tr.update(np.zeros((50, 60, 3), np.uint8))
     key = ("search_responses", model)
@@ -192,4 +192,4 @@ def test_tiny_tracker_static_shapes_and_errors():
     with pytest.raises(ValueError, match="uint8"):
         tr.update(np.zeros((50, 60, 3), np.float32))
     with pytest.raises(ValueError, match="out_scale"):
-        T.TrackerSiamFC(model, variables, T.TrackerSettings(out_scale=0.01))
+        T.TrackerSiamFC(T.JaxBackend(model, variables), T.TrackerSettings(out_scale=0.01))

@@ -1,0 +1,119 @@
+"""The official huanglianghua/siamfc-pytorch code, timed from a local checkout (optional).
+
+Nothing here is needed to train, track or export. With `--config.benchmark.torch_repo=PATH` (a
+clone of https://github.com/huanglianghua/siamfc-pytorch, with `torch`, `opencv` and the `got10k`
+toolkit importable, as the official code needs) the benchmark harness runs `main` in a subprocess,
+before and after our own measurements, and reports the official figures beside ours:
+
+  infer                       the search branch as the official `TrackerSiamFC.update` runs it:
+                              `net.backbone(x)` on `infer_batch` (3) search crops of
+                              `image_size` px, then `net.head(kernel, x)` against one template
+  template                    the template branch: `net.backbone(z)` on one 127 px exemplar
+  template_and_search         both (the issue's "one template plus three search crops")
+  train_step                  the official `TrackerSiamFC.train_step` (forward, `BalancedLoss`,
+                              backward, SGD step) on `train_batch` pairs of 127 / 239 px crops
+  tracker_frame               the official `TrackerSiamFC.update` per frame on the same synthetic
+                              video as ours (`research.siamfc.benchmark.synthetic_video`)
+
+All eager PyTorch on the CPU in eval mode under `torch.no_grad()` (as the official tracker),
+with torch's default thread count. The official code is imported from `repo`, never copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def import_official(repo: str):
+    """The official `siamfc.siamfc` module from the checkout `repo` (which imports got10k).
+
+    Raises:
+      FileNotFoundError: `repo` is not a siamfc-pytorch checkout.
+    """
+    repo = os.path.abspath(os.path.expanduser(repo))
+    if not os.path.isfile(os.path.join(repo, "siamfc", "siamfc.py")):
+        raise FileNotFoundError(f"{repo}: not a huanglianghua/siamfc-pytorch checkout (no siamfc/siamfc.py)")
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    import siamfc.siamfc  # noqa: F401  (the official module, from the checkout)
+    return sys.modules["siamfc.siamfc"]
+
+
+def _times(fn, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000.0)
+    return out
+
+
+def measure(repo: str, *, variant: str = "alexnet_v1", image_size: int = 255, infer_batch: int = 3,
+            train_batch: int = 8, repeats: int = 10, warmup: int = 2, tracker_frames: int = 24) -> dict[str, Any]:
+    """Times the official network, train step and tracker (module docstring); ms per call.
+
+    Raises:
+      ValueError: a variant other than the official `alexnet_v1`.
+    """
+    import torch
+
+    from research.siamfc.benchmark import synthetic_video, time_tracker
+    if variant != "alexnet_v1":
+        raise ValueError(f"the official code has only alexnet_v1, not {variant!r}")
+    official = import_official(repo)
+    torch.manual_seed(0)
+    tracker = official.TrackerSiamFC()  # official init (ops.init_weights), CPU without CUDA
+    net = tracker.net
+    rs = np.random.RandomState(1)
+    out: dict[str, Any] = {"torch_version": torch.__version__, "threads": torch.get_num_threads(),
+                           "batches": {"template": 1, "template_and_search": infer_batch, "tracker_frame": 1}}
+    z = torch.from_numpy(rs.uniform(0, 255, (1, 3, 127, 127)).astype(np.float32))
+    x = torch.from_numpy(rs.uniform(0, 255, (infer_batch, 3, image_size, image_size)).astype(np.float32))
+
+    # train step first (train mode), then everything in eval mode as the tracker runs it
+    train_x = image_size - 16
+    batch = (torch.from_numpy(rs.randint(0, 256, (train_batch, 3, 127, 127)).astype(np.float32)),
+             torch.from_numpy(rs.randint(0, 256, (train_batch, 3, train_x, train_x)).astype(np.float32)))
+    out["train_step"] = _times(lambda: tracker.train_step(batch, backward=True), repeats, max(warmup - 1, 1))
+
+    net.eval()
+    with torch.no_grad():
+        kernel = net.backbone(z)
+        out["infer"] = _times(lambda: net.head(kernel, net.backbone(x)), repeats, warmup)
+        out["template"] = _times(lambda: net.backbone(z), repeats, warmup)
+        out["template_and_search"] = _times(lambda: net.head(net.backbone(z), net.backbone(x)), repeats, warmup)
+
+    frames, box = synthetic_video(max(int(tracker_frames), 2) + warmup + 1)
+    out["tracker_frame"] = time_tracker(tracker, frames, box, warmup)  # update is @torch.no_grad itself
+    return out
+
+
+def main(argv=None) -> None:
+    """Command line of the harness's `time_torch_reference` (json of ms lists to `--out`)."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--repo", required=True)
+    p.add_argument("--variant", default="alexnet_v1")
+    p.add_argument("--image_size", type=int, default=255)
+    p.add_argument("--infer_batch", type=int, default=3)
+    p.add_argument("--train_batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tracker_frames", type=int, default=24)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    res = measure(a.repo, variant=a.variant, image_size=a.image_size, infer_batch=a.infer_batch,
+                  train_batch=a.train_batch, repeats=a.repeats, tracker_frames=a.tracker_frames)
+    with open(a.out, "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main()
