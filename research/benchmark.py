@@ -86,6 +86,8 @@ class BenchSpec:
     extra_stages: the network's own measurements (stage `extra`): `(repeats, warmup) -> list of
       records` made with `record(...)` (SiamFC's template/search branches and tracker frames,
       HigherHRNet's grouping, RT-DETR's matcher).
+    torch_args: more arguments for the official runner (e.g. `--tracker_frames=24`, so both sides
+      time the same work).
     measured_pairs: more (ours, theirs) record names whose same-run time ratio is reported as
       `<ours>_over_<theirs>_measured` (e.g. ('tracker_frame', 'torch_tracker_frame')).
     """
@@ -109,6 +111,7 @@ class BenchSpec:
     info: dict = dataclasses.field(default_factory=dict)
     extra_stages: Callable[[int, int], list[dict]] | None = None
     measured_pairs: tuple[tuple[str, str], ...] = ()
+    torch_args: tuple[str, ...] = ()
 
 
 def host_init(shapes: Any, seed: int = 0) -> dict:
@@ -551,7 +554,7 @@ def time_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_bat
         out = os.path.join(tmp, "torch.json")
         cmd = [python or sys.executable, "-m", spec.torch_reference_module, f"--repo={repo}", f"--variant={spec.variant}",
                f"--image_size={spec.image_size}", f"--infer_batch={infer_batch}",
-               f"--train_batch={train_batch}", f"--repeats={repeats}", f"--out={out}"]
+               f"--train_batch={train_batch}", f"--repeats={repeats}", f"--out={out}", *spec.torch_args]
         # as users run the official code: without the malloc tunables launch.py gives our process
         env = dict(os.environ)
         env["GLIBC_TUNABLES"] = hostenv.without_ours(env.get("GLIBC_TUNABLES", ""))

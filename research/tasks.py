@@ -38,6 +38,8 @@ Optional members (documented defaults here):
   to_device(local_batch) -> the batch    the arrays the step needs
   transform_batch(batch, step) -> batch  device-side change of the global batch before the step
   after_training(workdir)                curves.png from metrics.jsonl
+  extra_exports(variables, out_dir) -> {}   more files `--mode=export` writes (SiamFC's tracker
+                                         graphs template.onnx / search.onnx), by result name
   extra_modes = (); run_mode(mode, workdir)   network-specific modes beyond the shared ones
                                          (SiamFC: `track`), run by `launch.py --mode=<mode>`
   benchmark_spec(config, variant, image_size)   [classmethod] the network's `BenchSpec` for
@@ -247,6 +249,12 @@ class Task(abc.ABC):
         """
         raise NotImplementedError(f"network {cls.name!r} has no benchmark spec: define "
                                   f"Task.benchmark_spec in research/{cls.name}/task.py")
+
+    def extra_exports(self, variables: dict, out_dir: str) -> dict:
+        """Files `--mode=export` writes beyond `model.{pt,safetensors,onnx}` into `out_dir` (when
+        `config.export.onnx`), each written atomically and checked by the task; returns result name
+        -> path (or figure). Default: none."""
+        return {}
 
     def run_mode(self, mode: str, workdir: str) -> dict:
         """Runs network-specific mode `mode` (one of `extra_modes`); returns its results (names ->

@@ -124,7 +124,6 @@ class Task(tasks.Task):
 
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
-        self.workdir: str | None = None
         self.model = build_model(config)
         self.export_model = build_model(config, export=True)
         c = config.model
@@ -132,10 +131,6 @@ class Task(tasks.Task):
         self.transforms = transforms_lib.SiamFCTransforms(self.z_size, self.x_size, float(config.data.context))
         embedding_size(self.transforms.search_sz)  # fails early on crops too small for the network
         self.schedule = None
-
-    def prepare(self, workdir: str, mode: str) -> None:
-        """Remembers the workdir: `export_spec` writes `template.onnx` / `search.onnx` into its `export/`."""
-        self.workdir = workdir
 
     def run_mode(self, mode: str, workdir: str) -> dict:
         """`track`: the tracker on `config.track.input` from `config.track.box` (`research/siamfc/track.py`)."""
@@ -275,19 +270,9 @@ class Task(tasks.Task):
         """`exemplar [B, 127, 127, 3]`, `search [B, 255, 255, 3]` float32 0..255 -> `response [B, 17, 17, 1]`
         (the shared `model.onnx`, pairs i <-> i).
 
-        After `prepare(workdir, ...)` this also writes the tracker's graphs `workdir/export/template.onnx`
-        and `search.onnx`, each checked against JAX in ONNX Runtime (`research/siamfc/export.py`;
-        the shared export writes one graph per task, so the two extra ones are written here).
-
-        Raises:
-          RuntimeError: an exported tracker graph disagrees with JAX (`export.check_graphs`).
+        The tracker's own graphs are `extra_exports`.
         """
         model = self.export_model
-        if self.workdir is not None:
-            from research.siamfc import export
-            paths = export.export_graphs(model, variables, os.path.join(self.workdir, "export"),
-                                         z_size=self.z_size, x_size=self.x_size)
-            logging.info("tracker graphs: %s", paths)
 
         def apply_fn(exemplar, search):
             z = model.apply(variables, exemplar, method=model_lib.SiamFC.embed)
@@ -297,6 +282,18 @@ class Task(tasks.Task):
         return tasks.ExportSpec(apply_fn, {"exemplar": np.zeros((1, self.z_size, self.z_size, 3), np.float32),
                                            "search": np.zeros((1, self.x_size, self.x_size, 3), np.float32)},
                                 ("response",), dynamic_batch=("exemplar", "search"))
+
+    def extra_exports(self, variables: dict, out_dir: str) -> dict:
+        """The tracker's graphs as trackers deploy them: `out_dir/template.onnx` (exemplar
+        `[B, 127, 127, 3]` 0..255 -> template features) and `search.onnx` (template features + search
+        crops `[B, 255, 255, 3]` -> responses `[B, 1, 17, 17]`), each checked against JAX in ONNX
+        Runtime (`research/siamfc/export.py`); returns their paths and relative errors.
+
+        Raises:
+          RuntimeError: an exported graph disagrees with JAX (`export.check_graphs`).
+        """
+        from research.siamfc import export
+        return export.export_graphs(self.export_model, variables, out_dir, z_size=self.z_size, x_size=self.x_size)
 
     def to_torch(self, variables: dict) -> dict:
         return bridge.to_torch(self.model, variables)

@@ -63,6 +63,8 @@ def test_export_eval_and_track_from_official_weights(official, tmp_path):
     for k, v in sd.items():
         assert np.array_equal(back[k], v), k
     ex = os.path.join(wd, "export")
+    assert res["onnx_template"] == os.path.join(ex, "template.onnx")  # in the export mode's results
+    assert res["onnx_search"] == os.path.join(ex, "search.onnx") and res["onnx_search_rel_err"] < 1e-4
     # the tracker graphs reproduce the official responses for 3 scales (README: 3e-4 of max|golden|)
     feats = OnnxRunner(os.path.join(ex, "template.onnx"))(exemplar=golden["z"].transpose(NHWC))[0]
     assert feats.shape == (1, 6, 6, 256)
