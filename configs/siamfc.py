@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import add_shared_fields, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -71,12 +71,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_epochs = 50
     c.total_steps = 0
 
-    c.log_every_steps = 20
-    c.eval_every_steps = 0  # 0: no evaluation while training (--mode=eval runs the tracker over the eval videos)
-    c.checkpoint_every_steps = 500
-    c.keep_checkpoints = 3
-    c.async_checkpoints = True
-    c.resume_changes = False  # resume a workdir whose config changed in a field that matters
+    # eval_every_steps 0: no evaluation while training (--mode=eval runs the tracker over the eval videos).
+    # export: model, template and search.onnx. benchmark (research/siamfc/benchmark.py): infer = the
+    # search branch (3 scales of image_size px against one template), train_step at train_batch_size
+    # pairs, plus the template branch and the whole tracker per frame on a synthetic video; torch_repo
+    # a clone of huanglianghua/siamfc-pytorch (with got10k importable): the official network, train
+    # step and tracker are timed in the same run (research/siamfc/official_torch.py).
+    add_shared_fields(c, log_every_steps=20, eval_every_steps=0, checkpoint_every_steps=500,
+                      benchmark_variant="alexnet_v1", benchmark_image_size=255, benchmark_batch_size=3,
+                      benchmark_train_batch_size=8)
+    c.benchmark.tracker_frames = 24  # frames of the synthetic video timed by the tracker stage
 
     # evaluators by type (research/evaluation/base.py): the tracker over the eval videos, scored
     # as the got10k toolkit's ExperimentOTB; every_steps 0 = eval_every_steps, split "" = data.eval_split
@@ -90,8 +94,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.predict = ml_collections.ConfigDict(dict(video=0, num_frames=12, upscale=3 if synthetic else 1))
 
-    c.export = ml_collections.ConfigDict(dict(onnx=True, torch=True))  # onnx: model, template and search.onnx
-
     # --mode=track (research/siamfc/track.py): input = a folder of frames or a video file; box = the
     # target in the first frame, "x,y,w,h" pixels (1-based x, y as OTB / GOT-10k ground truth).
     # Writes <workdir>/track/boxes.txt and track.mp4 (or frames/*.png with save_frames).
@@ -99,22 +101,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                              fps=0.0,  # of the written video; 0 = the input's (else 25)
                                              max_frames=0))  # 0 = all
 
-    # --mode=benchmark (research/siamfc/benchmark.py): infer = the search branch (3 scales of
-    # image_size px against one template), train_step at train_batch_size pairs, plus the template
-    # branch and the whole tracker per frame on a synthetic video.
-    c.benchmark = ml_collections.ConfigDict()
-    c.benchmark.variant = "alexnet_v1"
-    c.benchmark.image_size = 255  # search crop side (the exemplar is config.model.exemplar_sz)
-    c.benchmark.batch_size = 3  # search scales
-    c.benchmark.train_batch_size = 8
-    c.benchmark.repeats = 10
-    c.benchmark.tracker_frames = 24  # frames of the synthetic video timed by the tracker stage
-    # A local clone of huanglianghua/siamfc-pytorch (with got10k importable): the official network,
-    # train step and tracker are timed in the same run (research/siamfc/official_torch.py).
-    c.benchmark.torch_repo = ""
-    c.benchmark.torch_python = ""  # interpreter for the official code; "" = this one
-
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
 
     if synthetic:
         # CPU recipe for the embedded videos (not official): 96 videos x 8 pairs = 96 steps per
