@@ -13,8 +13,8 @@ multi-scale 480..800, AdamW 1e-4 with the variant's parameter groups, EMA 0.9999
   python launch.py --config=configs/rtdetr.py:variant=r50vd,data=coco \
       --config.data.manual_dir=/data/coco --workdir=/runs/rtdetr_r50vd --mode=train
 
-Evaluate or export official weights without training (a plain state_dict; `{'ema': {'module': ...}}`
-release files: save `ckpt['ema']['module']` first):
+Evaluate, predict or export official weights without training (an official checkpoint or release file:
+the weights under `ema.module`, else `model`, read with weights_only=True; or a plain state_dict):
 
   python launch.py --config=configs/rtdetr.py:variant=r18vd,data=coco --config.data.manual_dir=/data/coco \
       --config.model.init_from=rtdetr_r18vd.pt --workdir=/runs/r18_eval --mode=eval
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.encoder = ml_collections.ConfigDict(dict(cpu.get("encoder", {})))
     c.model.decoder = ml_collections.ConfigDict(dict(cpu.get("decoder", {})))
     c.model.dtype = "float32"  # "bfloat16" for mixed precision on GPUs
-    c.model.init_from = ""  # an official PyTorch state_dict (.pt/.pth weights_only, or .safetensors)
+    c.model.init_from = ""  # official checkpoint (.pth: ema.module, else model; weights_only) or .safetensors
     c.model.num_classes = 0  # 0 = the data's class count (export/predict from init_from: the weights')
 
     c.data = ml_collections.ConfigDict()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from typing import Iterator
 
 import jax
@@ -22,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import traverse_util
 
+from research import optim as shared_optim
 from research import parallel, tasks
 from research.rtdetr import data as data_lib
 from research.rtdetr import transforms as T
@@ -32,18 +31,6 @@ from research.rtdetr.denoising import get_contrastive_denoising_training_group
 from research.rtdetr.matcher import HungarianMatcher
 from research.rtdetr.model import RTDETR, build_model, count_params, trainable_mask
 from research.rtdetr.postprocess import postprocess
-
-# flax leaf name -> the official parameter name's last part (for the optimiser's regex groups)
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-
-
-def torch_param_names(params) -> dict[tuple, str]:
-    """Flax parameter path -> the official `model.named_parameters()` name (`backbone.conv1.conv1_1.conv.weight`;
-    the fused attention projection is `in_proj.weight` here, `in_proj_weight` officially: the same for the
-    optimizer's patterns, which look for `bias` / `norm` / `bn` / `backbone` / `encoder` / `decoder`)."""
-    flat = traverse_util.flatten_dict(dict(params))
-    return {k: ".".join(k[:-1] + (_TORCH_LEAF.get(k[-1], k[-1]),)) for k in flat}
-
 
 def model_from_config(config, num_classes: int) -> RTDETR:
     """The model of `config.model` (variant + per-part overrides) for `num_classes` classes."""
@@ -135,6 +122,24 @@ class Task(tasks.Task):
     def num_train_examples(self) -> int:
         return self.dataset.num_examples(self.config.data.train_split)
 
+    def init_state_dict(self) -> dict | None:
+        """The official state_dict of `config.model.init_from` (read once per task): an official checkpoint
+        (weights under `ema.module`, else `model`, as the official `tools/export_onnx.py` takes them) or a plain
+        state_dict (`.pth` read with `weights_only=True`, or `.safetensors`); None when unset.
+
+        Raises:
+          FileNotFoundError / torch_bridge.BridgeError: see `bridge.read_official_checkpoint` (the messages name
+            the file).
+        """
+        if not self.config.model.init_from:
+            return None
+        if self.__dict__.get("_init_state_dict") is None:
+            from research.rtdetr import bridge
+            sd, where = bridge.read_official_checkpoint(self.config.model.init_from)
+            logging.info("read %d tensors from %s (%s)", len(sd), self.config.model.init_from, where)
+            self._init_state_dict = sd
+        return self._init_state_dict
+
     def init_variables(self, rng) -> dict:
         """Official initialisation (the modules' torch-style initialisers), or the official state_dict of
         `config.model.init_from` through the bridge (strict: every key and shape must fit)."""
@@ -150,21 +155,19 @@ class Task(tasks.Task):
     # ---------------------------------------------------------------- optimiser
     def param_groups(self, params) -> dict:
         """Pytree like `params` of group labels: `frozen` (official requires_grad=False: no update), `g<i>` for
-        the first of `config.optim.groups` whose pattern `re.search`es the official name, else `default`."""
-        groups = self.config.optim.groups
-        mask = traverse_util.flatten_dict(dict(trainable_mask(self.model, params)))
-        labels = {}
-        for path, name in torch_param_names(params).items():
-            label = "default"
-            if not mask[path]:
-                label = "frozen"
-            else:
-                for i, g in enumerate(groups):
-                    if re.search(g[0], name):
-                        label = f"g{i}"
-                        break
-            labels[path] = label
-        return traverse_util.unflatten_dict(labels)
+        the first of `config.optim.groups` whose pattern `re.search`es the official parameter name (the shared
+        `research.optim.group_labels`: Flax path joined with ".", `kernel`/`scale`/`embedding` -> `weight`;
+        the fused attention projection is `in_proj.weight` here, `in_proj_weight` officially: the same for
+        the official patterns, which look for `bias` / `norm` / `bn` / `backbone` / `encoder` / `decoder`),
+        else `default`.
+
+        Raises:
+          re.error: a pattern of `config.optim.groups` is not a valid regular expression.
+        """
+        rules = [(g[0], f"g{i}") for i, g in enumerate(self.config.optim.groups)]
+        labels = shared_optim.group_labels(params, rules, default="default")
+        return jax.tree_util.tree_map(lambda label, trainable: label if trainable else "frozen", labels,
+                                      trainable_mask(self.model, params))
 
     def make_optimizer(self, params, steps: tasks.Steps):
         """Official AdamW (decoupled weight decay, betas, eps 1e-8) with its parameter groups, gradients clipped
