@@ -154,13 +154,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.export.onnx = True
     c.export.torch = True
 
+    # --mode=benchmark (research/rtdetr/benchmark.py): the official R18vd structure at 640, random weights
     c.benchmark = ml_collections.ConfigDict()
     c.benchmark.image_size = 640
-    c.benchmark.batch_size = 1
-    c.benchmark.train_batch_size = 2
+    c.benchmark.batch_size = 1  # inference (JAX, ONNX Runtime)
+    c.benchmark.train_batch_size = 2  # train step and the matcher's share of it
     c.benchmark.variant = "r18vd"
     c.benchmark.repeats = 10
+    # A local clone of lyuwenyu/RT-DETR: the official PyTorch model is then timed in the same run
+    # (research/rtdetr/official_torch.py; its model files import torchvision, so the interpreter must have it).
     c.benchmark.torch_repo = ""
+    # The interpreter that runs the official code (torch + torchvision + scipy + pyyaml); "" = this one.
     c.benchmark.torch_python = ""
 
     c.distributed = ml_collections.ConfigDict()

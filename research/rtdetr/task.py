@@ -241,11 +241,18 @@ class Task(tasks.Task):
         return total, ({f"train/{k}": v for k, v in terms.items()}, mutated["batch_stats"])
 
     def train_loader(self, iterator_state=None):
+        """This process's slices of the global training batches; the iterator's state is
+        `{"global_batches": n}` (`research.data.pipeline.ResumableLoader`), so a checkpoint resumes at global
+        batch n on any number of processes."""
+        from research.data import pipeline
         c = self.config
-        loader = data_lib.make_loader(self.dataset.builder, c.data.train_split, image_size=c.data.image_size,
-                                      batch_size=c.batch_size, train=True, max_labels=c.data.max_labels, seed=c.seed,
-                                      aug=dict(c.aug), worker_count=c.data.num_workers)
-        return data_lib.ResumableLoader(loader, iterator_state)
+
+        def make(start_batch: int):
+            return data_lib.make_loader(self.dataset.builder, c.data.train_split, image_size=c.data.image_size,
+                                        batch_size=c.batch_size, train=True, max_labels=c.data.max_labels,
+                                        seed=c.seed, aug=dict(c.aug), worker_count=c.data.num_workers,
+                                        start_batch=start_batch)
+        return pipeline.ResumableLoader(make, iterator_state)
 
     @staticmethod
     def to_device(local: dict) -> dict:  # noqa: D102 (the contract's)
@@ -365,7 +372,9 @@ class Task(tasks.Task):
 
     @classmethod
     def benchmark_spec(cls, config, *, variant: str, image_size: int):
-        return benchmark_spec(config, variant=variant, image_size=image_size)
+        """`research/rtdetr/benchmark.py` `benchmark_spec` (the real task's loss, optimiser and EMA)."""
+        from research.rtdetr import benchmark
+        return benchmark.benchmark_spec(config, variant=variant, image_size=image_size)
 
 
 def _f32(outs: list) -> list:
@@ -379,53 +388,3 @@ def resize_nearest(images, size: int):
     iy = jnp.floor(jnp.arange(size) * (h / size)).astype(jnp.int32).clip(0, h - 1)
     ix = jnp.floor(jnp.arange(size) * (w / size)).astype(jnp.int32).clip(0, w - 1)
     return images[:, iy][:, :, ix]
-
-
-def benchmark_spec(config, *, variant: str, image_size: int, nc: int = 80):
-    """RT-DETR at `variant` / `image_size` (random weights, `nc` classes) through the real task's loss_fn /
-    make_optimizer / ema_decay, without data. Inputs: `images` [B, S, S, 3] 0-1, `orig_target_sizes` [B, 2]."""
-    from research.benchmark import BenchSpec, host_init
-    cfg = config.copy_and_resolve_references()
-    if variant != cfg.model.variant:  # another variant: its own official structure, not this config's overrides
-        cfg.model.variant = variant
-        import ml_collections
-        for part in ("backbone", "encoder", "decoder"):
-            cfg.model[part] = ml_collections.ConfigDict()
-    cfg.model.num_classes = nc
-    cfg.data.image_size = image_size
-    task = Task(cfg, mode="benchmark")
-    model = task.model
-    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, image_size, image_size, 3)), train=False),
-                            jax.random.PRNGKey(0))
-    variables = host_init(shapes)
-    steps = tasks.Steps(steps_per_epoch=1000, total_steps=72_000, num_epochs=72)
-    max_labels = int(cfg.data.max_labels)
-    deploy = task.deploy_fn
-
-    def make_inputs(batch_size: int) -> dict:
-        rs = np.random.RandomState(1)
-        return {"images": rs.rand(batch_size, image_size, image_size, 3).astype(np.float32),
-                "orig_target_sizes": np.full((batch_size, 2), image_size, np.float32)}
-
-    def infer_fn(v, images, orig_target_sizes):
-        return deploy(v)(images, orig_target_sizes)
-
-    def make_batch(batch_size: int) -> dict:
-        rs = np.random.RandomState(0)
-        n = min(4, max_labels)
-        boxes = np.zeros((batch_size, max_labels, 4), np.float32)
-        boxes[:, :n, :2] = rs.uniform(0.2, 0.8, (batch_size, n, 2))
-        boxes[:, :n, 2:] = rs.uniform(0.05, 0.3, (batch_size, n, 2))
-        valid = np.zeros((batch_size, max_labels), bool)
-        valid[:, :n] = True
-        classes = np.where(valid, rs.randint(0, nc, (batch_size, max_labels)), 0).astype(np.int32)
-        image = rs.randint(0, 256, (batch_size, image_size, image_size, 3)).astype(np.uint8)
-        return {"image": image, "boxes": boxes, "classes": classes, "valid": valid}
-
-    return BenchSpec(
-        name="rtdetr", variant=variant, image_size=image_size, variables=variables, make_inputs=make_inputs,
-        infer_fn=infer_fn, make_batch=make_batch, loss_fn=task.loss_fn,
-        tx=task.make_optimizer(variables["params"], steps), ema_decay=task.ema_decay if task.use_ema else None,
-        use_ema=task.use_ema, onnx_output_names=["labels", "boxes", "scores"],
-        info={"nc": nc, "params": count_params(variables["params"]), "max_labels": max_labels,
-              "num_queries": task.num_queries, "dtype": cfg.model.dtype})

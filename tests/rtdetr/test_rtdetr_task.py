@@ -230,26 +230,43 @@ def _smoke_config(tmp_path):
 
 
 def test_loader_global_batches_slices_and_resume(tmp_path):
-    """Two processes' slices make the one-process global batch (same records, same augmentation); a loader
-    restored from an iterator state continues with the same batch; eval batches are padded with image_id -1."""
+    """Two processes' slices make the one-process global batch (same records, same augmentation); the loader
+    state is the number of global batches consumed, and a loader resumed from it on 1 or on 2 processes gives
+    the batch the uninterrupted loader gives next; eval batches are padded with image_id -1."""
+    from research.data import pipeline
     from research.rtdetr import data as data_lib
     c = _smoke_config(tmp_path)
+    c.batch_size = 4
+    c.seed = 3
     task = tasks.get_task(c, "train")
     builder = task.dataset.builder
     kw = dict(image_size=64, batch_size=4, train=True, max_labels=16, seed=3, aug=dict(c.aug))
-    one = iter(data_lib.make_loader(builder, "train", process_index=0, process_count=1, **kw))
-    parts = [iter(data_lib.make_loader(builder, "train", process_index=p, process_count=2, **kw)) for p in (0, 1)]
+
+    def loader(state, process_index=0, process_count=1):
+        return iter(pipeline.ResumableLoader(
+            lambda start: data_lib.make_loader(builder, "train", process_index=process_index,
+                                               process_count=process_count, start_batch=start, **kw), state))
+
+    keys = ("image", "boxes", "classes", "valid", "image_id")
+    one = loader(None)
+    parts = [loader(None, p, 2) for p in (0, 1)]
     b1 = next(one)
     halves = [next(it) for it in parts]
-    for k in ("image", "boxes", "classes", "valid", "image_id"):
+    for k in keys:
         np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), b1[k], err_msg=k)
     assert b1["image"].shape == (4, 64, 64, 3) and b1["boxes"].shape == (4, 16, 4)
+    next(one)
     state = one.get_state()
+    assert state == {"global_batches": 2}
     expected = next(one)
-    resumed = iter(data_lib.ResumableLoader(data_lib.make_loader(builder, "train", process_index=0, process_count=1,
-                                                                 **kw), {"bytes": state.decode("latin-1")}
-                                            if isinstance(state, bytes) else state))
-    np.testing.assert_array_equal(next(resumed)["image"], expected["image"])
+    assert not np.array_equal(expected["image_id"], b1["image_id"])
+    resumed = next(loader(state))  # 1 process
+    resumed_halves = [next(loader(state, p, 2)) for p in (0, 1)]  # 2 processes, same state
+    via_task = next(iter(task.train_loader(state)))  # the task's own loader (this process: 1 of 1)
+    for k in keys:
+        np.testing.assert_array_equal(resumed[k], expected[k], err_msg=k)
+        np.testing.assert_array_equal(np.concatenate([h[k] for h in resumed_halves]), expected[k], err_msg=k)
+        np.testing.assert_array_equal(via_task[k], expected[k], err_msg=k)
     ev = list(data_lib.make_loader(builder, "validation", image_size=64, batch_size=24, train=False, max_labels=16,
                                    process_index=0, process_count=1))
     ids = np.concatenate([b["image_id"] for b in ev])
