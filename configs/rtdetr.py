@@ -81,6 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.encoder = ml_collections.ConfigDict(dict(cpu.get("encoder", {})))
     c.model.decoder = ml_collections.ConfigDict(dict(cpu.get("decoder", {})))
     c.model.dtype = "float32"  # "bfloat16" for mixed precision on GPUs
+    # How convolutions and BatchNorm compute (same parameters and outputs; research/cpu/layers.py): "auto" = the
+    # CPU speed layer on CPU (oneDNN or matrix-product convolutions, memory-lean BatchNorm), flax's elsewhere;
+    # "lax" = flax's everywhere. ONNX export always traces flax's layers.
+    c.model.conv_impl = "auto"
     c.model.init_from = ""  # official checkpoint (.pth: ema.module, else model; weights_only) or .safetensors
     c.model.num_classes = 0  # 0 = the data's class count (export/predict from init_from: the weights')
 

@@ -94,6 +94,9 @@ def benchmark_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Be
     def infer_fn(v, images, orig_target_sizes):
         return deploy(v)(images, orig_target_sizes)
 
+    def export_fn(v, images, orig_target_sizes):  # flax's own layers, as --mode=export traces them
+        return deploy(v, for_export=True)(images, orig_target_sizes)
+
     def make_batch(batch_size: int) -> dict:
         rs = np.random.RandomState(0)
         boxes = np.zeros((batch_size, max_labels, 4), np.float32)
@@ -136,7 +139,8 @@ def benchmark_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Be
 
     info = {"nc": nc, "params": count_params(variables["params"]), "max_labels": max_labels,
             "boxes_per_image": boxes_per_image, "num_queries": task.num_queries, "dtype": cfg.model.dtype,
-            "matcher_calls_per_step": matcher_calls, "official_onnx_infer_ms": REFERENCE["onnx_infer_ms"]}
+            "matcher_calls_per_step": matcher_calls, "official_onnx_infer_ms": REFERENCE["onnx_infer_ms"],
+            "conv_impl": cfg.model.conv_impl}
     if cfg.benchmark.torch_repo:
         why = official_importable(cfg.benchmark.torch_repo, cfg.benchmark.torch_python)
         if why:
@@ -145,7 +149,7 @@ def benchmark_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Be
             info["official_torch"] = why
     return BenchSpec(
         name="rtdetr", variant=variant, image_size=image_size, variables=variables, make_inputs=make_inputs,
-        infer_fn=infer_fn, make_batch=make_batch, loss_fn=task.loss_fn,
+        infer_fn=infer_fn, export_fn=export_fn, make_batch=make_batch, loss_fn=task.loss_fn,
         tx=task.make_optimizer(variables["params"], steps), ema_decay=task.ema_decay if task.use_ema else None,
         use_ema=task.use_ema, onnx_output_names=["labels", "boxes", "scores"],
         torch_reference_module="research.rtdetr.official_torch", reference=REFERENCE, info=info,

@@ -32,15 +32,29 @@ from research.rtdetr.matcher import HungarianMatcher
 from research.rtdetr.model import RTDETR, build_model, count_params, trainable_mask
 from research.rtdetr.postprocess import postprocess
 
-def model_from_config(config, num_classes: int) -> RTDETR:
-    """The model of `config.model` (variant + per-part overrides) for `num_classes` classes."""
+def model_from_config(config, num_classes: int, conv_impl: str | None = None) -> RTDETR:
+    """The model of `config.model` (variant + per-part overrides) for `num_classes` classes.
+
+    Convolutions and BatchNorms (backbone, encoder, decoder input projections) compute as
+    `research.cpu.layers.select(conv_impl)` says (default `config.model.conv_impl`; "auto": the CPU speed layer on
+    CPU, flax's layers elsewhere), always with `nn.Conv` / `nn.BatchNorm`'s parameters, so weights, the bridge and
+    checkpoints do not depend on it. "lax" gives flax's own layers (what ONNX export traces).
+
+    Raises:
+      ValueError: an unknown dtype or conv_impl.
+    """
+    from research.cpu.layers import select as select_layers
+    from research.rtdetr.backbone import BN_EPS, BN_MOMENTUM
     m = config.model
     s = int(config.data.image_size)
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}.get(m.dtype, "bad")
     if dtype == "bad":
         raise ValueError(f"config.model.dtype={m.dtype!r}: use float32 or bfloat16")
+    layers = select_layers(m.conv_impl if conv_impl is None else conv_impl)
+    norm = functools.partial(layers.nn_batch_norm, momentum=BN_MOMENTUM, epsilon=BN_EPS, use_fast_variance=False)
     return build_model(m.variant, num_classes=num_classes, eval_spatial_size=(s, s), dtype=dtype,
-                       backbone=dict(m.backbone), encoder=dict(m.encoder), decoder=dict(m.decoder))
+                       conv=layers.nn_conv, norm=norm, backbone=dict(m.backbone), encoder=dict(m.encoder),
+                       decoder=dict(m.decoder))
 
 
 def lr_factor(step, *, steps_per_epoch: int, milestones_epochs, gamma: float, warmup_steps: int):
@@ -69,6 +83,8 @@ class Task(tasks.Task):
         nc = self._resolve_num_classes()
         self.num_classes = nc
         self.model = model_from_config(config, nc)
+        # what ONNX export traces (flax's own convolutions and BatchNorm); the same parameters
+        self.export_model = model_from_config(config, nc, conv_impl="lax")
         d = self.model.decoder.keywords
         self.num_queries = int(d.get("num_queries", 300))
         self.num_denoising = int(d.get("num_denoising", 100))
@@ -287,13 +303,15 @@ class Task(tasks.Task):
             cache[path] = load_coco_gt(path)
         return cache[path]
 
-    def deploy_fn(self, variables):
+    def deploy_fn(self, variables, for_export: bool = False):
         """The official deploy model (model.deploy() + postprocessor.deploy()): (images [B, S, S, 3] float 0-1,
-        orig_target_sizes [B, 2] (w, h)) -> (labels [B, K] int32, boxes [B, K, 4] xyxy pixels, scores [B, K])."""
+        orig_target_sizes [B, 2] (w, h)) -> (labels [B, K] int32, boxes [B, K, 4] xyxy pixels, scores [B, K]).
+        `for_export`: through flax's own layers (`export_model`), as ONNX export needs."""
         k = int(self.config.eval.num_top_queries)
+        model = self.export_model if for_export else self.model
 
         def fn(images, orig_target_sizes):
-            out = self.model.apply(variables, images, train=False)
+            out = model.apply(variables, images, train=False)
             return postprocess(out["pred_logits"].astype(jnp.float32), out["pred_boxes"], orig_target_sizes, k)
 
         return fn
@@ -361,7 +379,7 @@ class Task(tasks.Task):
         """The official deploy graph (`tools/export_onnx.py`): inputs `images` [B, S, S, 3] float32 0-1 (NHWC
         here) and `orig_target_sizes` [B, 2] float32 (w, h) -> `labels`, `boxes` (xyxy pixels), `scores`."""
         s = self.config.data.image_size
-        return tasks.ExportSpec(self.deploy_fn(variables),
+        return tasks.ExportSpec(self.deploy_fn(variables, for_export=True),
                                 {"images": np.zeros((1, s, s, 3), np.float32),
                                  "orig_target_sizes": np.full((1, 2), s, np.float32)},
                                 ("labels", "boxes", "scores"), dynamic_batch=("images", "orig_target_sizes"))
