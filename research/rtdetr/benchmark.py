@@ -155,3 +155,29 @@ def benchmark_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Be
         torch_reference_module="research.rtdetr.official_torch", reference=REFERENCE, info=info,
         extra_stages=matcher_stages,
         measured_pairs=(("matcher_per_train_step", "train_step"), ("matcher", "torch_matcher")))
+
+
+def conv_impl_ab(config, impls=("lax", "auto"), repeats: int = 6) -> dict:
+    """Same-run A/B of `config.model.conv_impl` (flax's layers vs the CPU speed layer): JAX inference
+    (`config.benchmark.batch_size`) and the train step (`config.benchmark.train_batch_size`) for each, one after
+    the other in this process. Returns {impl: {stage: {median_ms, min_ms, cpu_ms_per_call, compile_s}}}."""
+    from research import benchmark
+    out = {}
+    for impl in impls:
+        cfg = config.copy_and_resolve_references()
+        cfg.model.conv_impl = impl
+        res = benchmark.benchmark(benchmark.make_spec(cfg), infer_batch=int(cfg.benchmark.batch_size),
+                                  train_batch=int(cfg.benchmark.train_batch_size), repeats=repeats, warmup=1,
+                                  stages=("infer", "train"))
+        out[impl] = {r["what"]: {k: r.get(k) for k in ("median_ms", "min_ms", "cpu_ms_per_call", "compile_s")}
+                     for r in res["records"]}
+        out[impl]["load_average"] = res["load_average"]
+    return out
+
+
+if __name__ == "__main__":  # python -m research.rtdetr.benchmark [repeats]: the conv_impl A/B at R18vd 640
+    import json
+
+    from configs.rtdetr import get_config
+    print(json.dumps(conv_impl_ab(get_config("variant=r18vd,data=coco"),
+                                  repeats=int(sys.argv[1]) if len(sys.argv) > 1 else 6), indent=1))

@@ -29,7 +29,7 @@ from research.rtdetr import transforms as T
 from research.rtdetr.criterion import SetCriterion
 from research.rtdetr.denoising import get_contrastive_denoising_training_group
 from research.rtdetr.matcher import HungarianMatcher
-from research.rtdetr.model import RTDETR, build_model, count_params, trainable_mask
+from research.rtdetr.model import RTDETR, build_model, trainable_mask
 from research.rtdetr.postprocess import postprocess
 
 def model_from_config(config, num_classes: int, conv_impl: str | None = None) -> RTDETR:
