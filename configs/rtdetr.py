@@ -1,10 +1,10 @@
 r"""RT-DETR (real-time DETR: PResNet-vd backbone, hybrid encoder, deformable decoder with query selection).
 
-Default (CPU, embedded `shapes` data, a small RT-DETR at 128 px; --mode=all took 616 s on 2 busy cores):
+Default (CPU, embedded `shapes` data, a small RT-DETR at 128 px; --mode=all took 618 s on 2 busy cores):
 
   python launch.py --config=configs/rtdetr.py --workdir=workdirs/rtdetr_main --mode=all
 
-trains, evaluates (mAP@0.5 0.133, mAP@0.5:0.95 0.081 on the `shapes` validation split after 375 steps; the
+trains, evaluates (mAP@0.5 0.167, mAP@0.5:0.95 0.099 on the `shapes` validation split after 375 steps; the
 exported ONNX model scores the same), draws predictions and exports `model.{pt,safetensors,onnx}`;
 docs/rtdetr.md has the measured numbers. Official
 recipe on COCO from a local folder, on GPUs (configs/rtdetr/rtdetr_<variant>_6x_coco.yml: 72 epochs, 640 px,
@@ -184,7 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bias)).*$", -1.0, 0.0))
         c.optim.warmup_steps = 50
         # the shapes' objects are 8-60 % of a 128 px image: the official 1-4x zoom-out shrinks them to a few
-        # pixels; 1-2x learns faster here (mAP50 0.133 vs 0.102 after 375 steps, docs/rtdetr.md)
+        # pixels; 1-2x learns faster here (mAP50 0.133 vs 0.102 after 375 steps, flax layers; docs/rtdetr.md)
         c.aug.zoom_out_side_range = (1.0, 2.0)
         c.num_epochs = 3
         c.eval_every_steps = 125

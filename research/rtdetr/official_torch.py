@@ -172,7 +172,8 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
-        ema.update(model)
+        if ema is not None:  # `use_ema: True` in include/optimizer.yml
+            ema.update(model)
 
     out["train_step"] = _times(step, repeats, max(warmup - 1, 1))
     with torch.no_grad():
