@@ -1,10 +1,10 @@
 r"""RT-DETR (real-time DETR: PResNet-vd backbone, hybrid encoder, deformable decoder with query selection).
 
-Default (CPU, embedded `shapes` data, a small RT-DETR at 128 px; --mode=all took 616 s on 2 busy cores):
+Default (CPU, embedded `shapes` data, a small RT-DETR at 128 px; --mode=all took 618 s on 2 busy cores):
 
   python launch.py --config=configs/rtdetr.py --workdir=workdirs/rtdetr_main --mode=all
 
-trains, evaluates (mAP@0.5 0.133, mAP@0.5:0.95 0.081 on the `shapes` validation split after 375 steps; the
+trains, evaluates (mAP@0.5 0.167, mAP@0.5:0.95 0.099 on the `shapes` validation split after 375 steps; the
 exported ONNX model scores the same), draws predictions and exports `model.{pt,safetensors,onnx}`;
 docs/rtdetr.md has the measured numbers. Official
 recipe on COCO from a local folder, on GPUs (configs/rtdetr/rtdetr_<variant>_6x_coco.yml: 72 epochs, 640 px,
@@ -13,8 +13,8 @@ multi-scale 480..800, AdamW 1e-4 with the variant's parameter groups, EMA 0.9999
   python launch.py --config=configs/rtdetr.py:variant=r50vd,data=coco \
       --config.data.manual_dir=/data/coco --workdir=/runs/rtdetr_r50vd --mode=train
 
-Evaluate or export official weights without training (a plain state_dict; `{'ema': {'module': ...}}`
-release files: save `ckpt['ema']['module']` first):
+Evaluate, predict or export official weights without training (an official checkpoint or release file:
+the weights under `ema.module`, else `model`, read with weights_only=True; or a plain state_dict):
 
   python launch.py --config=configs/rtdetr.py:variant=r18vd,data=coco --config.data.manual_dir=/data/coco \
       --config.model.init_from=rtdetr_r18vd.pt --workdir=/runs/r18_eval --mode=eval
@@ -81,7 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.encoder = ml_collections.ConfigDict(dict(cpu.get("encoder", {})))
     c.model.decoder = ml_collections.ConfigDict(dict(cpu.get("decoder", {})))
     c.model.dtype = "float32"  # "bfloat16" for mixed precision on GPUs
-    c.model.init_from = ""  # an official PyTorch state_dict (.pt/.pth weights_only, or .safetensors)
+    # How convolutions and BatchNorm compute (same parameters and outputs; research/cpu/layers.py): "auto" = the
+    # CPU speed layer on CPU (oneDNN or matrix-product convolutions, memory-lean BatchNorm), flax's elsewhere;
+    # "lax" = flax's everywhere. ONNX export always traces flax's layers.
+    c.model.conv_impl = "auto"
+    c.model.init_from = ""  # official checkpoint (.pth: ema.module, else model; weights_only) or .safetensors
     c.model.num_classes = 0  # 0 = the data's class count (export/predict from init_from: the weights')
 
     c.data = ml_collections.ConfigDict()
@@ -154,13 +158,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.export.onnx = True
     c.export.torch = True
 
+    # --mode=benchmark (research/rtdetr/benchmark.py): the official R18vd structure at 640, random weights
     c.benchmark = ml_collections.ConfigDict()
     c.benchmark.image_size = 640
-    c.benchmark.batch_size = 1
-    c.benchmark.train_batch_size = 2
+    c.benchmark.batch_size = 1  # inference (JAX, ONNX Runtime)
+    c.benchmark.train_batch_size = 2  # train step and the matcher's share of it
     c.benchmark.variant = "r18vd"
     c.benchmark.repeats = 10
+    # A local clone of lyuwenyu/RT-DETR: the official PyTorch model is then timed in the same run
+    # (research/rtdetr/official_torch.py; its model files import torchvision, so the interpreter must have it).
     c.benchmark.torch_repo = ""
+    # The interpreter that runs the official code (torch + torchvision + scipy + pyyaml); "" = this one.
     c.benchmark.torch_python = ""
 
     c.distributed = ml_collections.ConfigDict()
@@ -176,7 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bias)).*$", -1.0, 0.0))
         c.optim.warmup_steps = 50
         # the shapes' objects are 8-60 % of a 128 px image: the official 1-4x zoom-out shrinks them to a few
-        # pixels; 1-2x learns faster here (mAP50 0.133 vs 0.102 after 375 steps, docs/rtdetr.md)
+        # pixels; 1-2x learns faster here (mAP50 0.133 vs 0.102 after 375 steps, flax layers; docs/rtdetr.md)
         c.aug.zoom_out_side_range = (1.0, 2.0)
         c.num_epochs = 3
         c.eval_every_steps = 125

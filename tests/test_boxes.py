@@ -295,3 +295,79 @@ def test_plot_curves(tmp_path):
     assert np.asarray(im.convert("RGB")).std() > 5
     out = plot_curves([], tmp_path / "empty.png", dpi=50)
     assert Image.open(out).size == (200, 150)
+
+
+# ----------------------------------------------------------------------------- array-module generic box ops
+# (DETR / RT-DETR box_ops semantics, numpy or jax, jit-able)
+
+
+def test_generic_box_ops_hand_values_numpy():
+    from research.vision import boxes as B
+    b1 = np.array([[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 3.0, 2.0]], np.float32)
+    b2 = np.array([[1.0, 1.0, 3.0, 3.0], [10.0, 10.0, 11.0, 11.0], [0.0, 0.0, 2.0, 2.0]], np.float32)
+    iou, union = B.pairwise_box_iou(b1, b2)
+    giou = B.pairwise_generalized_box_iou(b1, b2)
+    assert isinstance(iou, np.ndarray) and iou.dtype == np.float32 and iou.shape == (2, 3)
+    assert iou[0, 0] == pytest.approx(1 / 7) and union[0, 0] == pytest.approx(7)   # overlap 1, areas 4 + 4
+    assert giou[0, 0] == pytest.approx(1 / 7 - 2 / 9)                              # enclosing box 3x3
+    assert iou[0, 2] == pytest.approx(1.0) and giou[0, 2] == pytest.approx(1.0)    # identical boxes
+    assert iou[0, 1] == 0 and giou[0, 1] == pytest.approx(-(121 - 5) / 121)         # disjoint: -(C - U) / C
+    assert iou[1, 0] == pytest.approx(1 / 2)  # [1,1,3,2] vs [1,1,3,3]: inter 2, union 2 + 4 - 2
+    # the float64 numpy box_iou of this module gives the same IoU
+    np.testing.assert_allclose(iou, box_iou(b1, b2), rtol=1e-6)
+    # elementwise = diagonal of pairwise, with broadcasting
+    pairs = b2[[0, 2]]
+    np.testing.assert_allclose(B.elementwise_box_iou(b1, pairs), np.diag(iou[:, [0, 2]]), rtol=1e-6)
+    np.testing.assert_allclose(B.elementwise_generalized_box_iou(b1, pairs), np.diag(giou[:, [0, 2]]), rtol=1e-6)
+    np.testing.assert_allclose(B.elementwise_generalized_box_iou(b1[:, None], b2[None]), giou, rtol=1e-6)
+    np.testing.assert_allclose(B.box_area(b2), [4.0, 1.0, 4.0])
+    # conversions: hand values, inverse of each other, and the YOLO-style xywh2xyxy on 4 columns
+    np.testing.assert_allclose(B.cxcywh_to_xyxy(np.array([0.5, 0.4, 0.2, 0.6], np.float32)), [0.4, 0.1, 0.6, 0.7],
+                               atol=1e-7)
+    np.testing.assert_allclose(B.xyxy_to_cxcywh(np.array([0.4, 0.1, 0.6, 0.7], np.float32)), [0.5, 0.4, 0.2, 0.6],
+                               atol=1e-7)
+    c = np.random.default_rng(0).uniform(0.1, 0.9, (2, 5, 4)).astype(np.float32)
+    np.testing.assert_allclose(B.xyxy_to_cxcywh(B.cxcywh_to_xyxy(c)), c, atol=1e-6)
+    np.testing.assert_allclose(B.cxcywh_to_xyxy(c[0]), xywh2xyxy(c[0]), atol=1e-7)
+    np.testing.assert_allclose(B.xyxy_to_cxcywh(c[0]), xyxy2xywh(c[0]), atol=1e-7)
+
+
+def test_generic_box_ops_jax_equal_numpy_and_jit():
+    import jax
+    import jax.numpy as jnp
+
+    from research.vision import boxes as B
+    rs = np.random.default_rng(1)
+    cxcywh1 = rs.uniform(0.05, 0.9, (6, 4)).astype(np.float32)
+    cxcywh2 = rs.uniform(0.05, 0.9, (4, 4)).astype(np.float32)
+    a, b = B.cxcywh_to_xyxy(cxcywh1), B.cxcywh_to_xyxy(cxcywh2)
+    assert B.array_module(a, b) is np and B.array_module(a, jnp.asarray(b)) is jnp
+
+    @jax.jit
+    def all_ops(c1, c2):
+        x1, x2 = B.cxcywh_to_xyxy(c1), B.cxcywh_to_xyxy(c2)
+        iou, union = B.pairwise_box_iou(x1, x2)
+        return (x1, B.xyxy_to_cxcywh(x1), iou, union, B.pairwise_generalized_box_iou(x1, x2),
+                B.elementwise_box_iou(x1[:4], x2), B.elementwise_generalized_box_iou(x1[:4], x2))
+
+    got = all_ops(jnp.asarray(cxcywh1), jnp.asarray(cxcywh2))
+    assert all(isinstance(g, jax.Array) for g in got)
+    iou, union = B.pairwise_box_iou(a, b)
+    want = (a, B.xyxy_to_cxcywh(a), iou, union, B.pairwise_generalized_box_iou(a, b),
+            B.elementwise_box_iou(a[:4], b), B.elementwise_generalized_box_iou(a[:4], b))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6)
+    # torch re-statement of the DETR formulas (float32): same values
+    t1, t2 = torch.from_numpy(a), torch.from_numpy(b)
+    lt, rb = torch.max(t1[:, None, :2], t2[None, :, :2]), torch.min(t1[:, None, 2:], t2[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda t: (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])  # noqa: E731
+    t_union = area(t1)[:, None] + area(t2)[None, :] - inter
+    lt, rb = torch.min(t1[:, None, :2], t2[None, :, :2]), torch.max(t1[:, None, 2:], t2[None, :, 2:])
+    enclosing = (rb - lt).clamp(min=0).prod(-1)
+    t_giou = inter / t_union - (enclosing - t_union) / enclosing
+    np.testing.assert_allclose(np.asarray(got[4]), t_giou.numpy(), rtol=1e-6, atol=1e-7)
+    # gradients flow (the GIoU loss is differentiated under jit)
+    g = jax.grad(lambda x: jnp.sum(B.elementwise_generalized_box_iou(B.cxcywh_to_xyxy(x), jnp.asarray(b[:1]))))(
+        jnp.asarray(cxcywh1[:1]))
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0

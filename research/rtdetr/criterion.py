@@ -42,8 +42,8 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from research.rtdetr import box_ops
 from research.rtdetr.matcher import HungarianMatcher, query_target_index
+from research.vision import boxes as box_lib
 
 # configs/rtdetr/include/rtdetr_r50vd.yml (SetCriterion.weight_dict), used by every RT-DETR config.
 DEFAULT_WEIGHT_DICT = {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -111,8 +111,8 @@ class SetCriterion:
         """
         logits = outputs["pred_logits"]
         matched, labels, boxes = _gather_targets(targets, tgt_idx)
-        iou = box_ops.elementwise_box_iou(box_ops.box_cxcywh_to_xyxy(outputs["pred_boxes"]),
-                                          box_ops.box_cxcywh_to_xyxy(boxes.astype(logits.dtype)))
+        iou = box_lib.elementwise_box_iou(box_lib.cxcywh_to_xyxy(outputs["pred_boxes"]),
+                                          box_lib.cxcywh_to_xyxy(boxes.astype(logits.dtype)))
         iou = jax.lax.stop_gradient(jnp.where(matched, iou, 0))
         classes = jnp.arange(logits.shape[-1], dtype=labels.dtype)
         target = ((labels[..., None] == classes) & matched[..., None]).astype(logits.dtype)
@@ -132,8 +132,8 @@ class SetCriterion:
         boxes = boxes.astype(src.dtype)
         mask = matched.astype(src.dtype)
         loss_bbox = jnp.sum(jnp.abs(src - boxes) * mask[..., None]) / num_boxes
-        giou = box_ops.elementwise_generalized_box_iou(box_ops.box_cxcywh_to_xyxy(src),
-                                                       box_ops.box_cxcywh_to_xyxy(boxes))
+        giou = box_lib.elementwise_generalized_box_iou(box_lib.cxcywh_to_xyxy(src),
+                                                       box_lib.cxcywh_to_xyxy(boxes))
         loss_giou = jnp.sum((1 - giou) * mask) / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 

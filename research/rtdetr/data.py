@@ -6,7 +6,9 @@ config chosen from `config.data` sizes, as `research.data.detection.DetectionDat
 (decoded RGB image, `[n, 5]` cls + xyxy pixel labels, image_id), batched with
 `research.data.pipeline.GlobalBatchSampler` (one seeded global order: every process reads its slots of the
 same global batches, with per-record randomness keyed by the global position, so 1 or N processes see identical
-batches and augmentation) and a grain `DataLoader` (its iterator's `get_state()` / `set_state()` resume).
+batches and augmentation) and a grain `DataLoader`. The training loader's position is the number of global
+batches consumed (`research.data.pipeline.ResumableLoader` over `GlobalBatchSampler(start_batch=...)`), so a run
+resumes on any process count.
 The transforms are RT-DETR's (`research/rtdetr/transforms.py`); the batch layout is documented there
 (`image` uint8 [b, S, S, 3], `boxes` cxcywh [b, M, 4], `classes`, `valid`, `image_id`, `orig_size` (w, h)).
 
@@ -66,7 +68,7 @@ class EvalTransform(grain.transforms.Map):
 def make_loader(builder, split: str, *, image_size: int, batch_size: int, train: bool, max_labels: int,
                 seed: int = 0, aug: Mapping[str, float] | None = None, worker_count: int = 0,
                 process_index: int | None = None, process_count: int | None = None,
-                read_threads: int = 4) -> grain.DataLoader:
+                read_threads: int = 4, start_batch: int = 0) -> grain.DataLoader:
     """This process's grain DataLoader over `split` of a prepared tfds `builder`.
 
     Args:
@@ -81,6 +83,7 @@ def make_loader(builder, split: str, *, image_size: int, batch_size: int, train:
       aug: keyword arguments of `transforms.train_transform` (probabilities, zoom-out range).
       worker_count: grain worker processes (0 = in-process).
       process_index / process_count: default jax's.
+      start_batch: training: begin at this global batch (the resume position, the same on any process count).
 
     Raises:
       ValueError: batch_size not divisible by process_count, or a training split smaller than one batch.
@@ -107,23 +110,11 @@ def make_loader(builder, split: str, *, image_size: int, batch_size: int, train:
         op = EvalTransform(image_size, max_labels)
     sampler = pipeline.GlobalBatchSampler(num_records=len(source), global_batch=batch_size,
                                           process_index=process_index, process_count=process_count, shuffle=train,
-                                          num_epochs=None if train else 1, seed=int(seed))
+                                          num_epochs=None if train else 1, seed=int(seed),
+                                          start_batch=int(start_batch))
     local = batch_size // process_count
     return grain.DataLoader(
         data_source=source, sampler=sampler,
         operations=[op, grain.transforms.Batch(local, drop_remainder=train)],
         worker_count=worker_count, shard_options=grain.sharding.NoSharding(),
         read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * local, 8)))
-
-
-class ResumableLoader:
-    """`iter()` gives the loader's grain iterator positioned at a saved `get_state()` (if any)."""
-
-    def __init__(self, loader, state: dict | None):
-        self.loader, self.state = loader, state
-
-    def __iter__(self):
-        it = iter(self.loader)
-        if self.state:
-            it.set_state(self.state["bytes"].encode("latin-1") if "bytes" in self.state else self.state)
-        return it

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.rtdetr import box_ops
+from research.vision import boxes as box_lib
 
 
 def inverse_sigmoid(x: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -164,13 +164,13 @@ def get_contrastive_denoising_training_group(
         cls = jnp.where(flip & real, new_label, cls)
 
     if box_noise_scale > 0:
-        known = box_ops.box_cxcywh_to_xyxy(box)
+        known = box_lib.cxcywh_to_xyxy(box)
         diff = jnp.tile(box[..., 2:] * 0.5, 2) * box_noise_scale
         sign = jax.random.randint(k_sign, box.shape, 0, 2).astype(box.dtype) * 2.0 - 1.0
         part = jax.random.uniform(k_mag, box.shape, box.dtype)
         part = jnp.where(negative, part + 1.0, part) * sign
         known = jnp.clip(known + part * diff, 0.0, 1.0)
-        bbox_unact = inverse_sigmoid(box_ops.box_xyxy_to_cxcywh(known))
+        bbox_unact = inverse_sigmoid(box_lib.xyxy_to_cxcywh(known))
     else:
         # Officially the logit transform sits inside the box-noise branch, so without box noise
         # the decoder receives the plain cxcywh boxes as if they were logits; kept as is.

@@ -32,7 +32,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.special import expit
 
-from research.rtdetr import box_ops
+from research.vision import boxes as box_lib
 
 # Stand-in box for padding target slots, so that their (unused) cost columns stay finite.
 _PAD_BOX = (0.5, 0.5, 1.0, 1.0)
@@ -124,7 +124,7 @@ class HungarianMatcher:
         Returns:
           `[B, Q, M]` cost, in the dtype of the predictions.
         """
-        xp = box_ops._xp(pred_logits, pred_boxes, labels, boxes)
+        xp = box_lib.array_module(pred_logits, pred_boxes, labels, boxes)
         dtype = pred_logits.dtype
         if valid is not None:
             boxes = xp.where(valid[..., None], boxes, xp.asarray(_PAD_BOX, boxes.dtype))
@@ -143,8 +143,8 @@ class HungarianMatcher:
         else:
             cost_class = -p
         cost_bbox = xp.abs(pred_boxes[:, :, None, :] - boxes[:, None, :, :]).sum(-1)
-        cost_giou = -box_ops.elementwise_generalized_box_iou(
-            box_ops.box_cxcywh_to_xyxy(pred_boxes)[:, :, None, :], box_ops.box_cxcywh_to_xyxy(boxes)[:, None, :, :])
+        cost_giou = -box_lib.elementwise_generalized_box_iou(
+            box_lib.cxcywh_to_xyxy(pred_boxes)[:, :, None, :], box_lib.cxcywh_to_xyxy(boxes)[:, None, :, :])
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         if valid is not None:
             cost = xp.where(valid[:, None, :], cost, xp.zeros((), cost.dtype))

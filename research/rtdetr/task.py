@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from typing import Iterator
 
 import jax
@@ -22,38 +21,40 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import traverse_util
 
+from research import optim as shared_optim
 from research import parallel, tasks
 from research.rtdetr import data as data_lib
 from research.rtdetr import transforms as T
 from research.rtdetr.criterion import SetCriterion
 from research.rtdetr.denoising import get_contrastive_denoising_training_group
 from research.rtdetr.matcher import HungarianMatcher
-from research.rtdetr.model import RTDETR, build_model, count_params, trainable_mask
+from research.rtdetr.model import RTDETR, build_model, trainable_mask
 from research.rtdetr.postprocess import postprocess
 
-# flax leaf name -> the official parameter name's last part (for the optimiser's regex groups)
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+def model_from_config(config, num_classes: int, conv_impl: str | None = None) -> RTDETR:
+    """The model of `config.model` (variant + per-part overrides) for `num_classes` classes.
 
+    Convolutions and BatchNorms (backbone, encoder, decoder input projections) compute as
+    `research.cpu.layers.select(conv_impl)` says (default `config.model.conv_impl`; "auto": the CPU speed layer on
+    CPU, flax's layers elsewhere), always with `nn.Conv` / `nn.BatchNorm`'s parameters, so weights, the bridge and
+    checkpoints do not depend on it. "lax" gives flax's own layers (what ONNX export traces).
 
-def torch_param_names(params) -> dict[tuple, str]:
-    """Flax parameter path -> the official `model.named_parameters()` name (`backbone.conv1.conv1_1.conv.weight`;
-    the fused attention projection is `in_proj.weight` here, `in_proj_weight` officially: the same for the
-    optimizer's patterns, which look for `bias` / `norm` / `bn` / `backbone` / `encoder` / `decoder`)."""
-    flat = traverse_util.flatten_dict(dict(params))
-    return {k: ".".join(k[:-1] + (_TORCH_LEAF.get(k[-1], k[-1]),)) for k in flat}
-
-
-def model_from_config(config, num_classes: int) -> RTDETR:
-    """The model of `config.model` (variant + per-part overrides) for `num_classes` classes."""
+    Raises:
+      ValueError: an unknown dtype or conv_impl.
+    """
+    from research.cpu.layers import select as select_layers
+    from research.rtdetr.backbone import BN_EPS, BN_MOMENTUM
     m = config.model
     s = int(config.data.image_size)
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}.get(m.dtype, "bad")
     if dtype == "bad":
         raise ValueError(f"config.model.dtype={m.dtype!r}: use float32 or bfloat16")
+    layers = select_layers(m.conv_impl if conv_impl is None else conv_impl)
+    norm = functools.partial(layers.nn_batch_norm, momentum=BN_MOMENTUM, epsilon=BN_EPS, use_fast_variance=False)
     return build_model(m.variant, num_classes=num_classes, eval_spatial_size=(s, s), dtype=dtype,
-                       backbone=dict(m.backbone), encoder=dict(m.encoder), decoder=dict(m.decoder))
+                       conv=layers.nn_conv, norm=norm, backbone=dict(m.backbone), encoder=dict(m.encoder),
+                       decoder=dict(m.decoder))
 
 
 def lr_factor(step, *, steps_per_epoch: int, milestones_epochs, gamma: float, warmup_steps: int):
@@ -82,6 +83,8 @@ class Task(tasks.Task):
         nc = self._resolve_num_classes()
         self.num_classes = nc
         self.model = model_from_config(config, nc)
+        # what ONNX export traces (flax's own convolutions and BatchNorm); the same parameters
+        self.export_model = model_from_config(config, nc, conv_impl="lax")
         d = self.model.decoder.keywords
         self.num_queries = int(d.get("num_queries", 300))
         self.num_denoising = int(d.get("num_denoising", 100))
@@ -135,6 +138,24 @@ class Task(tasks.Task):
     def num_train_examples(self) -> int:
         return self.dataset.num_examples(self.config.data.train_split)
 
+    def init_state_dict(self) -> dict | None:
+        """The official state_dict of `config.model.init_from` (read once per task): an official checkpoint
+        (weights under `ema.module`, else `model`, as the official `tools/export_onnx.py` takes them) or a plain
+        state_dict (`.pth` read with `weights_only=True`, or `.safetensors`); None when unset.
+
+        Raises:
+          FileNotFoundError / torch_bridge.BridgeError: see `bridge.read_official_checkpoint` (the messages name
+            the file).
+        """
+        if not self.config.model.init_from:
+            return None
+        if self.__dict__.get("_init_state_dict") is None:
+            from research.rtdetr import bridge
+            sd, where = bridge.read_official_checkpoint(self.config.model.init_from)
+            logging.info("read %d tensors from %s (%s)", len(sd), self.config.model.init_from, where)
+            self._init_state_dict = sd
+        return self._init_state_dict
+
     def init_variables(self, rng) -> dict:
         """Official initialisation (the modules' torch-style initialisers), or the official state_dict of
         `config.model.init_from` through the bridge (strict: every key and shape must fit)."""
@@ -150,21 +171,19 @@ class Task(tasks.Task):
     # ---------------------------------------------------------------- optimiser
     def param_groups(self, params) -> dict:
         """Pytree like `params` of group labels: `frozen` (official requires_grad=False: no update), `g<i>` for
-        the first of `config.optim.groups` whose pattern `re.search`es the official name, else `default`."""
-        groups = self.config.optim.groups
-        mask = traverse_util.flatten_dict(dict(trainable_mask(self.model, params)))
-        labels = {}
-        for path, name in torch_param_names(params).items():
-            label = "default"
-            if not mask[path]:
-                label = "frozen"
-            else:
-                for i, g in enumerate(groups):
-                    if re.search(g[0], name):
-                        label = f"g{i}"
-                        break
-            labels[path] = label
-        return traverse_util.unflatten_dict(labels)
+        the first of `config.optim.groups` whose pattern `re.search`es the official parameter name (the shared
+        `research.optim.group_labels`: Flax path joined with ".", `kernel`/`scale`/`embedding` -> `weight`;
+        the fused attention projection is `in_proj.weight` here, `in_proj_weight` officially: the same for
+        the official patterns, which look for `bias` / `norm` / `bn` / `backbone` / `encoder` / `decoder`),
+        else `default`.
+
+        Raises:
+          re.error: a pattern of `config.optim.groups` is not a valid regular expression.
+        """
+        rules = [(g[0], f"g{i}") for i, g in enumerate(self.config.optim.groups)]
+        labels = shared_optim.group_labels(params, rules, default="default")
+        return jax.tree_util.tree_map(lambda label, trainable: label if trainable else "frozen", labels,
+                                      trainable_mask(self.model, params))
 
     def make_optimizer(self, params, steps: tasks.Steps):
         """Official AdamW (decoupled weight decay, betas, eps 1e-8) with its parameter groups, gradients clipped
@@ -238,11 +257,18 @@ class Task(tasks.Task):
         return total, ({f"train/{k}": v for k, v in terms.items()}, mutated["batch_stats"])
 
     def train_loader(self, iterator_state=None):
+        """This process's slices of the global training batches; the iterator's state is
+        `{"global_batches": n}` (`research.data.pipeline.ResumableLoader`), so a checkpoint resumes at global
+        batch n on any number of processes."""
+        from research.data import pipeline
         c = self.config
-        loader = data_lib.make_loader(self.dataset.builder, c.data.train_split, image_size=c.data.image_size,
-                                      batch_size=c.batch_size, train=True, max_labels=c.data.max_labels, seed=c.seed,
-                                      aug=dict(c.aug), worker_count=c.data.num_workers)
-        return data_lib.ResumableLoader(loader, iterator_state)
+
+        def make(start_batch: int):
+            return data_lib.make_loader(self.dataset.builder, c.data.train_split, image_size=c.data.image_size,
+                                        batch_size=c.batch_size, train=True, max_labels=c.data.max_labels,
+                                        seed=c.seed, aug=dict(c.aug), worker_count=c.data.num_workers,
+                                        start_batch=start_batch)
+        return pipeline.ResumableLoader(make, iterator_state)
 
     @staticmethod
     def to_device(local: dict) -> dict:  # noqa: D102 (the contract's)
@@ -277,13 +303,15 @@ class Task(tasks.Task):
             cache[path] = load_coco_gt(path)
         return cache[path]
 
-    def deploy_fn(self, variables):
+    def deploy_fn(self, variables, for_export: bool = False):
         """The official deploy model (model.deploy() + postprocessor.deploy()): (images [B, S, S, 3] float 0-1,
-        orig_target_sizes [B, 2] (w, h)) -> (labels [B, K] int32, boxes [B, K, 4] xyxy pixels, scores [B, K])."""
+        orig_target_sizes [B, 2] (w, h)) -> (labels [B, K] int32, boxes [B, K, 4] xyxy pixels, scores [B, K]).
+        `for_export`: through flax's own layers (`export_model`), as ONNX export needs."""
         k = int(self.config.eval.num_top_queries)
+        model = self.export_model if for_export else self.model
 
         def fn(images, orig_target_sizes):
-            out = self.model.apply(variables, images, train=False)
+            out = model.apply(variables, images, train=False)
             return postprocess(out["pred_logits"].astype(jnp.float32), out["pred_boxes"], orig_target_sizes, k)
 
         return fn
@@ -351,7 +379,7 @@ class Task(tasks.Task):
         """The official deploy graph (`tools/export_onnx.py`): inputs `images` [B, S, S, 3] float32 0-1 (NHWC
         here) and `orig_target_sizes` [B, 2] float32 (w, h) -> `labels`, `boxes` (xyxy pixels), `scores`."""
         s = self.config.data.image_size
-        return tasks.ExportSpec(self.deploy_fn(variables),
+        return tasks.ExportSpec(self.deploy_fn(variables, for_export=True),
                                 {"images": np.zeros((1, s, s, 3), np.float32),
                                  "orig_target_sizes": np.full((1, 2), s, np.float32)},
                                 ("labels", "boxes", "scores"), dynamic_batch=("images", "orig_target_sizes"))
@@ -362,7 +390,9 @@ class Task(tasks.Task):
 
     @classmethod
     def benchmark_spec(cls, config, *, variant: str, image_size: int):
-        return benchmark_spec(config, variant=variant, image_size=image_size)
+        """`research/rtdetr/benchmark.py` `benchmark_spec` (the real task's loss, optimiser and EMA)."""
+        from research.rtdetr import benchmark
+        return benchmark.benchmark_spec(config, variant=variant, image_size=image_size)
 
 
 def _f32(outs: list) -> list:
@@ -376,53 +406,3 @@ def resize_nearest(images, size: int):
     iy = jnp.floor(jnp.arange(size) * (h / size)).astype(jnp.int32).clip(0, h - 1)
     ix = jnp.floor(jnp.arange(size) * (w / size)).astype(jnp.int32).clip(0, w - 1)
     return images[:, iy][:, :, ix]
-
-
-def benchmark_spec(config, *, variant: str, image_size: int, nc: int = 80):
-    """RT-DETR at `variant` / `image_size` (random weights, `nc` classes) through the real task's loss_fn /
-    make_optimizer / ema_decay, without data. Inputs: `images` [B, S, S, 3] 0-1, `orig_target_sizes` [B, 2]."""
-    from research.benchmark import BenchSpec, host_init
-    cfg = config.copy_and_resolve_references()
-    if variant != cfg.model.variant:  # another variant: its own official structure, not this config's overrides
-        cfg.model.variant = variant
-        import ml_collections
-        for part in ("backbone", "encoder", "decoder"):
-            cfg.model[part] = ml_collections.ConfigDict()
-    cfg.model.num_classes = nc
-    cfg.data.image_size = image_size
-    task = Task(cfg, mode="benchmark")
-    model = task.model
-    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, image_size, image_size, 3)), train=False),
-                            jax.random.PRNGKey(0))
-    variables = host_init(shapes)
-    steps = tasks.Steps(steps_per_epoch=1000, total_steps=72_000, num_epochs=72)
-    max_labels = int(cfg.data.max_labels)
-    deploy = task.deploy_fn
-
-    def make_inputs(batch_size: int) -> dict:
-        rs = np.random.RandomState(1)
-        return {"images": rs.rand(batch_size, image_size, image_size, 3).astype(np.float32),
-                "orig_target_sizes": np.full((batch_size, 2), image_size, np.float32)}
-
-    def infer_fn(v, images, orig_target_sizes):
-        return deploy(v)(images, orig_target_sizes)
-
-    def make_batch(batch_size: int) -> dict:
-        rs = np.random.RandomState(0)
-        n = min(4, max_labels)
-        boxes = np.zeros((batch_size, max_labels, 4), np.float32)
-        boxes[:, :n, :2] = rs.uniform(0.2, 0.8, (batch_size, n, 2))
-        boxes[:, :n, 2:] = rs.uniform(0.05, 0.3, (batch_size, n, 2))
-        valid = np.zeros((batch_size, max_labels), bool)
-        valid[:, :n] = True
-        classes = np.where(valid, rs.randint(0, nc, (batch_size, max_labels)), 0).astype(np.int32)
-        image = rs.randint(0, 256, (batch_size, image_size, image_size, 3)).astype(np.uint8)
-        return {"image": image, "boxes": boxes, "classes": classes, "valid": valid}
-
-    return BenchSpec(
-        name="rtdetr", variant=variant, image_size=image_size, variables=variables, make_inputs=make_inputs,
-        infer_fn=infer_fn, make_batch=make_batch, loss_fn=task.loss_fn,
-        tx=task.make_optimizer(variables["params"], steps), ema_decay=task.ema_decay if task.use_ema else None,
-        use_ema=task.use_ema, onnx_output_names=["labels", "boxes", "scores"],
-        info={"nc": nc, "params": count_params(variables["params"]), "max_labels": max_labels,
-              "num_queries": task.num_queries, "dtype": cfg.model.dtype})

@@ -29,6 +29,15 @@ __all__ = [
     "box_iou",
     "nms",
     "non_max_suppression",
+    "array_module",
+    "cxcywh_to_xyxy",
+    "xyxy_to_cxcywh",
+    "box_area",
+    "elementwise_box_iou_union",
+    "elementwise_box_iou",
+    "elementwise_generalized_box_iou",
+    "pairwise_box_iou",
+    "pairwise_generalized_box_iou",
 ]
 
 
@@ -291,3 +300,103 @@ def non_max_suppression(pred, conf_thres: float = 0.25, iou_thres: float = 0.45,
         keep = _batched_nms(det[:, :4] + offset, det[:, 4], det[:, 5], iou_thres, max_det)
         output.append(det[keep])
     return output
+
+
+# ---------------------------------------------------------------------------------------------
+# Array-module generic box operations (numpy or jax.numpy, jit-able), in the operation order of
+# the DETR-family `box_ops.py` (RT-DETR `src/zoo/rtdetr/box_ops.py`, torchvision `box_area`), so
+# float32 results agree with torch to rounding. Formats: `cxcywh` = (centre x, centre y, width,
+# height), `xyxy` = (x0, y0, x1, y1), in any unit (RT-DETR: normalised to the image, 0..1).
+# When every array argument is a numpy array the result is numpy (host-side matching, data
+# pipelines); otherwise (jax arrays, tracers under jit) it is a jax array. jax is imported only
+# when a jax array is passed.
+
+
+def array_module(*arrays):
+    """`numpy` when every argument is an `np.ndarray`, else `jax.numpy` (jax arrays or tracers)."""
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np
+    import jax.numpy as jnp
+    return jnp
+
+
+def cxcywh_to_xyxy(x):
+    """`[..., 4]` cxcywh -> `[..., 4]` xyxy (DETR `box_cxcywh_to_xyxy`); numpy or jax (see above)."""
+    xp = array_module(x)
+    cx, cy, w, h = (x[..., k] for k in range(4))
+    return xp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+
+
+def xyxy_to_cxcywh(x):
+    """`[..., 4]` xyxy -> `[..., 4]` cxcywh (DETR `box_xyxy_to_cxcywh`); numpy or jax."""
+    xp = array_module(x)
+    x0, y0, x1, y1 = (x[..., k] for k in range(4))
+    return xp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
+
+
+def box_area(boxes):
+    """Area `[...]` of `[..., 4]` xyxy boxes (torchvision `box_area`: no clamping, so an inverted
+    box has a negative area); numpy or jax."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def elementwise_box_iou_union(boxes1, boxes2):
+    """(IoU, union) of broadcast-compatible `[..., 4]` xyxy boxes, each `[...]` (broadcast shape).
+
+    A pair with zero union (two empty boxes) gives nan, as torch's division does.
+    """
+    xp = array_module(boxes1, boxes2)
+    lt = xp.maximum(boxes1[..., :2], boxes2[..., :2])
+    rb = xp.minimum(boxes1[..., 2:], boxes2[..., 2:])
+    wh = xp.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(boxes1) + box_area(boxes2) - inter
+    return inter / union, union
+
+
+def _giou_from_iou(boxes1, boxes2, iou, union):
+    xp = array_module(boxes1, boxes2)
+    lt = xp.minimum(boxes1[..., :2], boxes2[..., :2])
+    rb = xp.maximum(boxes1[..., 2:], boxes2[..., 2:])
+    wh = xp.clip(rb - lt, 0, None)
+    enclosing = wh[..., 0] * wh[..., 1]
+    return iou - (enclosing - union) / enclosing
+
+
+def elementwise_box_iou(boxes1, boxes2):
+    """IoU of corresponding xyxy boxes: `[..., 4]` x `[..., 4]` (broadcast) -> `[...]`.
+
+    Equals the diagonal of the pairwise `pairwise_box_iou` that DETR losses take, without the
+    `[N, N]` matrix. numpy or jax.
+    """
+    return elementwise_box_iou_union(boxes1, boxes2)[0]
+
+
+def elementwise_generalized_box_iou(boxes1, boxes2):
+    """Generalized IoU (Rezatofighi et al. 2019) of corresponding xyxy boxes, `[..., 4]` x
+    `[..., 4]` (broadcast) -> `[...]` in [-1, 1]: IoU - (C - U) / C with C the enclosing box's
+    area. Equals `diag(pairwise_generalized_box_iou(a, b))` (DETR `generalized_box_iou`). Boxes
+    must be well formed (x1 >= x0, y1 >= y0): the official function asserts it, this one does not
+    check (it runs under jit); degenerate boxes give nan / inf. numpy or jax.
+    """
+    iou, union = elementwise_box_iou_union(boxes1, boxes2)
+    return _giou_from_iou(boxes1, boxes2, iou, union)
+
+
+def pairwise_box_iou(boxes1, boxes2):
+    """Pairwise (IoU, union) of xyxy boxes (DETR `box_iou`, which also returns the union).
+
+    Args:
+      boxes1: `[N, 4]` xyxy.
+      boxes2: `[M, 4]` xyxy.
+    Returns:
+      (iou `[N, M]`, union `[N, M]`) in the input dtype (numpy or jax). Unlike `box_iou` above
+      (numpy, float64 accumulation, IoU only) this keeps the dtype and is jit-able.
+    """
+    return elementwise_box_iou_union(boxes1[:, None, :], boxes2[None, :, :])
+
+
+def pairwise_generalized_box_iou(boxes1, boxes2):
+    """Pairwise generalized IoU `[N, M]` of `[N, 4]` and `[M, 4]` xyxy boxes (DETR
+    `generalized_box_iou`); requirements as `elementwise_generalized_box_iou`. numpy or jax."""
+    return elementwise_generalized_box_iou(boxes1[:, None, :], boxes2[None, :, :])

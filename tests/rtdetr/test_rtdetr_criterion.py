@@ -1,4 +1,4 @@
-"""Tests of the RT-DETR training criterion: research/rtdetr/{box_ops,matcher,denoising,criterion}.py.
+"""Tests of the RT-DETR training criterion: research/rtdetr/{matcher,denoising,criterion}.py (box operations: research/vision/boxes.py, tests/test_boxes.py).
 
 Golden data: ../shared/reference/rtdetr_r18vd/golden_loss.npz (section "Loss golden" of its
 README), the official criterion run on saved model outputs. Checked against it, at the README's
@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from conftest import REFERENCE
 
-from research.rtdetr import box_ops
 from research.rtdetr.criterion import SetCriterion
 from research.rtdetr.denoising import (denoising_attention_mask, dn_meta_from_official,
                                        get_contrastive_denoising_training_group, inverse_sigmoid,
                                        num_denoising_slots)
 from research.rtdetr.matcher import (HungarianMatcher, assignment_pairs, linear_assignment_host,
                                      query_target_index)
+from research.vision import boxes as box_lib
 
 GOLDEN = os.path.join(REFERENCE, "rtdetr_r18vd", "golden_loss.npz")
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6   # README: float32 port on the saved outputs
@@ -267,27 +267,6 @@ def test_linear_assignment_host_brute_force():
     np.testing.assert_array_equal(per_query, [[2, -1, 0, -1]])
 
 
-def test_box_ops():
-    b1 = np.array([[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 3.0, 2.0]], np.float32)
-    b2 = np.array([[1.0, 1.0, 3.0, 3.0], [10.0, 10.0, 11.0, 11.0], [0.0, 0.0, 2.0, 2.0]], np.float32)
-    iou, union = box_ops.box_iou(b1, b2)
-    giou = box_ops.generalized_box_iou(b1, b2)
-    assert iou[0, 0] == pytest.approx(1 / 7) and union[0, 0] == pytest.approx(7)
-    assert giou[0, 0] == pytest.approx(1 / 7 - 2 / 9)            # enclosing box 3x3
-    assert giou[0, 2] == pytest.approx(1.0) and iou[0, 1] == 0
-    assert giou[0, 1] == pytest.approx(-(121 - 5) / 121)           # disjoint: -(C - U) / C
-    j_iou, _ = box_ops.box_iou(jnp.asarray(b1), jnp.asarray(b2))  # JAX path, same values
-    np.testing.assert_allclose(np.asarray(j_iou), iou, rtol=1e-6)
-    assert isinstance(giou, np.ndarray) and not isinstance(j_iou, np.ndarray)
-    pairs = b2[[0, 2]]
-    np.testing.assert_allclose(box_ops.elementwise_generalized_box_iou(b1, pairs), np.diag(
-        box_ops.generalized_box_iou(b1, pairs)), rtol=1e-6)
-    c = np.random.default_rng(0).uniform(0.1, 0.9, (5, 4)).astype(np.float32)
-    np.testing.assert_allclose(box_ops.box_xyxy_to_cxcywh(box_ops.box_cxcywh_to_xyxy(c)), c, atol=1e-6)
-    np.testing.assert_allclose(box_ops.box_cxcywh_to_xyxy(np.array([0.5, 0.4, 0.2, 0.6], np.float32)),
-                               [0.4, 0.1, 0.6, 0.7], atol=1e-7)
-
-
 # ----------------------------------------------------------------------------- denoising
 
 
@@ -314,8 +293,8 @@ def check_noised_queries(cls, unact, clean_labels, clean_boxes, real, negative):
     np.testing.assert_allclose(unact[~real], PAD_LOGIT, atol=1e-5)
     assert ((cls[real] >= 0) & (cls[real] < NUM_CLASSES)).all()
     decoded = 1 / (1 + np.exp(-unact))
-    noisy = box_ops.box_cxcywh_to_xyxy(decoded)[real]
-    clean = box_ops.box_cxcywh_to_xyxy(clean_boxes.astype(np.float64))[real]
+    noisy = box_lib.cxcywh_to_xyxy(decoded)[real]
+    clean = box_lib.cxcywh_to_xyxy(clean_boxes.astype(np.float64))[real]
     half = np.tile(clean_boxes[..., 2:].astype(np.float64) / 2, 2)[real]
     neg = np.broadcast_to(negative[None, :, None], real.shape + (4,))[real]
     tol = 3e-5

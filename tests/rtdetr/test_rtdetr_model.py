@@ -366,3 +366,38 @@ def test_avg_pool_ceil_mode_equals_torch():
     x = np.random.default_rng(0).standard_normal((2, 7, 6, 3)).astype(np.float32)
     ref = torch.nn.AvgPool2d(2, 2, 0, ceil_mode=True)(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
     np.testing.assert_allclose(_nchw(avg_pool_2x2_ceil(jnp.asarray(x))), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_speed_layer_same_parameters_and_values():
+    """The task's model with `config.model.conv_impl` "auto" (on CPU: research/cpu/layers.py convolutions and
+    memory-lean BatchNorm) has flax's parameter tree and gives the same eval outputs, train-mode outputs,
+    BatchNorm statistics and gradients as flax's layers ("lax", what the goldens and ONNX export use)."""
+    from configs.rtdetr import get_config
+    from research.cpu.layers import PLAIN, select
+    from research.rtdetr.task import model_from_config
+    if select("auto") == PLAIN:
+        pytest.skip("no CPU speed layer on this backend")
+    c = get_config("smoke")
+    fast, plain = model_from_config(c, 5, conv_impl="auto"), model_from_config(c, 5, conv_impl="lax")
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3))
+    variables = _random_variables(plain, x)
+    assert jax.tree_util.tree_structure(jax.eval_shape(lambda: fast.init(jax.random.PRNGKey(0), x))) == \
+        jax.tree_util.tree_structure(jax.eval_shape(lambda: plain.init(jax.random.PRNGKey(0), x)))
+    cls, box, mask = _tiny_dn(np.random.default_rng(0), num_queries=20)
+
+    def run(model):
+        def loss(params):
+            out, new = model.apply({**variables, "params": params}, x, True, cls, box, mask, mutable=["batch_stats"])
+            return out["pred_logits"].sum() + 10 * out["pred_boxes"].sum() + out["dn_outputs"][-1]["pred_boxes"].sum(), (
+                out, new)
+        (value, (out, new)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        return value, out, new, grads, jax.jit(lambda v: model.apply(v, x, False))(variables)
+
+    ref, got = run(plain), run(fast)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-4)
+    for name, a, b in (("train outputs", got[1], ref[1]), ("batch_stats", got[2], ref[2]), ("eval", got[4], ref[4])):
+        for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-3, atol=1e-4, err_msg=f"{name} {path}")
+    for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(got[3]), jax.tree_util.tree_leaves(ref[3])):
+        scale = max(float(np.abs(np.asarray(v)).max()), 1e-6)
+        assert float(np.abs(np.asarray(u) - np.asarray(v)).max()) <= 1e-3 * scale + 1e-5, path
