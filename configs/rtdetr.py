@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import add_shared_fields, parse_arg
 
 VARIANTS = ("r18vd", "r34vd", "r50vd", "r50vd_m", "r101vd")
 
@@ -131,12 +131,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_epochs = 72
     c.total_steps = 0  # > 0 overrides num_epochs
 
-    c.log_every_steps = 20
-    c.eval_every_steps = 5000
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
-    c.async_checkpoints = True
-    c.resume_changes = False  # resume a workdir whose config changed in a field that matters
+    # benchmark (research/rtdetr/benchmark.py): the official R18vd structure at 640, random weights;
+    # inference batch 1 (JAX, ONNX Runtime), train step batch 2 and the matcher's share of it;
+    # torch_repo a clone of lyuwenyu/RT-DETR, timed in the same run (research/rtdetr/official_torch.py;
+    # its model files import torchvision, so torch_python must be an interpreter with torch,
+    # torchvision, scipy and pyyaml)
+    add_shared_fields(c, log_every_steps=20, eval_every_steps=5000, checkpoint_every_steps=1000,
+                      benchmark_variant="r18vd")
 
     c.evals = ml_collections.ConfigDict()
     c.evals.coco = ml_collections.ConfigDict(dict(type="coco_detection", every_steps=0, split=""))
@@ -154,27 +155,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.predict.num_images = 8
     c.predict.input_dir = ""
 
-    c.export = ml_collections.ConfigDict()
-    c.export.onnx = True
-    c.export.torch = True
-
-    # --mode=benchmark (research/rtdetr/benchmark.py): the official R18vd structure at 640, random weights
-    c.benchmark = ml_collections.ConfigDict()
-    c.benchmark.image_size = 640
-    c.benchmark.batch_size = 1  # inference (JAX, ONNX Runtime)
-    c.benchmark.train_batch_size = 2  # train step and the matcher's share of it
-    c.benchmark.variant = "r18vd"
-    c.benchmark.repeats = 10
-    # A local clone of lyuwenyu/RT-DETR: the official PyTorch model is then timed in the same run
-    # (research/rtdetr/official_torch.py; its model files import torchvision, so the interpreter must have it).
-    c.benchmark.torch_repo = ""
-    # The interpreter that runs the official code (torch + torchvision + scipy + pyyaml); "" = this one.
-    c.benchmark.torch_python = ""
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
 
     if not official:
         # CPU recipe for the embedded data (not official): no pretrained backbone, so one learning rate for

@@ -662,6 +662,8 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
     torch_before = None
     if torch_repo:  # timed before and after ours: a slow drift of a shared machine cancels in the ratio
         torch_before = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats, torch_python)
+        if torch_before.get("skipped"):  # the runner could not build the official model here: say why
+            print(f"  official PyTorch not timed: {torch_before['skipped']}", file=sys.stderr)
     try:
         ref_out, infer_flops = None, None
         if "infer" in stages:
@@ -678,7 +680,7 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
             records.extend(measure_train_step(spec, train_batch, repeats, warmup, counter))
         if "extra" in stages and spec.extra_stages is not None:
             records.extend(spec.extra_stages(repeats, warmup))
-        if torch_repo:
+        if torch_repo and not torch_before.get("skipped"):
             after = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats, torch_python)
             records.extend(torch_records(spec, torch_repo, torch_before, after, infer_batch, train_batch))
     finally:
@@ -689,6 +691,8 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
         "ratios": ratios(records, spec, infer_batch, train_batch),
         "recompilation": {"ok": all(v["ok"] for v in recomp.values()), **recomp},
         "reference": spec.reference,
+        "official_torch": ({"repo": torch_repo, **{k: v for k, v in torch_before.items() if not isinstance(v, list)}}
+                           if torch_before else None),
         "model": {"network": spec.name, "variant": spec.variant, "image_size": spec.image_size, **spec.info},
         "settings": {"infer_batch": infer_batch, "train_batch": train_batch, "repeats": repeats,
                      "warmup": warmup, "stages": list(stages)},

@@ -24,6 +24,8 @@ from absl import logging
 
 from research import optim as shared_optim
 from research import parallel, tasks
+from research.data import pipeline
+from research.evaluation.detection import DetectionDataMixin
 from research.rtdetr import data as data_lib
 from research.rtdetr import transforms as T
 from research.rtdetr.criterion import SetCriterion
@@ -72,7 +74,7 @@ def lr_factor(step, *, steps_per_epoch: int, milestones_epochs, gamma: float, wa
 
 
 @tasks.register("rtdetr")
-class Task(tasks.Task):
+class Task(DetectionDataMixin, tasks.Task):
     """RT-DETR on a detection dataset (`shapes` or a local COCO folder); see the module docstring."""
 
     use_ema = True
@@ -80,7 +82,7 @@ class Task(tasks.Task):
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
         self.use_ema = bool(config.ema.use)
-        nc = self._resolve_num_classes()
+        nc = self.resolve_num_classes(self._weights_num_classes)
         self.num_classes = nc
         self.model = model_from_config(config, nc)
         # what ONNX export traces (flax's own convolutions and BatchNorm); the same parameters
@@ -98,42 +100,17 @@ class Task(tasks.Task):
         self.steps = None
 
     # ---------------------------------------------------------------- classes, data, weights
-    @functools.cached_property
-    def dataset(self):
-        """The shared detection data of `config.data` (builder prepared on first use; its YOLOv5 loader unused)."""
-        from research.data import detection
-        return detection.DetectionData(self.config.data)
+    def _weights_num_classes(self, sd) -> int:
+        """The class count of an official RT-DETR state_dict (`decoder.enc_score_head.weight` rows).
 
-    def _resolve_num_classes(self) -> int:
-        """`config.model.num_classes` when > 0; else, for export/predict/benchmark with official weights, the
-        weights' class count (`decoder.enc_score_head.weight` rows); else the dataset's (which must then agree)."""
-        c = self.config
-        if c.model.num_classes > 0:
-            nc = int(c.model.num_classes)
-            self.class_names = self._names_for(nc)
-            return nc
-        sd = self.init_state_dict()
-        nc_weights = None
-        if sd is not None:
-            key = "decoder.enc_score_head.weight"
-            if key not in sd:
-                raise ValueError(f"config.model.init_from={c.model.init_from}: no {key}; not an RT-DETR state_dict")
-            nc_weights = int(np.shape(sd[key])[0])
-            if self.mode in ("export", "predict"):
-                self.class_names = self._names_for(nc_weights)
-                return nc_weights
-        names = tuple(self.dataset.class_names)
-        if nc_weights is not None and nc_weights != len(names):
-            raise ValueError(f"config.model.init_from={c.model.init_from} has {nc_weights} classes but the "
-                             f"{c.data.name!r} data has {len(names)}: use data with the weights' classes, or "
-                             "--mode=export/predict (which use the weights' classes)")
-        self.class_names = names
-        return len(names)
-
-    @staticmethod
-    def _names_for(nc: int) -> tuple[str, ...]:
-        from research.vision.coco_classes import COCO80_NAMES
-        return tuple(COCO80_NAMES) if nc == len(COCO80_NAMES) else tuple(f"class{i}" for i in range(nc))
+        Raises:
+          ValueError: the file has no such key (not an RT-DETR state_dict), naming it.
+        """
+        key = "decoder.enc_score_head.weight"
+        if key not in sd:
+            raise ValueError(f"config.model.init_from={self.config.model.init_from}: no {key}; "
+                             "not an RT-DETR state_dict")
+        return int(np.shape(sd[key])[0])
 
     def num_train_examples(self) -> int:
         return self.dataset.num_examples(self.config.data.train_split)
@@ -288,20 +265,6 @@ class Task(tasks.Task):
 
     # ---------------------------------------------------------------- the detector protocol
     # (research/evaluation/detection.py: the `coco_detection` evaluator of config.evals)
-    @property
-    def label_to_category_id(self):
-        return self.dataset.label_to_category_id
-
-    def ground_truth_file(self, split: str) -> str | None:
-        return self.dataset.annotation_file(split, self.config.eval.annotations)
-
-    def coco_gt_file(self, path: str):
-        """pycocotools COCO of an annotation json, loaded once per task."""
-        cache = self.__dict__.setdefault("_coco_gt_files", {})
-        if path not in cache:
-            from research.evaluation.coco import load_coco_gt
-            cache[path] = load_coco_gt(path)
-        return cache[path]
 
     def deploy_fn(self, variables, for_export: bool = False):
         """The official deploy model (model.deploy() + postprocessor.deploy()): (images [B, S, S, 3] float 0-1,
@@ -334,18 +297,21 @@ class Task(tasks.Task):
                                       batch_size=c.eval.batch_size, train=False, max_labels=c.data.max_labels,
                                       process_index=0, process_count=1)
         run = self._runner(variables, onnx_path)
-        for batch in loader:
-            labels, boxes, scores = run(batch["image"], batch["orig_size"])
-            for i in range(len(batch["image_id"])):
-                if batch["image_id"][i] < 0:
-                    continue
-                w, h = (int(v) for v in batch["orig_size"][i])
-                valid = batch["valid"][i]
-                gt = batch["boxes"][i][valid].astype(np.float64) * np.array([w, h, w, h])
-                gt_xyxy = np.concatenate([gt[:, :2] - gt[:, 2:] / 2, gt[:, :2] + gt[:, 2:] / 2], -1).reshape(-1, 4)
-                dets = np.concatenate([boxes[i], scores[i][:, None], labels[i][:, None].astype(np.float32)], -1)
-                yield {"image": {"id": int(batch["image_id"][i]), "height": h, "width": w}, "gt_xyxy": gt_xyxy,
-                       "gt_labels": batch["classes"][i][valid], "dets": dets}
+        with pipeline.closing_iterator(loader) as it:  # workers and shared memory freed at the end or on error
+            for batch in it:
+                labels, boxes, scores = run(batch["image"], batch["orig_size"])
+                for i in range(len(batch["image_id"])):
+                    if batch["image_id"][i] < 0:
+                        continue
+                    w, h = (int(v) for v in batch["orig_size"][i])
+                    valid = batch["valid"][i]
+                    gt = batch["boxes"][i][valid].astype(np.float64) * np.array([w, h, w, h])
+                    gt_xyxy = np.concatenate([gt[:, :2] - gt[:, 2:] / 2, gt[:, :2] + gt[:, 2:] / 2],
+                                             -1).reshape(-1, 4)
+                    dets = np.concatenate([boxes[i], scores[i][:, None], labels[i][:, None].astype(np.float32)],
+                                          -1)
+                    yield {"image": {"id": int(batch["image_id"][i]), "height": h, "width": w},
+                           "gt_xyxy": gt_xyxy, "gt_labels": batch["classes"][i][valid], "dets": dets}
 
     def predict(self, variables: dict, out_dir: str) -> list[str]:
         """The deploy model on `config.predict.input_dir` (or the first eval images); detections with score >=
