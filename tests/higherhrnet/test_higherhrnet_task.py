@@ -295,6 +295,34 @@ def test_config_variants_and_official_schedule():
     assert float(sched(2590)) == pytest.approx(1e-5)
 
 
+def test_coco_folder_cut_jpeg_kept_and_empty_validation_split_left_out(tmp_path):
+    """Issue 10 cases 8 and 4 on the keypoints path: a JPEG missing only its end marker is restored and
+    trained on; a validation json listing no images leaves that split out (named), training still prepares."""
+    import shutil
+
+    import ml_collections
+    from research.data import validation
+    root = str(tmp_path / "coco")
+    ann, imgs = _coco_folder(root)
+    pix = np.zeros((40, 50, 3), np.uint8)
+    pix[5:15, 5:15] = 220
+    ok, enc = cv2.imencode(".jpg", pix)
+    with open(os.path.join(root, "images", "train2017", "a.jpg"), "wb") as f:
+        f.write(enc.tobytes()[:-2])  # no FFD9 end marker
+    shutil.copy(ann, ann.replace("val2017", "train2017"))
+    json.dump({"images": [], "annotations": [], "categories": [{"id": 1, "name": "person"}]}, open(ann, "w"))
+    cfg = ml_collections.ConfigDict(dict(name="coco", num_joints=17, train_set="train2017", validation_set="val2017",
+                                         manual_dir=root, data_dir=str(tmp_path / "tfds")))
+    builder = data.prepare(cfg)
+    assert list(builder.info.splits) == ["train"]
+    r = data.decode_record(data.open_split(builder, "train")[0])
+    assert r["image"].shape == (40, 50, 3) and r["image"][10, 10].min() > 180  # the pixels are there
+    lines = [(os.path.basename(p.file), p.what, p.action) for p in validation.read(builder.data_dir)]
+    assert not [x for x in lines if x[0] == "a.jpg" and "skipped" in x[2]]  # kept (restored if it must be)
+    assert ("person_keypoints_val2017.json", '"images" is empty',
+            "no 'validation' split (evaluation on it will say so)") in lines
+
+
 def test_coco_folder_prepares_through_tfds(tmp_path):
     import shutil
 
