@@ -226,6 +226,28 @@ class Task(tasks.Task):
         return data.coco_ground_truth(self.eval_records(), int(self.config.data.num_joints),
                                       tuple(map(tuple, self.config.data.skeleton)))
 
+    def crowd_index(self) -> dict[int, float]:
+        """image id -> `crowdIndex` of the evaluated CrowdPose images, read from the annotation file of
+        `config.data.validation_set` in `config.data.manual_dir` (the records keep no per-image fields).
+
+        Raises:
+          FileNotFoundError: the annotation file is missing. ValueError: an evaluated image has no crowdIndex.
+        """
+        d = self.config.data
+        path = os.path.join(d.manual_dir, "annotations", f"person_keypoints_{d.validation_set}.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CrowdPose scoring needs the images' crowdIndex from {path}")
+        import json
+        with open(path) as f:
+            images = {int(im["id"]): im.get("crowdIndex") for im in json.load(f).get("images", [])}
+        out = {}
+        for r in self.eval_records():
+            ci = images.get(int(r["image_id"]))
+            if ci is None:
+                raise ValueError(f"{path}: image {r['image_id']} has no crowdIndex")
+            out[int(r["image_id"])] = float(ci)
+        return out
+
     def oks_sigmas(self):
         j = int(self.config.data.num_joints)
         if j == 17:
