@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from research import parallel, tasks
+from research.data import pipeline
 from research.higherhrnet import bridge, data, evaluation, group, targets
 from research.higherhrnet import transforms as T
 from research.higherhrnet.loss import LossConfig, multi_loss
@@ -175,10 +176,27 @@ class Task(tasks.Task):
     def num_train_examples(self) -> int:
         return len(self.records(self.config.data.train_split))
 
-    def train_loader(self, iterator_state=None):
-        """Shuffled epochs of global batches; this process's rows of each; resumable (grain iterator state)."""
+    def train_loader(self, iterator_state=None, process_index: int | None = None,
+                     process_count: int | None = None):
+        """This process's rows of the shuffled global batches, resumable on any process count.
+
+        One seeded order of the records (grain `shuffle` + `repeat`), cut into global batches of `config.batch_size`;
+        process p of n loads rows [p * b/n, (p + 1) * b/n) of each, augmented with randomness keyed by (seed, global
+        position), so the global batches do not depend on n. The iterator's `get_state()` is the number of global
+        batches consumed (`research.data.pipeline.ResumableLoader`), so a checkpoint resumes on any process count.
+
+        Args:
+          iterator_state: a `get_state()` of an earlier iterator (None: from the start).
+          process_index, process_count: default `jax.process_index()` / `jax.process_count()` (tests pass them).
+
+        Raises:
+          ValueError: the global batch does not split evenly over the processes.
+        """
         c = self.config
-        p, n_proc = jax.process_index(), jax.process_count()
+        p = jax.process_index() if process_index is None else int(process_index)
+        n_proc = jax.process_count() if process_count is None else int(process_count)
+        if c.batch_size % n_proc:
+            raise ValueError(f"config.batch_size={c.batch_size} does not split over {n_proc} processes")
         local = c.batch_size // n_proc
         recs = self.records(c.data.train_split)
         op = _LoadAugment(recs, c, slice(p * local, (p + 1) * local), c.batch_size)
@@ -186,13 +204,11 @@ class Task(tasks.Task):
               .batch(int(c.batch_size), drop_remainder=True).map_with_index(op))
         threads = max(int(c.data.num_workers), 1)
 
-        class Loader:
-            def __iter__(self):
-                it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
-                if iterator_state:
-                    it.set_state(iterator_state)
-                return it
-        return Loader()
+        def make(start_batch: int):
+            # slicing after map_with_index keeps each batch's global index (its augmentation keys)
+            part = ds[start_batch:] if start_batch else ds
+            return part.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
+        return pipeline.ResumableLoader(make, iterator_state)
 
     def _eval_rows(self) -> list[int]:
         """Record indices of the evaluated images (the first `config.eval.max_images`, 0 = all), by image id."""
