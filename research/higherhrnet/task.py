@@ -152,7 +152,11 @@ class Task(tasks.Task):
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
         self.model_cfg = model_config(config)
-        self.model = build_model(self.model_cfg)
+        from research.cpu import layers as cpu_layers
+        # convolutions and BatchNorm through the CPU speed layer where `config.model.conv_impl` picks it (same
+        # parameter tree as nn.Conv / nn.BatchNorm); the export graph stays plain flax (what exports trace)
+        self.layers = cpu_layers.select(config.model.conv_impl)
+        self.model = build_model(self.model_cfg, conv=self.layers.nn_conv, norm=self.layers.nn_batch_norm)
         self.export_model = build_model(self.model_cfg, conv_transpose=ZeroInsertConvTranspose)
         lc = config.loss
         self.loss_cfg = LossConfig(num_joints=int(config.data.num_joints), with_heatmaps_loss=(True, True),
@@ -164,6 +168,13 @@ class Task(tasks.Task):
         if tuple(config.data.output_sizes) != (config.data.input_size // 4, config.data.input_size // 2):
             raise ValueError(f"config.data.output_sizes {tuple(config.data.output_sizes)} must be input_size / 4 and "
                              f"/ 2 ({config.data.input_size // 4}, {config.data.input_size // 2})")
+
+    @classmethod
+    def benchmark_spec(cls, config, *, variant: str, image_size: int):
+        """`research/higherhrnet/benchmark.py`: W32 inference (JAX, ONNX), train step, grouping and single-scale
+        inference, with the official PyTorch model timed in the same run when `benchmark.torch_repo` is set."""
+        from research.higherhrnet import benchmark
+        return benchmark.benchmark_spec(config, variant=variant, image_size=image_size)
 
     # ---------------------------------------------------------------- data
     @functools.cached_property

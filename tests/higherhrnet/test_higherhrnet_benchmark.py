@@ -1,0 +1,53 @@
+"""HigherHRNet benchmark spec at tiny size through the shared harness (all stages, values checked), the grouping on the
+planted benchmark maps, and the official runner on the local clone when there is one."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs.higherhrnet import get_config
+from research import benchmark
+from research.higherhrnet import bench_inputs, inference
+from research.higherhrnet import benchmark as hb
+
+OFFICIAL = "/work/official/HigherHRNet-Human-Pose-Estimation"
+
+
+def test_spec_runs_every_stage_at_tiny_size(tmp_path):
+    spec = hb.benchmark_spec(get_config("smoke"), variant="tiny", image_size=64)
+    res = benchmark.benchmark(spec, infer_batch=1, train_batch=2, repeats=1, warmup=1, out_dir=str(tmp_path))
+    by = {r["what"]: r for r in res["records"]}
+    assert {"infer", "onnx_infer", "train_step", "grouping", "single_scale"} <= set(by)
+    assert by["onnx_infer"]["rel_err_vs_jax"] <= 1e-4
+    assert np.isfinite(by["train_step"]["loss_first_step"]) and by["train_step"]["loss_first_step"] > 0
+    g = by["grouping"]
+    assert g["share_of_single_scale"] == pytest.approx(g["median_ms"] / by["single_scale"]["median_ms"])
+    assert res["recompilation"]["ok"]
+    with pytest.raises(ValueError, match="variant"):
+        hb.benchmark_spec(get_config("smoke"), variant="w64", image_size=64)
+
+
+def test_grouping_finds_the_planted_people():
+    """The benchmark maps are meaningful: the 12 planted people come out as 12 groups of 17 joints, each joint on
+    its planted peak (the tags separate them)."""
+    from research.higherhrnet.group import PostprocessSettings
+    heat, tags = bench_inputs.planted_maps(256, 17, num_people=12, seed=0)
+    settings = PostprocessSettings(input_size=256)
+    people = inference.people_from_maps(heat[None], tags[None], (128.0, 128.0), (1.28, 1.28), settings)[0]
+    assert len(people["scores"]) == 12
+    assert (people["people"][..., 2] > 0.25).all()  # every joint found on a planted peak (heights 0.3-0.95)
+
+
+@pytest.mark.skipif(not os.path.isdir(OFFICIAL), reason="no official clone")
+def test_official_runner_small(tmp_path):
+    pytest.importorskip("torch")
+    from research.higherhrnet import official_torch
+    out = official_torch.measure(OFFICIAL, variant="w32_512", image_size=64, infer_batch=1, train_batch=1, repeats=1)
+    assert out["params"] == 28_645_331  # the official model, built from the official yaml
+    assert len(out["infer"]) == 1 and len(out["train_step"]) == 1 and out["infer"][0] > 0
+    try:
+        import munkres  # noqa: F401
+        assert len(out["grouping"]) == 1
+    except ImportError:
+        assert "grouping" not in out and "munkres" in out["notes"]
