@@ -29,14 +29,19 @@ def test_spec_runs_every_stage_at_tiny_size(tmp_path):
 
 
 def test_grouping_finds_the_planted_people():
-    """The benchmark maps are meaningful: the 12 planted people come out as 12 groups of 17 joints, each joint on
-    its planted peak (the tags separate them)."""
+    """The benchmark maps are meaningful: the 12 planted people come out as the 12 best groups, every joint on a
+    planted peak (the tags separate them); the few other groups are stray single joints (a person's score is its
+    mean joint value: one joint of <= 0.95 out of 17 scores <= 0.056)."""
     from research.higherhrnet.group import PostprocessSettings
     heat, tags = bench_inputs.planted_maps(256, 17, num_people=12, seed=0)
     settings = PostprocessSettings(input_size=256)
     people = inference.people_from_maps(heat[None], tags[None], (128.0, 128.0), (1.28, 1.28), settings)[0]
-    assert len(people["scores"]) == 12
-    assert (people["people"][..., 2] > 0.25).all()  # every joint found on a planted peak (heights 0.3-0.95)
+    order = np.argsort(-people["scores"])
+    best, rest = order[:12], order[12:]
+    assert (people["scores"][best] > 0.5).all() and (people["scores"][rest] < 0.06).all()
+    # joints matched on planted peaks (heights 0.3-0.95); where two people's same joints overlap, NMS keeps one peak
+    found = (people["adjusted"][best][..., 2] > 0.25).sum(1)
+    assert found.min() >= 15 and found.sum() >= 0.95 * 12 * 17
 
 
 @pytest.mark.skipif(not os.path.isdir(OFFICIAL), reason="no official clone")

@@ -113,3 +113,38 @@ def test_coco_scoring_differs_on_the_same_case():
     gt, results = _case(True)
     coco = evaluation.oks_ap(gt, results, SIGMAS)
     assert coco["AP"] > HAND["AP"] + 0.01
+
+
+def test_crowdpose_folder_wiring(tmp_path):
+    """`data=crowdpose`: the task reads each evaluated image's crowdIndex from the annotation file and the ground
+    truth rebuilt from the records scores 1.0 against itself in every type present, -1 in the empty one."""
+    import json
+    import os
+
+    import cv2
+
+    from configs.higherhrnet import get_config
+    from research.higherhrnet import task as task_lib
+    root = tmp_path / "crowdpose"
+    for s in ("trainval", "test"):
+        os.makedirs(root / "images" / s)
+        images, anns = [], []
+        for i, ci in ((1, 0.05), (2, 0.95)):
+            cv2.imwrite(str(root / "images" / s / f"{i}.jpg"), np.full((200, 200, 3), 60 * i, np.uint8))
+            images.append({"id": i, "file_name": f"{i}.jpg", "height": 200, "width": 200, "crowdIndex": ci})
+            k = _person(40, 30)
+            anns.append({"id": 10 + i, "image_id": i, "category_id": 1, "keypoints": k.reshape(-1).tolist(),
+                         "num_keypoints": 14, "bbox": [40.0, 30.0, W, H], "iscrowd": 0})
+        os.makedirs(root / "annotations", exist_ok=True)
+        json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "person"}]},
+                  open(root / "annotations" / f"person_keypoints_{s}.json", "w"))
+    c = get_config("variant=tiny,data=crowdpose")
+    c.data.manual_dir, c.data.data_dir = str(root), str(tmp_path / "tfds")
+    task = task_lib.Task(c, "eval")
+    assert task.crowd_index() == {1: 0.05, 2: 0.95}
+    gt = task.ground_truth()
+    results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0}
+               for a in gt["annotations"]]
+    got = evaluation.crowdpose_ap(gt, results, task.crowd_index())
+    assert got["AP"] == pytest.approx(1.0) and got["AR"] == pytest.approx(1.0)
+    assert (got["AP_easy"], got["AP_medium"], got["AP_hard"]) == (1.0, -1.0, 1.0)
