@@ -107,3 +107,40 @@ def benchmark_spec(config, *, variant: str, image_size: int) -> BenchSpec:
         onnx_output_names=["output_0", "output_1"], torch_reference_module="research.higherhrnet.official_torch",
         reference=REFERENCE if variant == "w32_512" else None, info=info, extra_stages=extra_stages,
         measured_pairs=(("grouping", "torch_grouping"),))
+
+
+def conv_impl_ab(config, *, variant: str = "tiny", image_size: int = 128, train_batch: int = 16, repeats: int = 5,
+                 impls: tuple[str, ...] = ("lax", "auto", "lax", "auto")) -> dict:
+    """Same-run A/B of the train step with plain flax layers ("lax") and the CPU speed layer ("auto"), alternated
+    so a drift of a shared machine touches both: {impl: [median ms per run], 'auto_over_lax': ratio of the means}.
+
+        python -m research.higherhrnet.benchmark --ab [--variant tiny --image_size 128 --train_batch 16]
+    """
+    from research import benchmark as harness
+    out: dict = {}
+    for impl in impls:
+        cfg = config.copy_and_resolve_references()
+        cfg.model.conv_impl = impl
+        spec = benchmark_spec(cfg, variant=variant, image_size=image_size)
+        res = harness.benchmark(spec, infer_batch=1, train_batch=train_batch, repeats=repeats, stages=("train",))
+        step = [r for r in res["records"] if r["what"] == "train_step"][0]
+        out.setdefault(impl, []).append(step["median_ms"])
+    if "lax" in out and "auto" in out:
+        out["auto_over_lax"] = float(np.mean(out["auto"]) / np.mean(out["lax"]))
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    from configs.higherhrnet import get_config
+    p = argparse.ArgumentParser(description="HigherHRNet train-step A/B: plain flax vs the CPU speed layer")
+    p.add_argument("--ab", action="store_true", required=True)
+    p.add_argument("--variant", default="tiny")
+    p.add_argument("--image_size", type=int, default=128)
+    p.add_argument("--train_batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args()
+    print(json.dumps(conv_impl_ab(get_config(), variant=a.variant, image_size=a.image_size,
+                                  train_batch=a.train_batch, repeats=a.repeats), indent=2))
