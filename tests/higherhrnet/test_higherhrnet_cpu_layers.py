@@ -18,7 +18,7 @@ def _task(conv_impl: str):
     return task_lib.Task(c, "train")
 
 
-@pytest.mark.parametrize("impl", ["dot", "auto"])
+@pytest.mark.parametrize("impl", ["auto"])  # oneDNN where it builds, else "dot"
 def test_speed_layer_same_tree_outputs_and_gradients(impl):
     plain, fast = _task("lax"), _task(impl)
     assert plain.layers == cpu_layers.PLAIN and fast.layers.conv_impl in ("dot", "onednn") and fast.layers.lean_norm
@@ -44,7 +44,9 @@ def test_speed_layer_same_tree_outputs_and_gradients(impl):
 
 
 def test_export_graph_stays_plain():
+    import flax.linen as nn
     t = _task("auto")
-    assert t.export_model.conv is not t.model.conv and t.model.conv is t.layers.nn_conv
+    assert t.model.conv.func is cpu_layers.FlaxConv and t.model.norm is cpu_layers.FlaxBatchNorm
+    assert t.export_model.conv is nn.Conv and t.export_model.norm is nn.BatchNorm
     with pytest.raises(ValueError, match="conv_impl"):
         _task("fast")
