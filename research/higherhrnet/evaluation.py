@@ -92,7 +92,7 @@ def crowdpose_ap(ground_truth: dict, results: Sequence[dict], crowd_index: dict 
       type_bounds: (easy/medium, medium/hard) crowd-index bounds.
 
     Returns:
-      dict of `CROWDPOSE_STATS_NAMES` -> float (all 0 but the type APs' -1 for empty subsets without results).
+      dict of `CROWDPOSE_STATS_NAMES` -> float (without results: 0, and -1 for the types without images).
 
     Raises:
       ValueError: an image has no crowd index, or an annotation no 14-joint keypoints / bbox.
@@ -114,9 +114,10 @@ def crowdpose_ap(ground_truth: dict, results: Sequence[dict], crowd_index: dict 
     lo, hi = type_bounds
     subsets = ([i for i, c in index.items() if c < lo], [i for i, c in index.items() if lo <= c < hi],
                [i for i, c in index.items() if c >= hi])
-    if not results:
-        return {k: (0.0 if not k.startswith("AP_") else (0.0 if s else -1.0))
-                for k, s in zip(CROWDPOSE_STATS_NAMES, (1,) * 6 + tuple(subsets))}
+    if not results:  # (the toolkit's loadRes fails on an empty list)
+        out = dict.fromkeys(CROWDPOSE_STATS_NAMES[:6], 0.0)
+        out.update({n: (0.0 if ids else -1.0) for n, ids in zip(("AP_easy", "AP_medium", "AP_hard"), subsets)})
+        return out
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         gt = COCO()

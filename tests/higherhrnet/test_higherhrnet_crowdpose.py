@@ -100,6 +100,9 @@ def test_crowdpose_type_bounds_and_crowd_index_argument():
     # an explicit crowd index map replaces the images' field: image 3 becomes easy
     got = evaluation.crowdpose_ap(gt, results, crowd_index={1: 0.5, 2: 0.5, 3: 0.0})
     assert got["AP_easy"] == 0.2 and got["AP_medium"] == 0.6195 and got["AP_hard"] == -1.0
+    empty = evaluation.crowdpose_ap(gt, [], type_bounds=(0.1, 0.8))
+    assert empty == dict(HAND, AP=0.0, AP50=0.0, AP75=0.0, AR=0.0, AR50=0.0, AR75=0.0, AP_easy=-1.0, AP_medium=0.0,
+                         AP_hard=0.0)
     for im in gt["images"]:
         del im["crowdIndex"]
     with pytest.raises(ValueError, match="image 1 has no crowdIndex"):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import research.higherhrnet.task as task_lib
+from conftest import REFERENCE
 from configs.higherhrnet import get_config
 from research import modes
 from research.benchmark import host_init
@@ -55,6 +56,11 @@ def weights(tmp_path_factory):
 
 def test_module_prefix_is_stripped_and_strict(weights):
     sd = weights["sd"]
+    manifest = os.path.join(REFERENCE, "higherhrnet_w32_512", "manifest.json")
+    if os.path.exists(manifest):  # the tiny model's keys are official W32 keys (fewer blocks and modules)
+        official = {e["key"]: e for e in json.load(open(manifest))["entries"]}
+        assert set(sd) <= set(official)
+        assert all(len(v.shape) == len(official[k]["shape"]) for k, v in sd.items())
     assert bridge.strip_module_prefix({"module." + k: v for k, v in sd.items()}).keys() == sd.keys()
     mixed = dict(sd, **{"module.extra": np.zeros(1)})
     assert bridge.strip_module_prefix(mixed).keys() == mixed.keys()  # only a prefix on every key is removed
