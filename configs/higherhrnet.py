@@ -52,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.variant = net  # w32 | w48 | tiny (research/higherhrnet/model.py VARIANTS)
     c.model.init_from = ""  # an official PyTorch state_dict (.pth weights_only / .safetensors)
+    # research.cpu.layers.select: "auto" = the CPU speed layer's convolutions / BatchNorm on the CPU backend, plain
+    # flax elsewhere; "lax" = plain flax; "dot" / "onednn" force a CPU convolution (same parameters in every case)
+    c.model.conv_impl = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.name = arg.data
@@ -125,6 +128,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.onnx = True
     c.export.torch = True
+
+    # --mode=benchmark (research/higherhrnet/benchmark.py): W32 at 512 px like w32_512_adam_lr1e-3.yaml
+    c.benchmark = ml_collections.ConfigDict()
+    c.benchmark.variant = "w32_512"  # w32_512 | w32_640 | w48_640 | tiny
+    c.benchmark.image_size = 512
+    c.benchmark.batch_size = 1
+    c.benchmark.train_batch_size = 2
+    c.benchmark.repeats = 5
+    # A local clone of HRNet/HigherHRNet-Human-Pose-Estimation: its model, loss and grouping are then timed in the
+    # same run (its grouping needs the `munkres` package in the interpreter below).
+    c.benchmark.torch_repo = ""
+    c.benchmark.torch_python = ""  # the interpreter that runs the official code; "" = this one
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator_address = ""

@@ -47,12 +47,22 @@ def to_torch(model: HigherHRNet, variables: Mapping[str, Any]) -> dict[str, np.n
     return {k: sd[k] for k in sorted(sd, key=_official_order)}
 
 
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The state_dict without the `module.` prefix that `torch.nn.DataParallel` / DistributedDataParallel adds to
+    every key (the `state_dict` of the official `tools/dist_train.py` checkpoints is the wrapped model's); unchanged
+    when not every key has it."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
 def from_torch(model: HigherHRNet, state_dict: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
     """Official state_dict -> Flax variables shaped like `template` (strict: raises `BridgeError` listing every
-    missing / unexpected key and shape mismatch, like `load_state_dict(strict=True)`)."""
+    missing / unexpected key and shape mismatch, like `load_state_dict(strict=True)`). Keys may carry DataParallel's
+    `module.` prefix (`strip_module_prefix`)."""
     stages = "/".join(str(s.num_channels[-1]) for s in model.config.stages)
     return torch_bridge.torch_to_flax(
-        state_dict, template, torch_mapping(model),
+        strip_module_prefix(state_dict), template, torch_mapping(model),
         what=f"HigherHRNet (branch widths {stages}, {model.config.num_joints} joints)")
 
 

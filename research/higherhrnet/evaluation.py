@@ -63,6 +63,95 @@ def oks_ap(ground_truth: dict, results: Sequence[dict], sigmas: np.ndarray | Non
     return {k: float(max(v, 0.0)) for k, v in zip(STATS_NAMES, ev.stats)}
 
 
+# crowdposetools `COCOeval.summarize` splits the images by `crowdIndex` with `get_type_result(first=0.2, second=0.8)`:
+# easy < 0.2 <= medium < 0.8 <= hard (the CrowdPose paper names 0.1 as the easy bound; its toolkit, whose numbers the
+# paper tables and HigherHRNet report, uses 0.2 in every revision).
+CROWDPOSE_TYPE_BOUNDS = (0.2, 0.8)
+CROWDPOSE_STATS_NAMES = ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP_easy", "AP_medium", "AP_hard")
+CROWDPOSE_AREA_FACTOR = 0.53  # crowdposetools computeOks / evaluateImg: area = bbox w * h * 0.53
+
+
+def crowdpose_ap(ground_truth: dict, results: Sequence[dict], crowd_index: dict | None = None,
+                 type_bounds: tuple[float, float] = CROWDPOSE_TYPE_BOUNDS) -> dict:
+    """CrowdPose keypoint AP as its benchmark toolkit scores it (crowdposetools `cocoeval.py`), on pycocotools.
+
+    The toolkit is pycocotools' COCOeval with these differences, each reproduced here:
+      * OKS sigmas of the 14 CrowdPose joints (`CROWDPOSE_SIGMAS`, hard-coded in its `computeOks`);
+      * no `area` field: the OKS scale and the area-range test use `bbox[2] * bbox[3] * 0.53` of each ground-truth
+        person (any `area` in `ground_truth` is replaced by it);
+      * `summarize` reports, at maxDets 20: AP, AP@0.5, AP@0.75 (area `all`), AR, AR@0.5, AR@0.75, and AP easy /
+        medium / hard: the images split by their `crowdIndex` (easy < bounds[0] <= medium < bounds[1] <= hard), each
+        subset evaluated and accumulated alone, its value the plain mean of `precision[:, :, :, all-area, :]` rounded
+        to 4 decimals (`get_type_result`); a subset without images gives -1 (its precision array stays -1).
+
+    Args:
+      ground_truth: COCO keypoints dict (images, annotations with `keypoints` [3 * 14], `bbox` (x, y, w, h) pixels,
+        `num_keypoints`, `iscrowd`, categories); not modified.
+      results: COCO keypoint results ({image_id, category_id, keypoints [3 * 14], score}).
+      crowd_index: image id -> crowd index in [0, 1]; default: each image's `crowdIndex` field (CrowdPose json).
+      type_bounds: (easy/medium, medium/hard) crowd-index bounds.
+
+    Returns:
+      dict of `CROWDPOSE_STATS_NAMES` -> float (without results: 0, and -1 for the types without images).
+
+    Raises:
+      ValueError: an image has no crowd index, or an annotation no 14-joint keypoints / bbox.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    gt_dict = json.loads(json.dumps(ground_truth))
+    index = {}
+    for im in gt_dict["images"]:
+        ci = (crowd_index or {}).get(im["id"], im.get("crowdIndex"))
+        if ci is None:
+            raise ValueError(f"CrowdPose scoring: image {im['id']} has no crowdIndex (pass crowd_index= or keep the "
+                             "field of the CrowdPose annotation file)")
+        index[im["id"]] = float(ci)
+    for a in gt_dict["annotations"]:
+        if len(a.get("keypoints", ())) != 3 * len(CROWDPOSE_SIGMAS) or len(a.get("bbox", ())) != 4:
+            raise ValueError(f"CrowdPose scoring: annotation {a.get('id')} needs 42 keypoint values and a bbox")
+        a["area"] = float(a["bbox"][2]) * float(a["bbox"][3]) * CROWDPOSE_AREA_FACTOR
+    lo, hi = type_bounds
+    subsets = ([i for i, c in index.items() if c < lo], [i for i, c in index.items() if lo <= c < hi],
+               [i for i, c in index.items() if c >= hi])
+    if not results:  # (the toolkit's loadRes fails on an empty list)
+        out = dict.fromkeys(CROWDPOSE_STATS_NAMES[:6], 0.0)
+        out.update({n: (0.0 if ids else -1.0) for n, ids in zip(("AP_easy", "AP_medium", "AP_hard"), subsets)})
+        return out
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        gt = COCO()
+        gt.dataset = gt_dict
+        gt.createIndex()
+        dt = gt.loadRes([dict(r) for r in results])
+        ev = COCOeval(gt, dt, "keypoints")
+        ev.params.useSegm = None
+        ev.params.kpt_oks_sigmas = CROWDPOSE_SIGMAS.astype(np.float64)
+        ev.params.maxDets = [20]
+        ev.evaluate()
+        ev.accumulate()
+        p = ev.params
+        a_all, m20 = p.areaRngLbl.index("all"), p.maxDets.index(20)
+        prec, rec = ev.eval["precision"][:, :, :, a_all, m20], ev.eval["recall"][:, :, a_all, m20]
+
+        def mean_valid(s):
+            s = s[s > -1]
+            return float(np.mean(s)) if s.size else -1.0
+
+        t50, t75 = np.abs(p.iouThrs - 0.5) < 0.01, np.abs(p.iouThrs - 0.75) < 0.01
+        out = {"AP": mean_valid(prec), "AP50": mean_valid(prec[t50]), "AP75": mean_valid(prec[t75]),
+               "AR": mean_valid(rec), "AR50": mean_valid(rec[t50]), "AR75": mean_valid(rec[t75])}
+        for name, ids in zip(("AP_easy", "AP_medium", "AP_hard"), subsets):
+            if not ids:
+                out[name] = -1.0
+                continue
+            ev.params.imgIds = sorted(ids)
+            ev.evaluate()
+            ev.accumulate()
+            out[name] = round(float(np.mean(ev.eval["precision"][:, :, :, a_all, :])), 4)
+    return out
+
+
 def people_to_results(image_id: int, keypoints: np.ndarray, scores: np.ndarray) -> list[dict]:
     """COCO results of one image's people (official `_coco_keypoint_results_one_category_kernel`).
 
@@ -129,7 +218,8 @@ class KeypointEvaluator(evaluation_base.Evaluator):
     """`config.evals.<name>.type = "coco_keypoints"`: OKS AP of the model (or the exported ONNX graph)
     on `config.data.eval_split`, with the test settings of `config.eval`.
 
-    `run(variables)` yields (`eval/AP`, ...) or (`eval_onnx/AP`, ...); with `out_dir` the results json is written as
+    `run(variables)` yields (`eval/AP`, ...) or (`eval_onnx/AP`, ...) (CrowdPose, `config.data.name == "crowdpose"`:
+    scored as its toolkit does, `crowdpose_ap`, adding `AP_easy` / `AP_medium` / `AP_hard`); with `out_dir` the results json is written as
     `keypoints_<split>_results.json` (the official results file). The task provides `eval_records()`,
     `eval_images()`, `forward_fn(variables)`, `postprocess_settings()`, `ground_truth()`, `oks_sigmas()`.
     """
@@ -150,7 +240,11 @@ class KeypointEvaluator(evaluation_base.Evaluator):
         people = predict_people(forward, task.eval_images(), task.postprocess_settings(), cfg.eval.batch_size)
         for r, p in zip(records, people):
             results += people_to_results(r["image_id"], p["keypoints"], p["scores"])
-        stats = oks_ap(task.ground_truth(), results, task.oks_sigmas())
+        crowdpose = cfg.data.name == "crowdpose"
+        if crowdpose:
+            stats = crowdpose_ap(task.ground_truth(), results, task.crowd_index())
+        else:
+            stats = oks_ap(task.ground_truth(), results, task.oks_sigmas())
         prefix = self.prefix
         if self.out_dir:
             name = f"keypoints_{cfg.data.eval_split}{'_onnx' if self.onnx_path else ''}_results.json"
@@ -160,4 +254,7 @@ class KeypointEvaluator(evaluation_base.Evaluator):
         yield f"{prefix}/AP50", stats["AP50"]
         yield f"{prefix}/AP75", stats["AP75"]
         yield f"{prefix}/AR", stats["AR"]
+        if crowdpose:
+            for k in ("AP_easy", "AP_medium", "AP_hard"):
+                yield f"{prefix}/{k}", stats[k]
         yield f"{prefix}/num_people", float(len(results))

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from research import parallel, tasks
+from research.data import pipeline
 from research.higherhrnet import bridge, data, evaluation, group, targets
 from research.higherhrnet import transforms as T
 from research.higherhrnet.loss import LossConfig, multi_loss
@@ -151,7 +152,11 @@ class Task(tasks.Task):
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
         self.model_cfg = model_config(config)
-        self.model = build_model(self.model_cfg)
+        from research.cpu import layers as cpu_layers
+        # convolutions and BatchNorm through the CPU speed layer where `config.model.conv_impl` picks it (same
+        # parameter tree as nn.Conv / nn.BatchNorm); the export graph stays plain flax (what exports trace)
+        self.layers = cpu_layers.select(config.model.conv_impl)
+        self.model = build_model(self.model_cfg, conv=self.layers.nn_conv, norm=self.layers.nn_batch_norm)
         self.export_model = build_model(self.model_cfg, conv_transpose=ZeroInsertConvTranspose)
         lc = config.loss
         self.loss_cfg = LossConfig(num_joints=int(config.data.num_joints), with_heatmaps_loss=(True, True),
@@ -163,6 +168,13 @@ class Task(tasks.Task):
         if tuple(config.data.output_sizes) != (config.data.input_size // 4, config.data.input_size // 2):
             raise ValueError(f"config.data.output_sizes {tuple(config.data.output_sizes)} must be input_size / 4 and "
                              f"/ 2 ({config.data.input_size // 4}, {config.data.input_size // 2})")
+
+    @classmethod
+    def benchmark_spec(cls, config, *, variant: str, image_size: int):
+        """`research/higherhrnet/benchmark.py`: W32 inference (JAX, ONNX), train step, grouping and single-scale
+        inference, with the official PyTorch model timed in the same run when `benchmark.torch_repo` is set."""
+        from research.higherhrnet import benchmark
+        return benchmark.benchmark_spec(config, variant=variant, image_size=image_size)
 
     # ---------------------------------------------------------------- data
     @functools.cached_property
@@ -180,10 +192,27 @@ class Task(tasks.Task):
     def num_train_examples(self) -> int:
         return len(self.records(self.config.data.train_split))
 
-    def train_loader(self, iterator_state=None):
-        """Shuffled epochs of global batches; this process's rows of each; resumable (grain iterator state)."""
+    def train_loader(self, iterator_state=None, process_index: int | None = None,
+                     process_count: int | None = None):
+        """This process's rows of the shuffled global batches, resumable on any process count.
+
+        One seeded order of the records (grain `shuffle` + `repeat`), cut into global batches of `config.batch_size`;
+        process p of n loads rows [p * b/n, (p + 1) * b/n) of each, augmented with randomness keyed by (seed, global
+        position), so the global batches do not depend on n. The iterator's `get_state()` is the number of global
+        batches consumed (`research.data.pipeline.ResumableLoader`), so a checkpoint resumes on any process count.
+
+        Args:
+          iterator_state: a `get_state()` of an earlier iterator (None: from the start).
+          process_index, process_count: default `jax.process_index()` / `jax.process_count()` (tests pass them).
+
+        Raises:
+          ValueError: the global batch does not split evenly over the processes.
+        """
         c = self.config
-        p, n_proc = jax.process_index(), jax.process_count()
+        p = jax.process_index() if process_index is None else int(process_index)
+        n_proc = jax.process_count() if process_count is None else int(process_count)
+        if c.batch_size % n_proc:
+            raise ValueError(f"config.batch_size={c.batch_size} does not split over {n_proc} processes")
         local = c.batch_size // n_proc
         recs = self.records(c.data.train_split)
         op = _LoadAugment(recs, c, slice(p * local, (p + 1) * local), c.batch_size)
@@ -191,13 +220,11 @@ class Task(tasks.Task):
               .batch(int(c.batch_size), drop_remainder=True).map_with_index(op))
         threads = max(int(c.data.num_workers), 1)
 
-        class Loader:
-            def __iter__(self):
-                it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
-                if iterator_state:
-                    it.set_state(iterator_state)
-                return it
-        return Loader()
+        def make(start_batch: int):
+            # slicing after map_with_index keeps each batch's global index (its augmentation keys)
+            part = ds[start_batch:] if start_batch else ds
+            return part.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
+        return pipeline.ResumableLoader(make, iterator_state)
 
     def _eval_rows(self) -> list[int]:
         """Record indices of the evaluated images (the first `config.eval.max_images`, 0 = all), by image id."""
@@ -230,6 +257,28 @@ class Task(tasks.Task):
     def ground_truth(self) -> dict:
         return data.coco_ground_truth(self.eval_records(), int(self.config.data.num_joints),
                                       tuple(map(tuple, self.config.data.skeleton)))
+
+    def crowd_index(self) -> dict[int, float]:
+        """image id -> `crowdIndex` of the evaluated CrowdPose images, read from the annotation file of
+        `config.data.validation_set` in `config.data.manual_dir` (the records keep no per-image fields).
+
+        Raises:
+          FileNotFoundError: the annotation file is missing. ValueError: an evaluated image has no crowdIndex.
+        """
+        d = self.config.data
+        path = os.path.join(d.manual_dir, "annotations", f"person_keypoints_{d.validation_set}.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CrowdPose scoring needs the images' crowdIndex from {path}")
+        import json
+        with open(path) as f:
+            images = {int(im["id"]): im.get("crowdIndex") for im in json.load(f).get("images", [])}
+        out = {}
+        for r in self.eval_records():
+            ci = images.get(int(r["image_id"]))
+            if ci is None:
+                raise ValueError(f"{path}: image {r['image_id']} has no crowdIndex")
+            out[int(r["image_id"])] = float(ci)
+        return out
 
     def oks_sigmas(self):
         j = int(self.config.data.num_joints)

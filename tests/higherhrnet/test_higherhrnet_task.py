@@ -261,13 +261,26 @@ def test_loader_batches_are_deterministic_and_resumable(tmp_path):
     assert first["mask_1"].shape == (4, 32, 32) and first["joints_0"].shape == (4, 30, 17, 2)
     assert first["heatmaps_1"].max() == 1.0 and first["joints_1"][..., 1].sum() > 0
     state = it.get_state()
+    assert state == {"global_batches": 1}  # the position is global batches, whatever the process count
     second = next(it)
+    third = next(it)
     again = iter(task.train_loader())
     for k, v in next(again).items():
         np.testing.assert_array_equal(v, first[k])
     resumed = iter(task.train_loader(state))
     for k, v in next(resumed).items():
         np.testing.assert_array_equal(v, second[k])
+    # resumed on 2 processes at the same position: their slices joined are the 1-process batch
+    halves = [next(iter(task.train_loader(state, process_index=p, process_count=2))) for p in (0, 1)]
+    for k, v in second.items():
+        assert halves[0][k].shape[0] == 2
+        np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), v)
+    # a 2-process run's state resumes a 1-process run: after 2 batches both read the third
+    it2 = iter(task.train_loader(None, process_index=1, process_count=2))
+    next(it2), next(it2)
+    for k, v in next(iter(task.train_loader(it2.get_state()))).items():
+        np.testing.assert_array_equal(v, third[k])
+    assert not np.array_equal(second["image"], third["image"])
 
 
 def test_config_variants_and_official_schedule():
