@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import add_shared_fields, parse_arg
 
 # (model variant, INPUT_SIZE, IMAGES_PER_GPU) of the official experiment yamls
 OFFICIAL = {"w32_512": ("w32", 512, 12), "w32_640": ("w32", 640, 12), "w48_640": ("w48", 640, 10)}
@@ -99,12 +99,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_epochs = 300  # TRAIN.END_EPOCH
     c.total_steps = 0  # > 0 overrides num_epochs
 
-    c.log_every_steps = 50
-    c.eval_every_steps = 5000
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
-    c.async_checkpoints = True
-    c.resume_changes = False  # resume a workdir whose config changed in a field that matters
+    # benchmark (research/higherhrnet/benchmark.py): W32 at 512 px like w32_512_adam_lr1e-3.yaml (variant
+    # w32_512 | w32_640 | w48_640 | tiny); torch_repo a clone of HRNet/HigherHRNet-Human-Pose-Estimation: its
+    # model, loss and grouping are then timed in the same run (its grouping needs the `munkres` package in
+    # the torch_python interpreter)
+    add_shared_fields(c, log_every_steps=50, eval_every_steps=5000, checkpoint_every_steps=1000,
+                      benchmark_variant="w32_512", benchmark_image_size=512)
+    c.benchmark.repeats = 5
 
     # evaluators by type (research/evaluation/base.py); every_steps 0 = eval_every_steps
     c.evals = ml_collections.ConfigDict()
@@ -125,26 +126,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.predict.joint_threshold = 0.1
     c.predict.upscale = 1.0 if real else 3.0
 
-    c.export = ml_collections.ConfigDict()
-    c.export.onnx = True
-    c.export.torch = True
-
-    # --mode=benchmark (research/higherhrnet/benchmark.py): W32 at 512 px like w32_512_adam_lr1e-3.yaml
-    c.benchmark = ml_collections.ConfigDict()
-    c.benchmark.variant = "w32_512"  # w32_512 | w32_640 | w48_640 | tiny
-    c.benchmark.image_size = 512
-    c.benchmark.batch_size = 1
-    c.benchmark.train_batch_size = 2
-    c.benchmark.repeats = 5
-    # A local clone of HRNet/HigherHRNet-Human-Pose-Estimation: its model, loss and grouping are then timed in the
-    # same run (its grouping needs the `munkres` package in the interpreter below).
-    c.benchmark.torch_repo = ""
-    c.benchmark.torch_python = ""  # the interpreter that runs the official code; "" = this one
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
 
     if not real:
         # CPU recipe on the synthetic people (not official): TINY widths at 128 px, Adam 2e-3 with the milestones

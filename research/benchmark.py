@@ -574,8 +574,9 @@ def torch_records(spec: BenchSpec, repo: str, before: dict, after: dict, infer_b
     recs = []
     batches = dict(before.get("batches", {}))
     for key in before:
-        if not (isinstance(before[key], list) and isinstance(after.get(key), list) and before[key]):
-            continue
+        timings = (before[key], after.get(key))
+        if not all(isinstance(t, list) and t and all(isinstance(v, (int, float)) for v in t) for t in timings):
+            continue  # not a timing (a version, a note, a list of names)
         batch = batches.get(key, infer_batch if key.startswith("infer") else
                             train_batch if key.startswith("train") else 1)
         r = record(f"torch_{key}", batch, spec.image_size, before[key] + after[key])
