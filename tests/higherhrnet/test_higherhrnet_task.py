@@ -336,6 +336,35 @@ def test_coco_folder_cut_jpeg_kept_and_empty_validation_split_left_out(tmp_path)
             "no 'validation' split (evaluation on it will say so)") in lines
 
 
+def test_keypoints_extreme_aspect_and_uncapped_scoring_ground_truth(tmp_path):
+    """Issue 10 cases 1 and 6 on the keypoints path: a 2000 x 10 image prepares and augments into a full training
+    example (the official affine keeps every side >= 1 px); 35 people in one image are all in the ground truth
+    that scores, while the training targets keep the official 30 (DATASET.MAX_NUM_PEOPLE)."""
+    from research.higherhrnet import targets
+    root = str(tmp_path / "wide")
+    ann, imgs = _coco_folder(root)
+    cv2.imwrite(os.path.join(imgs, "a.jpg"), np.full((10, 2000, 3), 90, np.uint8))
+    d = json.load(open(ann))
+    d["images"][0].update(height=10, width=2000)
+    d["annotations"] = [{"id": 100 + n, "image_id": 1, "category_id": 1, "iscrowd": 0, "num_keypoints": 1,
+                         "keypoints": [20 + 50 * n, 5, 2] + [0] * 48, "bbox": [10 + 50 * n, 0, 20, 10], "area": 200.0}
+                        for n in range(35)]
+    json.dump(d, open(ann, "w"))
+    ((key, rec),), problems = _examples(ann, imgs)
+    assert problems == [] and rec["keypoints"].shape == (35, 17, 3)
+    gt = data.coco_ground_truth([{**{k: v for k, v in rec.items() if k != "image"}, "hw": (10, 2000)}])
+    assert len(gt["annotations"]) == 35 and gt["images"][0]["width"] == 2000
+    image = cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR)
+    aug = T.AugmentConfig(input_size=128, output_sizes=(32, 64))
+    for seed in range(3):
+        img, masks, joints = T.augment(image, np.zeros((10, 2000), np.uint8), rec["keypoints"], aug,
+                                       np.random.default_rng(seed))
+        assert img.shape == (128, 128, 3) and [m.shape for m in masks] == [(32, 32), (64, 64)]
+        assert all(np.isfinite(j).all() for j in joints)
+    ind = targets.joint_indices(np.tile([[[1.0, 1.0, 2.0]]], (35, 17, 1)), 30, 32)
+    assert ind.shape == (30, 17, 2) and int(ind[..., 1].sum()) == 30 * 17  # the training cap, not the scoring
+
+
 def test_coco_folder_prepares_through_tfds(tmp_path):
     import shutil
 
