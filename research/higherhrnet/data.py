@@ -22,7 +22,8 @@ and sometimes one extra figure annotated without keypoints (its box is then an i
 unannotated people). Generated deterministically from (seed, split, index) with numpy + OpenCV.
 
 `higherhrnet_coco_local` reads `<root>/annotations/person_keypoints_<set>.json` and `<root>/images/<set>/<file>`
-(the official `DATASET.ROOT` layout, `lib/dataset/COCODataset.py`). A missing folder or annotation file is a
+(the official `DATASET.ROOT` layout, `lib/dataset/COCODataset.py`), or CrowdPose's own `<root>/json/crowdpose_<set>.json`
+and `<root>/images/<file>` (`CrowdPoseDataset.py`; `folder_paths`). A missing folder or annotation file is a
 FileNotFoundError naming the path, an empty training `images` list a ValueError naming the json. Everything else
 is validated entry by entry, the way the detection builder does it (`research/data/coco.py`), and each problem is
 recorded (`research.data.validation`: listed once before the run and in the workdir), not raised:
@@ -289,12 +290,37 @@ class HigherhrnetSynthetic(_tfds_compat.SourceFileCodePath, tfds.core.GeneratorB
 # ------------------------------------------------------------------------------------------------ COCO folder
 
 
+
+
+def folder_paths(root: str, set_name: str, layout: str = "coco") -> tuple[str, str]:
+    """(annotation json, image folder) of one set of a local keypoints folder.
+
+    Layouts (the official `DATASET.ROOT` ones):
+      "coco"      `<root>/annotations/person_keypoints_<set>.json`, `<root>/images/<set>/` (`COCODataset.py`)
+      "crowdpose" `<root>/json/crowdpose_<set>.json`, `<root>/images/` (`CrowdPoseDataset.py`)
+    """
+    if layout == "crowdpose":
+        return os.path.join(root, "json", f"crowdpose_{set_name}.json"), os.path.join(root, "images")
+    return os.path.join(root, "annotations", f"person_keypoints_{set_name}.json"), os.path.join(root, "images", set_name)
+
+
+def folder_layout(data_cfg) -> str:
+    """The layout of `config.data`'s folder: CrowdPose's own (`json/crowdpose_<set>.json`) when `data.name` is
+    crowdpose and that file exists, else COCO's (also accepted for CrowdPose converted to COCO names)."""
+    root = data_cfg.manual_dir or ""
+    if data_cfg.name == "crowdpose" and os.path.isfile(folder_paths(root, data_cfg.train_set, "crowdpose")[0]):
+        return "crowdpose"
+    return "coco"
+
+
 @dataclasses.dataclass(eq=False)
 class CocoKeypointsConfig(tfds.core.BuilderConfig):
     """Where a COCO-keypoints folder is (official layout) and what it holds.
 
     Attributes:
-      root: the folder (else the tfds manual_dir); `annotations/person_keypoints_<set>.json`, `images/<set>/`.
+      root: the folder (else the tfds manual_dir), laid out as `layout` says (`folder_paths`).
+      layout: "coco" (`annotations/person_keypoints_<set>.json`, `images/<set>/`) or "crowdpose"
+        (`json/crowdpose_<set>.json`, `images/`).
       train_set, validation_set: `DATASET.TRAIN` / `DATASET.TEST` (train2017 / val2017).
       num_joints: keypoints per annotation (17 COCO, 14 CrowdPose).
       remove_images_without_annotations: the training split keeps only images with an annotation (official
@@ -304,6 +330,7 @@ class CocoKeypointsConfig(tfds.core.BuilderConfig):
     root: str | None = None
     train_set: str = "train2017"
     validation_set: str = "val2017"
+    layout: str = "coco"
     num_joints: int = 17
     remove_images_without_annotations: bool = True
 
@@ -343,8 +370,7 @@ class HigherhrnetCocoLocal(_tfds_compat.SourceFileCodePath, tfds.core.GeneratorB
         root, cfg = self._root(dl_manager), self.builder_config
         paths = {}
         for split, name in (("train", cfg.train_set), ("validation", cfg.validation_set)):
-            ann = os.path.join(root, "annotations", f"person_keypoints_{name}.json")
-            img_dir = os.path.join(root, "images", name)
+            ann, img_dir = folder_paths(root, name, cfg.layout)
             if not os.path.isfile(ann):
                 raise FileNotFoundError(f"annotation file not found: {ann}")
             if not os.path.isdir(img_dir):
@@ -508,12 +534,13 @@ def builder_name(data_cfg) -> tuple[str, dict]:
     if data_cfg.name in ("coco", "crowdpose"):
         from research.data import detection
         root = data_cfg.manual_dir or ""
+        layout = folder_layout(data_cfg)
         digest = detection.annotations_digest(
-            [os.path.join(root, "annotations", f"person_keypoints_{s}.json")
-             for s in (data_cfg.train_set, data_cfg.validation_set)])
+            [folder_paths(root, s, layout)[0] for s in (data_cfg.train_set, data_cfg.validation_set)])
         # keyed to the annotation files' bytes: an edited json or another folder is prepared anew
         cfg = CocoKeypointsConfig(name=f"j{data_cfg.num_joints}_{digest}", num_joints=int(data_cfg.num_joints),
-                                  train_set=data_cfg.train_set, validation_set=data_cfg.validation_set)
+                                  train_set=data_cfg.train_set, validation_set=data_cfg.validation_set,
+                                  layout=layout)
         return "higherhrnet_coco_local", {"config": cfg, "manual_dir": data_cfg.manual_dir or None}
     raise ValueError(f"unknown config.data.name {data_cfg.name!r}: synthetic, coco or crowdpose")
 

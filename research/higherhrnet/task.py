@@ -266,7 +266,7 @@ class Task(tasks.Task):
           FileNotFoundError: the annotation file is missing. ValueError: an evaluated image has no crowdIndex.
         """
         d = self.config.data
-        path = os.path.join(d.manual_dir, "annotations", f"person_keypoints_{d.validation_set}.json")
+        path = data.folder_paths(d.manual_dir, d.validation_set, data.folder_layout(d))[0]
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CrowdPose scoring needs the images' crowdIndex from {path}")
         import json

@@ -129,18 +129,18 @@ def test_crowdpose_folder_wiring(tmp_path):
     from configs.higherhrnet import get_config
     from research.higherhrnet import task as task_lib
     root = tmp_path / "crowdpose"
-    for s in ("trainval", "test"):
-        os.makedirs(root / "images" / s)
+    os.makedirs(root / "images")
+    os.makedirs(root / "json")
+    for s in ("trainval", "test"):  # CrowdPose's own layout (CrowdPoseDataset.py): json/crowdpose_<set>.json, images/
         images, anns = [], []
         for i, ci in ((1, 0.05), (2, 0.95)):
-            cv2.imwrite(str(root / "images" / s / f"{i}.jpg"), np.full((200, 200, 3), 60 * i, np.uint8))
+            cv2.imwrite(str(root / "images" / f"{i}.jpg"), np.full((200, 200, 3), 60 * i, np.uint8))
             images.append({"id": i, "file_name": f"{i}.jpg", "height": 200, "width": 200, "crowdIndex": ci})
             k = _person(40, 30)
             anns.append({"id": 10 + i, "image_id": i, "category_id": 1, "keypoints": k.reshape(-1).tolist(),
                          "num_keypoints": 14, "bbox": [40.0, 30.0, W, H], "iscrowd": 0})
-        os.makedirs(root / "annotations", exist_ok=True)
         json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "person"}]},
-                  open(root / "annotations" / f"person_keypoints_{s}.json", "w"))
+                  open(root / "json" / f"crowdpose_{s}.json", "w"))
     c = get_config("variant=tiny,data=crowdpose")
     c.data.manual_dir, c.data.data_dir = str(root), str(tmp_path / "tfds")
     task = task_lib.Task(c, "eval")
