@@ -34,7 +34,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from research import parallel
-from research.data import pipeline
 from research.tasks import Steps
 from research.metric_writers import MetricWriter
 
@@ -309,6 +308,7 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
         state, step = _loop(config, task, state, step, total_steps, it, mesh, step_fn, step_rng,
                             writer, ckpt, evaluators, last_opt_iter, compiled)
     finally:
+        from research.data import pipeline  # (tfds/grain only where a loader was made)
         pipeline.close_iterator(it)  # the loader's workers and their shared memory, also on failure
         ckpt.close()  # waits for an async save in flight, so the last good checkpoint is whole
     final = {}

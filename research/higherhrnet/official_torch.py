@@ -20,15 +20,14 @@ the official experiment yaml (`experiments/coco/higher_hrnet/<variant>_adam_lr1e
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 import sys
-import time
 from typing import Any
 
 import numpy as np
+
+from research import official_runner
 
 # lib/config/default.py values read by the model, the loss and HeatmapParser that the experiment yamls may not set
 DEFAULTS = {
@@ -84,17 +83,6 @@ def _load(repo: str, rel: str, name: str):
     return mod
 
 
-def _times(fn, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000.0)
-    return out
-
-
 def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train_batch: int, repeats: int,
             warmup: int = 1) -> dict[str, Any]:
     """Times the official model, loss + Adam step and grouping (see the module docstring); ms per call."""
@@ -132,12 +120,12 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         loss.backward()
         opt.step()
 
-    out["train_step"] = _times(step, repeats, warmup)
+    out["train_step"] = official_runner.times_ms(step, repeats, warmup)
 
     model.eval()
     x = torch.from_numpy(rs.rand(infer_batch, 3, image_size, image_size).astype(np.float32))
     with torch.inference_mode():
-        out["infer"] = _times(lambda: model(x), repeats, warmup)
+        out["infer"] = official_runner.times_ms(lambda: model(x), repeats, warmup)
 
     try:
         group = _load(repo, "lib/core/group.py", "official_group")
@@ -151,24 +139,17 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
     with torch.inference_mode():
         grouped, _ = parser.parse(det, tag, True, True)
         out["grouping_people"] = len(grouped[0])
-        out["grouping"] = _times(lambda: parser.parse(det, tag, True, True), repeats, warmup)
+        out["grouping"] = official_runner.times_ms(lambda: parser.parse(det, tag, True, True), repeats, warmup)
     return out
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repo", required=True)
-    p.add_argument("--variant", default="w32_512")
-    p.add_argument("--image_size", type=int, default=512)
-    p.add_argument("--infer_batch", type=int, default=1)
-    p.add_argument("--train_batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", required=True)
+    p = official_runner.parser(__doc__.splitlines()[0],
+                               variant="w32_512", image_size=512, infer_batch=1, train_batch=2, repeats=5)
     a = p.parse_args(argv)
     res = measure(a.repo, variant=a.variant, image_size=a.image_size, infer_batch=a.infer_batch,
                   train_batch=a.train_batch, repeats=a.repeats)
-    with open(a.out, "w") as f:
-        json.dump(res, f)
+    official_runner.write(a.out, res)
 
 
 if __name__ == "__main__":

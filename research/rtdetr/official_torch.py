@@ -23,17 +23,16 @@ the rest of the benchmark runs. The official code is imported from the clone, ne
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import os
 import sys
-import time
 import traceback
 import types
 from typing import Any
 
 import numpy as np
+
+from research import official_runner
 
 # packages entered without their __init__ (which imports src.data -> torchvision)
 _PACKAGES = ("src", "src.nn", "src.nn.backbone", "src.zoo", "src.zoo.rtdetr", "src.optim", "src.misc")
@@ -100,17 +99,6 @@ def import_official(repo: str, train: bool = True) -> dict[str, types.ModuleType
     return modules
 
 
-def _times(fn, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000.0)
-    return out
-
-
 def _targets(torch, rs: np.random.RandomState, batch: int, nc: int = 80, boxes_per_image: int = 4) -> list[dict]:
     """Four boxes per image (labels, normalised cxcywh), as the JAX benchmark's synthetic batch."""
     out = []
@@ -175,18 +163,18 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         if ema is not None:  # `use_ema: True` in include/optimizer.yml
             ema.update(model)
 
-    out["train_step"] = _times(step, repeats, max(warmup - 1, 1))
+    out["train_step"] = official_runner.times_ms(step, repeats, max(warmup - 1, 1))
     with torch.no_grad():
         outputs = model(images, targets)
         last = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
-        out["matcher"] = _times(lambda: criterion.matcher(last, targets), repeats, warmup)
+        out["matcher"] = official_runner.times_ms(lambda: criterion.matcher(last, targets), repeats, warmup)
     model.eval()
     x = torch.from_numpy(np.random.RandomState(1).rand(infer_batch, 3, image_size, image_size).astype(np.float32))
     sizes = torch.full((infer_batch, 2), float(image_size))
     with torch.inference_mode():
-        out["infer"] = _times(lambda: postprocessor(model(x), sizes), repeats, warmup)
+        out["infer"] = official_runner.times_ms(lambda: postprocessor(model(x), sizes), repeats, warmup)
         deployed, post = model.deploy(), postprocessor.deploy()
-        out["infer_fused"] = _times(lambda: post(deployed(x), sizes), repeats, warmup)
+        out["infer_fused"] = official_runner.times_ms(lambda: post(deployed(x), sizes), repeats, warmup)
     return out
 
 
@@ -194,14 +182,9 @@ def main(argv=None) -> None:
     """`python -m research.rtdetr.official_torch --repo=... --variant=r18vd --image_size=640 --infer_batch=1
     --train_batch=2 --repeats=10 --out=torch.json` (the flags `research.benchmark.BenchSpec` documents).
     `--check` only imports the official modules and exits 0 (importable) or 3 (the reason on stderr)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repo", required=True)
-    p.add_argument("--variant", default="r18vd")
-    p.add_argument("--image_size", type=int, default=640)
-    p.add_argument("--infer_batch", type=int, default=1)
-    p.add_argument("--train_batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--out", default="")
+    p = official_runner.parser(__doc__.splitlines()[0],
+                               variant="r18vd", image_size=640, infer_batch=1, train_batch=2, repeats=10,
+                               out_required=False)
     p.add_argument("--check", action="store_true")
     a = p.parse_args(argv)
     if a.check:
@@ -221,8 +204,7 @@ def main(argv=None) -> None:
         msg = f"official PyTorch timing skipped: {e}"
         print(msg, file=sys.stderr)
         res = {"torch_version": torch.__version__, "threads": torch.get_num_threads(), "skipped": msg}
-    with open(a.out, "w") as f:
-        json.dump(res, f)
+    official_runner.write(a.out, res)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ with torch's default thread count. The official code is imported from `repo`, ne
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 from typing import Any
 
 import numpy as np
+
+from research import official_runner
 
 
 def import_official(repo: str):
@@ -44,17 +43,6 @@ def import_official(repo: str):
         sys.path.insert(0, repo)
     import siamfc.siamfc  # noqa: F401  (the official module, from the checkout)
     return sys.modules["siamfc.siamfc"]
-
-
-def _times(fn, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000.0)
-    return out
 
 
 def measure(repo: str, *, variant: str = "alexnet_v1", image_size: int = 255, infer_batch: int = 3,
@@ -83,14 +71,14 @@ def measure(repo: str, *, variant: str = "alexnet_v1", image_size: int = 255, in
     train_x = image_size - 16
     batch = (torch.from_numpy(rs.randint(0, 256, (train_batch, 3, 127, 127)).astype(np.float32)),
              torch.from_numpy(rs.randint(0, 256, (train_batch, 3, train_x, train_x)).astype(np.float32)))
-    out["train_step"] = _times(lambda: tracker.train_step(batch, backward=True), repeats, max(warmup - 1, 1))
+    out["train_step"] = official_runner.times_ms(lambda: tracker.train_step(batch, backward=True), repeats, max(warmup - 1, 1))
 
     net.eval()
     with torch.no_grad():
         kernel = net.backbone(z)
-        out["infer"] = _times(lambda: net.head(kernel, net.backbone(x)), repeats, warmup)
-        out["template"] = _times(lambda: net.backbone(z), repeats, warmup)
-        out["template_and_search"] = _times(lambda: net.head(net.backbone(z), net.backbone(x)), repeats, warmup)
+        out["infer"] = official_runner.times_ms(lambda: net.head(kernel, net.backbone(x)), repeats, warmup)
+        out["template"] = official_runner.times_ms(lambda: net.backbone(z), repeats, warmup)
+        out["template_and_search"] = official_runner.times_ms(lambda: net.head(net.backbone(z), net.backbone(x)), repeats, warmup)
 
     frames, box = synthetic_video(max(int(tracker_frames), 2) + warmup + 1)
     out["tracker_frame"] = time_tracker(tracker, frames, box, warmup)  # update is @torch.no_grad itself
@@ -99,20 +87,12 @@ def measure(repo: str, *, variant: str = "alexnet_v1", image_size: int = 255, in
 
 def main(argv=None) -> None:
     """Command line of the harness's `time_torch_reference` (json of ms lists to `--out`)."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repo", required=True)
-    p.add_argument("--variant", default="alexnet_v1")
-    p.add_argument("--image_size", type=int, default=255)
-    p.add_argument("--infer_batch", type=int, default=3)
-    p.add_argument("--train_batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--tracker_frames", type=int, default=24)
-    p.add_argument("--out", required=True)
+    p = official_runner.parser(__doc__.splitlines()[0],
+                               variant="alexnet_v1", image_size=255, infer_batch=3, train_batch=8, repeats=10, tracker_frames=24)
     a = p.parse_args(argv)
     res = measure(a.repo, variant=a.variant, image_size=a.image_size, infer_batch=a.infer_batch,
                   train_batch=a.train_batch, repeats=a.repeats, tracker_frames=a.tracker_frames)
-    with open(a.out, "w") as f:
-        json.dump(res, f)
+    official_runner.write(a.out, res)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ The official code is imported from `repo`, never copied into this project.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 from typing import Any
 
 import numpy as np
+
+from research import official_runner
 
 
 def import_official(repo: str):
@@ -42,17 +41,6 @@ def official_model(repo: str, cfg: dict):
     import copy
     yolo, _, _ = import_official(repo)
     return yolo.Model(copy.deepcopy(dict(cfg)), ch=3)
-
-
-def _times(fn, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000.0)
-    return out
 
 
 def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train_batch: int,
@@ -90,31 +78,24 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         opt.zero_grad()
         ema.update(model)
 
-    out["train_step"] = _times(step, repeats, max(warmup - 1, 1))
+    out["train_step"] = official_runner.times_ms(step, repeats, max(warmup - 1, 1))
 
     model.eval()
     x = torch.from_numpy(rs.rand(infer_batch, 3, image_size, image_size).astype(np.float32))
     with torch.inference_mode():
-        out["infer"] = _times(lambda: model(x), repeats, warmup)
+        out["infer"] = official_runner.times_ms(lambda: model(x), repeats, warmup)
         fused = model.fuse()
-        out["infer_fused"] = _times(lambda: fused(x), repeats, warmup)
+        out["infer_fused"] = official_runner.times_ms(lambda: fused(x), repeats, warmup)
     return out
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repo", required=True)
-    p.add_argument("--variant", default="s")
-    p.add_argument("--image_size", type=int, default=640)
-    p.add_argument("--infer_batch", type=int, default=1)
-    p.add_argument("--train_batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--out", required=True)
+    p = official_runner.parser(__doc__.splitlines()[0],
+                               variant="s", image_size=640, infer_batch=1, train_batch=2, repeats=10)
     a = p.parse_args(argv)
     res = measure(a.repo, variant=a.variant, image_size=a.image_size, infer_batch=a.infer_batch,
                   train_batch=a.train_batch, repeats=a.repeats)
-    with open(a.out, "w") as f:
-        json.dump(res, f)
+    official_runner.write(a.out, res)
 
 
 if __name__ == "__main__":
