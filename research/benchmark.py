@@ -625,6 +625,7 @@ def ratios(records: list[dict], spec: BenchSpec, infer_batch: int, train_batch: 
         else:
             out[f"{key}_over_torch_reference"] = None
     for ours, theirs in (("infer", "torch_infer_fused"), ("onnx_infer", "torch_infer_fused"),
+                         ("onnx_infer", "torch_onnx_infer"),
                          ("infer", "torch_infer"), ("train_step", "torch_train_step"), *spec.measured_pairs):
         if ours in by and theirs in by:  # measured in this run: the figures to quote
             out[f"{ours}_over_{theirs}_measured"] = by[ours]["median_ms"] / by[theirs]["median_ms"]

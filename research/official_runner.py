@@ -1,7 +1,8 @@
 """What every official-PyTorch benchmark runner (`research/<network>/official_torch.py`) shares.
 
 The runners execute in the interpreter of the official code (`config.benchmark.torch_python`), so
-this module needs nothing beyond the standard library: no jax, no numpy. The harness
+this module needs nothing beyond the standard library at import: no jax, no numpy (`onnx_times_ms` imports
+torch and onnxruntime when called). The harness
 (`research.benchmark.time_torch_reference`) starts a runner as
 `python -m research.<network>.official_torch --repo=... --variant=... --image_size=...
 --infer_batch=... --train_batch=... --repeats=... --out=<json>` plus the spec's `torch_args`, and
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Sequence
 
 
 def times_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
@@ -49,3 +53,46 @@ def write(path: str, result: dict) -> None:
     """Writes the runner's result json for the harness."""
     with open(path, "w") as f:
         json.dump(result, f)
+
+
+def onnx_times_ms(model, example_inputs: tuple, input_names: Sequence[str], output_names: Sequence[str], *,
+                  repeats: int, warmup: int, opset: int = 17) -> tuple[list[float] | None, str]:
+    """The official model exported as its repository exports it (`torch.onnx.export`, TorchScript-based, the
+    exporter the official export scripts were written for) and timed in ONNX Runtime with the same session
+    settings as ours (`research.bridge.onnx_export.OnnxRunner`: CPU provider, default threads).
+
+    Args:
+      model: the torch module in eval mode, prepared as the official export prepares it (fused, deploy mode).
+      example_inputs: the torch tensors it takes (their values are fed to ONNX Runtime as NumPy arrays).
+      input_names / output_names: the graph's names.
+    Returns:
+      (times in ms, "") or (None, why it was not timed): onnx/onnxruntime missing from the official
+      interpreter, or the export failing.
+    """
+    try:
+        import onnxruntime as ort
+        import torch
+    except ImportError as e:
+        return None, f"official ONNX export not timed: {e} (install onnx and onnxruntime in the official interpreter)"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "official.onnx")
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, tuple(example_inputs), path, dynamo=False, opset_version=opset,
+                                  do_constant_folding=True, input_names=list(input_names),
+                                  output_names=list(output_names))
+        except Exception as e:  # noqa: BLE001 (reported in the result, the rest of the runner goes on)
+            return None, f"official ONNX export failed: {type(e).__name__}: {e}"
+        session = ort.InferenceSession(path, sess_options=ort.SessionOptions(), providers=["CPUExecutionProvider"])
+        feed = {name: t.detach().cpu().numpy() for name, t in zip(input_names, example_inputs)}
+        return times_ms(lambda: session.run(None, feed), repeats, warmup), ""
+
+
+def add_onnx(out: dict, key: str, timed: tuple[list[float] | None, str]) -> None:
+    """Puts `onnx_times_ms`'s result in a runner's json: the timings under `key`, or the reason under `notes`."""
+    times, why = timed
+    if times is not None:
+        out[key] = times
+    else:
+        out["notes"] = "; ".join(n for n in (out.get("notes", ""), why) if n)

@@ -86,3 +86,30 @@ def test_wrong_class_count_and_missing_keys_named(tiny):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         torch_bridge.load_state_dict_file(str(tmp_path / "nope.pt"))
+
+
+def test_checkpoint_entries_ema_first_and_each_layout(tmp_path):
+    """Training checkpoints keep the weights nested: the EMA weights are taken first (as the official evaluation
+    and export scripts take them), then `state_dict` / `model`; optimizer state beside them is read safely."""
+    torch = pytest.importorskip("torch")
+    ema = {"a.weight": torch.full((2, 3), 2.0), "a.running_mean": torch.zeros(3, dtype=torch.float16)}
+    raw = {"a.weight": torch.full((2, 3), 1.0), "a.running_mean": torch.ones(3)}
+    optimizer = {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}
+    cases = {"rtdetr_train.pth": ({"model": raw, "ema": {"module": ema, "updates": 10, "warmups": 2000},
+                                   "optimizer": optimizer, "last_epoch": 5}, "ema.module", 2.0),
+             "ema_plain.pt": ({"ema": ema, "model": raw}, "ema", 2.0),
+             "hrnet_checkpoint.pth": ({"state_dict": raw, "optimizer": optimizer, "epoch": 3}, "state_dict", 1.0),
+             "model_only.pth": ({"model": raw}, "model", 1.0),
+             "plain.pth": (raw, "state_dict", 1.0)}
+    for name, (obj, where, value) in cases.items():
+        path = str(tmp_path / name)
+        torch.save(obj, path)
+        sd, found = torch_bridge.read_checkpoint(path)
+        assert found == where, name
+        np.testing.assert_array_equal(sd["a.weight"], np.full((2, 3), value, np.float32), err_msg=name)
+        assert sd["a.running_mean"].dtype == np.float32  # half precision widened
+        np.testing.assert_array_equal(torch_bridge.load_state_dict_file(path)["a.weight"], sd["a.weight"])
+    empty = str(tmp_path / "optimizer_only.pth")
+    torch.save({"optimizer": optimizer, "epoch": 1}, empty)
+    with pytest.raises(torch_bridge.BridgeError, match=r"optimizer_only\.pth: no state_dict.*\['epoch', 'optimizer'\]"):
+        torch_bridge.load_state_dict_file(empty)

@@ -10,6 +10,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "parallel_worker.py")
+# YOLOv5 smoke without mosaic: cheaper; the data path is not what this checks
+YOLOV5 = ["--network", "yolov5", "--set", "hyp.mosaic=0.0"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def data_dir(tmp_path_factory):
 def _run(args, timeout=600):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, WORKER] + args, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, WORKER] + YOLOV5 + args, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -42,7 +44,7 @@ def _load(path):
 def test_one_and_two_devices_agree(data_dir, tmp_path):
     for n in (1, 2):
         _wait(_run(["--devices", str(n), "--data_dir", data_dir, "--workdir", str(tmp_path / f"w{n}"),
-                    "--out", str(tmp_path / f"p{n}.npz")]))
+                    "--out", str(tmp_path / f"p{n}.npz"), "--steps", "3"]))
     a, b = _load(tmp_path / "p1.npz"), _load(tmp_path / "p2.npz")
     assert a.keys() == b.keys()
     for k in a:
@@ -72,7 +74,9 @@ def test_two_processes_train_like_one_process_with_two_devices(data_dir, tmp_pat
                 "--out", str(tmp_path / "single.npz"), "--steps", "2"]))
     a, b, c = _load(tmp_path / "p0.npz"), _load(tmp_path / "p1.npz"), _load(tmp_path / "single.npz")
     assert a.keys() == c.keys()
+    assert b.keys() == a.keys() - {"losses"}  # process 1 does not log
     for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        if k in b:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
         assert np.isfinite(a[k]).all()
         np.testing.assert_allclose(a[k], c[k], rtol=2e-4, atol=2e-5, err_msg=k)

@@ -176,32 +176,91 @@ def _to_numpy(v: Any) -> np.ndarray:
     return np.asarray(v)
 
 
-def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
-    """Reads a `.pt`/`.pth` (weights_only, never executes pickled code) or `.safetensors` file."""
+# Where training code keeps the weights inside a checkpoint, looked up in this order: the EMA weights first, as
+# the official evaluation and export scripts take them (RT-DETR `{'ema': {'module': ...}}`, YOLOv5's
+# `attempt_load` takes `ckpt.get('ema') or ckpt['model']`), then a plain `state_dict` / `model` entry.
+CHECKPOINT_ENTRIES: tuple[tuple[str, ...], ...] = (("ema", "module"), ("ema",), ("state_dict",), ("model",))
+
+_PICKLE_HINT = ("If you trust it, extract the weights once in an environment with the official code, e.g. "
+                "`ckpt = torch.load(f, weights_only=False)` then `torch.save(ckpt['model'].float().state_dict(), "
+                "'state_dict.pt')` for a pickled module (official YOLOv5 release files) or "
+                "`torch.save(ckpt['ema']['module'], 'state_dict.pth')` for a training checkpoint, and pass that file.")
+
+
+def read_checkpoint(path: str, *, entries: tuple[tuple[str, ...], ...] = CHECKPOINT_ENTRIES, network: str = "",
+                    hint: str = _PICKLE_HINT) -> tuple[dict[str, np.ndarray], str]:
+    """The state_dict in a weights file or training checkpoint, read without running pickled code.
+
+    `.pt`/`.pth` files are read with `torch.load(..., weights_only=True)`, which rebuilds tensors, containers and
+    plain values (an optimizer or lr-scheduler state beside the weights is fine) and refuses anything else;
+    `.safetensors` holds a plain state_dict. The weights are the first of `entries` (nested keys, e.g.
+    `('ema', 'module')`) that holds a mapping, else the file itself when it is a plain state_dict.
+    Half-precision tensors are widened to float32.
+
+    Args:
+      path: the file.
+      entries: where to look, in order.
+      network: named in the messages ("no RT-DETR state_dict in it").
+      hint: what the message for a refused pickle tells the user to do.
+    Returns:
+      (state_dict as numpy arrays keyed by the file's names, where it was found: e.g. `ema.module`, `model`,
+      or `state_dict` for the top level).
+    Raises:
+      FileNotFoundError: no such file.
+      ImportError: a `.pt`/`.pth` file and no torch.
+      BridgeError: the file holds pickled objects other than tensors and plain containers (refused by
+        `weights_only=True`: "not a plain state_dict", naming the file and the object), is not a torch file, has
+        no state_dict at any of `entries` nor at the top level, or has non-tensor values in it.
+    """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise FileNotFoundError(f"{network + ' ' if network else ''}weights file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
-        return dict(load_file(path))
+        return dict(load_file(path)), "state_dict"
     try:
         import torch
     except ImportError as e:  # pragma: no cover
-        raise ImportError("reading .pt files needs torch: pip install torch==2.13.0") from e
+        raise ImportError(f"reading {path} needs torch (pip install torch==2.13.0) or a .safetensors file") from e
+    import pickle
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError subclasses with long messages
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise BridgeError(
-            f"{path} is not a plain state_dict (torch.load(weights_only=True) refused it: "
-            f"{type(e).__name__}). Official YOLOv5 release files pickle the whole model; in an "
-            "environment with the official code run `torch.save(torch.load(f)['model'].float()"
-            ".state_dict(), 'state_dict.pt')` and import that file.") from None
-    for nest in ("state_dict", "model", "ema"):
-        if isinstance(obj, Mapping) and nest in obj and isinstance(obj[nest], Mapping):
-            obj = obj[nest]
+            f"{path}: refused to unpickle it, not a plain state_dict (torch.load(weights_only=True): {detail}). "
+            f"The file holds Python objects other than tensors and plain containers, and unpickling them could "
+            f"run code. {hint}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
+        raise BridgeError(f"{path}: not a readable torch file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    sd, where = None, None
+    for entry in entries:
+        node = obj
+        for key in entry:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and node:
+            if entry == ("ema",) and not all(hasattr(v, "shape") for v in node.values()):
+                continue  # {'ema': {'module': ..., 'updates': ...}} without a module: not the weights
+            sd, where = node, ".".join(entry)
             break
-    if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
-        raise BridgeError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    return {k: _to_numpy(v) for k, v in obj.items()}
+    if sd is None and isinstance(obj, Mapping) and obj and all(hasattr(v, "shape") for v in obj.values()):
+        sd, where = obj, "state_dict"
+    if sd is None:
+        top = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+        looked = ", ".join("[" + "][".join(repr(k) for k in e) + "]" for e in entries)
+        raise BridgeError(f"{path}: no {network + ' ' if network else ''}state_dict in it (looked for {looked} and "
+                          f"a plain mapping of names to tensors; top level: {top})")
+    bad = [str(k) for k, v in sd.items() if not hasattr(v, "shape")]
+    if bad:
+        raise BridgeError(f"{path}: ['{where}'] is not a state_dict: non-tensor values at {', '.join(bad[:10])}")
+    return {str(k): _to_numpy(v) for k, v in sd.items()}, where
+
+
+def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
+    """The state_dict of a `.pt`/`.pth` or `.safetensors` file: `read_checkpoint(path)[0]` (see there: EMA weights
+    of a training checkpoint first, never unpickles code; same errors)."""
+    return read_checkpoint(path)[0]
 
 
 def save_state_dict_file(state_dict: Mapping[str, np.ndarray], path: str) -> str:

@@ -4,6 +4,8 @@
 `--config.benchmark.torch_python`), before and after our measurements, and report:
 
   infer        eager `PoseHigherResolutionNet` forward (eval mode, `torch.inference_mode`) at [B, 3, S, S]
+  onnx_infer   that model exported with `torch.onnx.export` (the official code has no export script; images ->
+               both outputs in order, opset 17) in ONNX Runtime, when onnx/onnxruntime import there
   train_step   forward + the official `MultiLossFactory` (heatmap MSE per resolution, AE push/pull) summed as
                `lib/core/trainer.py do_train` does + backward + Adam (lr 1e-3) step, on the batch of
                `bench_inputs.train_batch` (the same planted-people targets our train step gets)
@@ -126,6 +128,10 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
     x = torch.from_numpy(rs.rand(infer_batch, 3, image_size, image_size).astype(np.float32))
     with torch.inference_mode():
         out["infer"] = official_runner.times_ms(lambda: model(x), repeats, warmup)
+    # the official code has no export script: torch.onnx.export of the eval model, both outputs in order
+    official_runner.add_onnx(out, "onnx_infer", official_runner.onnx_times_ms(
+        model, (x,), ["images"], ["output_0", "output_1"], repeats=repeats, warmup=warmup, opset=17))
+    out["batches"]["onnx_infer"] = infer_batch
 
     try:
         group = _load(repo, "lib/core/group.py", "official_group")

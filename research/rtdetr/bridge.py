@@ -16,8 +16,6 @@ Official checkpoints (training `state_dict()`s and release files) keep the weigh
 
 from __future__ import annotations
 
-import os
-import pickle
 from typing import Any, Mapping
 
 import numpy as np
@@ -132,7 +130,8 @@ def read_official_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str]:
 
     `.pth`/`.pt` files are read with `torch.load(..., weights_only=True)`, which rebuilds tensors, containers
     and plain values (an optimizer or lr-scheduler state is fine) and refuses anything else; `.safetensors`
-    holds a plain state_dict. The weights are taken as the official `tools/export_onnx.py` takes them:
+    holds a plain state_dict (`torch_bridge.read_checkpoint` with the official entries). The weights are taken
+    as the official `tools/export_onnx.py` takes them:
     `ckpt['ema']['module']` when present, else `ckpt['model']`, else the file itself when it is a plain
     state_dict.
 
@@ -148,46 +147,8 @@ def read_official_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str]:
         (refused by `weights_only=True`; the message names the file and the object), or no state_dict under
         `ema.module` / `model` / the top level, or non-tensor values in it.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"RT-DETR weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return dict(load_file(path)), "state_dict"
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover
-        raise ImportError(f"reading {path} needs torch (pip install torch==2.13.0) or a .safetensors file") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
-                      str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise torch_bridge.BridgeError(
-            f"{path}: refused to unpickle it (torch.load(weights_only=True): {detail}). The file holds Python "
-            "objects other than tensors and plain containers, and unpickling them could run code. If you trust "
-            "it, extract the weights once in an environment with the official code: "
-            "`ckpt = torch.load(f, weights_only=False); torch.save(ckpt['ema']['module'] if 'ema' in ckpt "
-            "else ckpt['model'], 'state_dict.pth')`, and pass that file.") from None
-    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
-        raise torch_bridge.BridgeError(f"{path}: not a readable torch file ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    sd, where = None, None
-    for entry in CHECKPOINT_ENTRIES:
-        node = obj
-        for key in entry:
-            node = node.get(key) if isinstance(node, Mapping) else None
-        if isinstance(node, Mapping):
-            sd, where = node, ".".join(entry)
-            break
-    if sd is None and isinstance(obj, Mapping) and obj and all(hasattr(v, "shape") for v in obj.values()):
-        sd, where = obj, "state_dict"
-    if sd is None:
-        top = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
-        raise torch_bridge.BridgeError(
-            f"{path}: no RT-DETR state_dict in it (looked for ['ema']['module'], ['model'] and a plain mapping of "
-            f"names to tensors; top level: {top})")
-    bad = [str(k) for k, v in sd.items() if not hasattr(v, "shape")]
-    if bad:
-        raise torch_bridge.BridgeError(f"{path}: ['{where}'] is not a state_dict: non-tensor values at "
-                                       f"{', '.join(bad[:10])}")
-    return {str(k): _np(v) for k, v in sd.items()}, where
+    return torch_bridge.read_checkpoint(
+        path, entries=CHECKPOINT_ENTRIES, network="RT-DETR",
+        hint="If you trust it, extract the weights once in an environment with the official code: "
+             "`ckpt = torch.load(f, weights_only=False); torch.save(ckpt['ema']['module'] if 'ema' in ckpt "
+             "else ckpt['model'], 'state_dict.pth')`, and pass that file.")

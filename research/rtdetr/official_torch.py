@@ -120,7 +120,11 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
     * `matcher`: one `HungarianMatcher` call on the last layer's outputs of that batch (the step makes
       num_decoder_layers + 1 such calls: last layer, auxiliary layers, encoder top-k);
     * `infer`: eval forward + `RTDETRPostProcessor`, `infer_fused`: the same after `model.deploy()` (RepVGG
-      branches fused), as `tools/export_onnx.py` exports it.
+      branches fused), as `tools/export_onnx.py` exports it. Where `src/data/coco` (the label -> COCO id remap
+      of `infer`) needs a torchvision older than the interpreter's (`datapoints`, <= 0.15), `infer` runs without
+      that remap and `notes` says so;
+    * `onnx_infer`: that deploy graph (`images`, `orig_target_sizes` -> `labels`, `boxes`, `scores`, opset 16)
+      exported as `tools/export_onnx.py` exports it, in ONNX Runtime.
 
     Raises:
       OfficialImportError / FileNotFoundError: see `import_official`; KeyError: unknown variant.
@@ -169,13 +173,41 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         last = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
         out["matcher"] = official_runner.times_ms(lambda: criterion.matcher(last, targets), repeats, warmup)
     model.eval()
+    if getattr(postprocessor, "remap_mscoco_category", False):
+        try:  # the label -> COCO id remap lives in src/data/coco, which imports torchvision.datapoints (<= 0.15)
+            importlib.import_module("src.data.coco")
+        except ImportError as e:
+            postprocessor.remap_mscoco_category = False
+            out["notes"] = (f"infer without the label -> COCO category remap (300 dictionary look-ups per image): "
+                            f"src/data/coco does not import with torchvision {_torchvision_version()} ({e})")
     x = torch.from_numpy(np.random.RandomState(1).rand(infer_batch, 3, image_size, image_size).astype(np.float32))
     sizes = torch.full((infer_batch, 2), float(image_size))
     with torch.inference_mode():
         out["infer"] = official_runner.times_ms(lambda: postprocessor(model(x), sizes), repeats, warmup)
         deployed, post = model.deploy(), postprocessor.deploy()
         out["infer_fused"] = official_runner.times_ms(lambda: post(deployed(x), sizes), repeats, warmup)
+
+    class Deploy(torch.nn.Module):  # the graph tools/export_onnx.py exports: deployed model + post-processor
+        def __init__(self):
+            super().__init__()
+            self.model, self.postprocessor = deployed, post
+
+        def forward(self, images, orig_target_sizes):
+            return self.postprocessor(self.model(images), orig_target_sizes)
+
+    official_runner.add_onnx(out, "onnx_infer", official_runner.onnx_times_ms(
+        Deploy().eval(), (x, sizes), ["images", "orig_target_sizes"], ["labels", "boxes", "scores"],
+        repeats=repeats, warmup=warmup, opset=16))
+    out["batches"]["onnx_infer"] = infer_batch
     return out
+
+
+def _torchvision_version() -> str:
+    try:
+        import torchvision
+        return torchvision.__version__
+    except Exception:  # noqa: BLE001 (only for the note)
+        return "?"
 
 
 def main(argv=None) -> None:

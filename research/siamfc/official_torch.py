@@ -14,6 +14,9 @@ before and after our own measurements, and reports the official figures beside o
                               backward, SGD step) on `train_batch` pairs of 127 / 239 px crops
   tracker_frame               the official `TrackerSiamFC.update` per frame on the same synthetic
                               video as ours (`research.siamfc.benchmark.synthetic_video`)
+  onnx_infer                  the search branch (kernel + crops -> responses, as our search.onnx)
+                              exported with `torch.onnx.export` and run in ONNX Runtime (the
+                              official code has no export; needs onnx/onnxruntime there)
 
 All eager PyTorch on the CPU in eval mode under `torch.no_grad()` (as the official tracker),
 with torch's default thread count. The official code is imported from `repo`, never copied.
@@ -79,6 +82,19 @@ def measure(repo: str, *, variant: str = "alexnet_v1", image_size: int = 255, in
         out["infer"] = official_runner.times_ms(lambda: net.head(kernel, net.backbone(x)), repeats, warmup)
         out["template"] = official_runner.times_ms(lambda: net.backbone(z), repeats, warmup)
         out["template_and_search"] = official_runner.times_ms(lambda: net.head(net.backbone(z), net.backbone(x)), repeats, warmup)
+
+    class Search(torch.nn.Module):  # the search branch as ours exports it (search.onnx): cached kernel + crops
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, kernel, crops):
+            return self.net.head(kernel, self.net.backbone(crops))
+
+    official_runner.add_onnx(out, "onnx_infer", official_runner.onnx_times_ms(
+        Search().eval(), (kernel, x), ["template_features", "search"], ["responses"],
+        repeats=repeats, warmup=warmup, opset=17))
+    out["batches"]["onnx_infer"] = infer_batch
 
     frames, box = synthetic_video(max(int(tracker_frames), 2) + warmup + 1)
     out["tracker_frame"] = time_tracker(tracker, frames, box, warmup)  # update is @torch.no_grad itself

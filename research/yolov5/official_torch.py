@@ -46,12 +46,13 @@ def official_model(repo: str, cfg: dict):
 def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train_batch: int,
             repeats: int, warmup: int = 2, hyp: dict | None = None) -> dict[str, Any]:
     """Times the official model: inference (eval mode; also with Conv+BN fused, as the official
-    detect.py runs it) and a training step as the official train.py takes it (forward,
+    detect.py runs it; `onnx_infer`: the fused model exported as export.py exports it, in ONNX Runtime)
+    and a training step as the official train.py takes it (forward,
     ComputeLoss, backward, gradient clipping at 10, nesterov SGD step, ModelEMA update)."""
     import torch
 
     from research.yolov5.hyp import HYP_SCRATCH_LOW
-    from research.yolov5.model import load_yaml_cfg
+    from research.yolov5.cfg import load_yaml_cfg
 
     _, loss_mod, tu = import_official(repo)
     torch.manual_seed(0)
@@ -86,6 +87,13 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         out["infer"] = official_runner.times_ms(lambda: model(x), repeats, warmup)
         fused = model.fuse()
         out["infer_fused"] = official_runner.times_ms(lambda: fused(x), repeats, warmup)
+    # export.py's ONNX: the fused eval model with Detect in export mode (one output tensor), opset 17
+    for m in fused.modules():
+        if type(m).__name__ == "Detect":
+            m.export = True
+    official_runner.add_onnx(out, "onnx_infer", official_runner.onnx_times_ms(
+        fused, (x,), ["images"], ["output0"], repeats=repeats, warmup=warmup, opset=17))
+    out.setdefault("batches", {})["onnx_infer"] = infer_batch
     return out
 
 

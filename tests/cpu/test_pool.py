@@ -39,3 +39,25 @@ def test_forward_and_gradient_equal_reduce_window(k, ties):
 def test_even_kernel_is_an_error():
     with pytest.raises(ValueError, match="kernel 4 must be odd"):
         max_pool_same(jnp.zeros((1, 4, 4, 1)), 4)
+
+
+@pytest.mark.parametrize("k,stride,padding,size", [(3, 2, 0, 15), (3, 2, 0, 14), (3, 2, 1, 13), (2, 2, 0, 9)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_strided_pool_forward_and_gradient_equal_reduce_window(k, stride, padding, size, ties):
+    """AlexNet's 3x3 stride-2 pooling (SiamFC) and other strides: values and first-argmax gradient routing."""
+    from research.cpu.pool import max_pool
+    rs = np.random.RandomState(size + 10 * ties)
+    shape = (2, size, size + 2, 3)
+    x = rs.randint(0, 3, shape).astype(np.float32) if ties else rs.randn(*shape).astype(np.float32)
+    x = jnp.asarray(x)
+    pad = ((padding, padding), (padding, padding))
+    ref = lambda v: nn.max_pool(v, (k, k), strides=(stride, stride), padding=pad)  # noqa: E731
+    new = lambda v: max_pool(v, k, stride, padding, train=True)  # noqa: E731
+    y = ref(x)
+    g = jnp.asarray(rs.randn(*y.shape).astype(np.float32))
+    np.testing.assert_array_equal(new(x), y)
+    np.testing.assert_array_equal(max_pool(x, k, stride, padding), y)
+    d_new = jax.jit(jax.grad(lambda v: jnp.sum(g * new(v))))(x)
+    d_ref = jax.jit(jax.grad(lambda v: jnp.sum(g * ref(v))))(x)
+    np.testing.assert_allclose(d_new, d_ref, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(d_ref).sum()) > 0
