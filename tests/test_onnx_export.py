@@ -46,7 +46,7 @@ class ConvBnSiLU(nn.Module):
 
 
 class TinyYolo(nn.Module):
-    upsample: str = "repeat"  # or "resize"
+    upsample: str = "repeat"  # or "resize" (jax.image.resize), "shared" (research.vision.upsample)
 
     @nn.compact
     def __call__(self, x):
@@ -62,6 +62,9 @@ class TinyYolo(nn.Module):
         # nearest 2x upsample + concat
         if self.upsample == "repeat":
             u = jnp.repeat(jnp.repeat(p3, 2, axis=1), 2, axis=2)
+        elif self.upsample == "shared":
+            from research.vision.upsample import upsample_nearest
+            u = upsample_nearest(p3, 2)
         else:
             b, h, w, c = p3.shape
             u = jax.image.resize(p3, (b, 2 * h, 2 * w, c), "nearest")
@@ -84,7 +87,7 @@ class TinyYolo(nn.Module):
         return heads[0], heads[1], jnp.concatenate(decoded, 1)
 
 
-def _init_variables(model, seed=0):
+def _init_variables(model, seed=0, expect_bn=6):
     """Random weights and non-trivial BatchNorm running stats / affine params.
 
     Drawn with numpy on `jax.eval_shape(model.init)` shapes: `model.init` itself spends
@@ -107,7 +110,7 @@ def _init_variables(model, seed=0):
         return (0.3 * rng.normal(size=n)).astype(np.float32)  # BN / conv biases
 
     variables = jax.tree_util.tree_map_with_path(draw, shapes)
-    assert set(variables) == {"params", "batch_stats"} and len(variables["batch_stats"]) == 6
+    assert set(variables) == {"params", "batch_stats"} and len(variables["batch_stats"]) == expect_bn
     return variables
 
 
@@ -115,7 +118,7 @@ def _images(b, seed):
     return np.random.RandomState(seed).rand(b, IMG, IMG, 3).astype(np.float32)
 
 
-@pytest.fixture(scope="module", params=["repeat", "resize"])
+@pytest.fixture(scope="module", params=["repeat", "resize", "shared"])
 def exported(request, tmp_path_factory):
     model = TinyYolo(upsample=request.param)
     variables = _init_variables(model)
@@ -359,3 +362,138 @@ def test_static_batch_and_pytree_outputs(tmp_path):
     # check_onnx flags a mismatch
     bad = check_onnx(lambda v: {"b": v.sum(axis=(1, 2)) + 1.0, "a": [jax.nn.sigmoid(v), v ** 2]}, path, [x])
     assert not bad["ok"] and not bad["outputs"]["b"]["ok"] and bad["outputs"]["a_0"]["ok"]
+
+
+# --------------------------------------------------------------------------------------
+# graph quality: BatchNorm folded into the convolutions, one Resize per upsampling
+# --------------------------------------------------------------------------------------
+
+
+def _optimized_ops(path: str) -> dict[str, int]:
+    """Op counts of the graph as onnxruntime runs it (its own fusions and transpose optimisation applied)."""
+    import collections
+    opt = path + ".ort.onnx"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = opt
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return dict(collections.Counter(n.op_type for n in onnx.load(opt).graph.node))
+
+
+def test_simplified_graph_folds_batchnorm_and_runs_like_the_official_layout(exported):
+    """The default export (onnxslim + `onnx_graph.fold_affine_into_conv`) leaves no BatchNorm (non-trivial
+    running statistics: mean, var, scale, bias all drawn) and, once onnxruntime has optimised it, none of the
+    NHWC<->NCHW transposes between convolutions: what a torch export of the same network gives."""
+    upsample, _, path = exported
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert not ops & {"Sqrt", "BatchNormalization"}, ops
+    optimized = _optimized_ops(path)
+    assert optimized["Conv"] + optimized.get("FusedConv", 0) == 8
+    if upsample == "repeat":  # jnp.repeat's Shape/Gather/Expand chain pins the transposes around it
+        assert optimized.get("Transpose", 0) > 5, optimized
+    else:  # one Resize: the input layout and the detect heads' reshapes only
+        assert optimized.get("Transpose", 0) <= 5, optimized
+
+
+class CpuLayersNet(nn.Module):
+    """Convolutions and BatchNorm+SiLU through the CPU speed layer's plain layers (YOLOv5's modules): BatchNorm
+    traces as arithmetic, not as flax's BatchNorm, so jax2onnx writes Sub/Mul/Add after each convolution."""
+
+    @nn.compact
+    def __call__(self, x):
+        from research.cpu.layers import PLAIN
+        for i, (c, s) in enumerate(((8, 2), (16, 1), (16, 2))):
+            x = PLAIN.conv(c, 3, stride=s, padding=1, name=f"conv{i}")(x)
+            x = PLAIN.norm_act("silu", momentum=0.97, epsilon=1e-3, name=f"bn{i}")(x, False)
+        return x
+
+
+def test_batchnorm_arithmetic_is_folded_into_the_convolutions(tmp_path):
+    model = CpuLayersNet()
+    variables = _init_variables(model, expect_bn=3)
+    fn = functools.partial(model.apply, variables)
+    raw = export_onnx(fn, _images(1, 0), str(tmp_path / "raw.onnx"), simplify=False)
+    raw_ops = [n.op_type for n in onnx.load(raw).graph.node]
+    assert raw_ops.count("Sub") == 3 and "Sqrt" in raw_ops  # BatchNorm arithmetic as traced
+    path = export_onnx(fn, _images(1, 0), str(tmp_path / "folded.onnx"))
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert not {"Sub", "Sqrt", "Div", "Add"} & set(ops), ops
+    assert ops.count("Mul") == 3 and ops.count("Sigmoid") == 3  # SiLU only
+    assert check_onnx(fn, path, [_images(2, 1)])["ok"]
+    assert check_onnx(fn, raw, [_images(2, 1)])["ok"]
+
+
+def test_fold_affine_into_conv_only_where_nothing_else_reads(tmp_path):
+    """A per-channel Sub/Mul/Add chain after Conv (+ NCHW->NHWC transpose) becomes the conv's weights; a chain
+    whose intermediate has a second reader, or whose constant is not per channel, stays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from research.bridge.onnx_graph import fold_affine_into_conv
+    rs = np.random.RandomState(0)
+    w = rs.randn(4, 3, 3, 3).astype(np.float32)
+    consts = {"w": w, "b": rs.randn(4).astype(np.float32), "m": rs.randn(1, 1, 1, 4).astype(np.float32),
+              "s": rs.rand(1, 1, 1, 4).astype(np.float32) + 0.5, "t": rs.randn(4).astype(np.float32),
+              "full": rs.randn(1, 6, 6, 4).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c"], ["ct"], perm=[0, 2, 3, 1]),
+             helper.make_node("Sub", ["ct", "m"], ["c1"]),
+             helper.make_node("Mul", ["s", "c1"], ["c2"]),
+             helper.make_node("Add", ["c2", "t"], ["y"]),
+             # second branch: the Mul's input is also an output -> not folded
+             helper.make_node("Conv", ["x", "w"], ["d"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["d"], ["dt"], perm=[0, 2, 3, 1]),
+             helper.make_node("Mul", ["dt", "s"], ["z"]),
+             # third branch: a constant that varies over space is not a per-channel affine
+             helper.make_node("Conv", ["x", "w"], ["e"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["e"], ["et"], perm=[0, 2, 3, 1]),
+             helper.make_node("Add", ["et", "full"], ["u"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 6, 6])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "dt", "z", "u")],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rs.randn(2, 3, 6, 6).astype(np.float32)
+
+    def run(m):
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})
+
+    before = run(model)
+    assert fold_affine_into_conv(model) == 3
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Sub") == 0 and ops.count("Mul") == 1 and ops.count("Add") == 1, ops
+    for a, b in zip(run(model), before):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_simplify_failure_keeps_the_converted_graph(tmp_path, monkeypatch):
+    import onnxslim
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated onnxslim failure")
+
+    monkeypatch.setattr(onnxslim, "slim", broken)
+    model = TinyYolo()
+    fn = functools.partial(model.apply, _init_variables(model))
+    path = export_onnx(fn, _images(1, 0), str(tmp_path / "kept.onnx"))
+    assert check_onnx(fn, path, [_images(1, 2)])["ok"]
+
+
+def test_shared_upsample_nearest_trains_cheaply_and_exports_as_one_resize(tmp_path):
+    """`research.vision.upsample.upsample_nearest`: torch's nearest upsampling (each pixel f x f times), its
+    gradient the f x f block sums, and in an export one Resize with constant scales (no shape arithmetic)."""
+    from research.vision.upsample import upsample_nearest
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 5, 7, 3).astype(np.float32))
+    for f in (1, 2, 4):
+        y = upsample_nearest(x, f)
+        np.testing.assert_array_equal(y, jnp.repeat(jnp.repeat(x, f, axis=1), f, axis=2))
+    g = jax.grad(lambda v: jnp.sum(upsample_nearest(v, 2) * jnp.arange(10 * 14 * 3.0).reshape(1, 10, 14, 3)))(x)
+    ref = jnp.arange(10 * 14 * 3.0).reshape(5, 2, 7, 2, 3).sum(axis=(1, 3))
+    np.testing.assert_allclose(g, jnp.broadcast_to(ref, g.shape), rtol=1e-6)
+    with pytest.raises(ValueError, match="positive integer"):
+        upsample_nearest(x, 1.5)
+    fn = lambda v: upsample_nearest(v, 2) + 1.0  # noqa: E731
+    path = export_onnx(fn, np.asarray(x[:1]), str(tmp_path / "up.onnx"))
+    m = onnx.load(path)
+    assert [n.op_type for n in m.graph.node if n.op_type in ("Resize", "Shape", "Gather", "Expand")] == ["Resize"]
+    assert check_onnx(fn, path, [np.asarray(x)])["ok"]

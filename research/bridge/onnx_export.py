@@ -32,8 +32,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 import onnx
+from absl import logging
 
-from research.bridge import onnx_plugins
+from research.bridge import onnx_graph, onnx_plugins
+from research.vision import upsample
 
 onnx_plugins.install()
 
@@ -97,7 +99,8 @@ def _named_inputs(example_inputs: Mapping[str, Any] | np.ndarray, input_name: st
 
 def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] | np.ndarray, path: str, *,
                 dynamic_batch: bool | Sequence[str] = True, input_name: str = "images",
-                output_names: Sequence[str] | None = None, opset: int | None = None) -> str:
+                output_names: Sequence[str] | None = None, opset: int | None = None,
+                simplify: bool = True) -> str:
     """Exports `apply_fn` to the ONNX file `path`, atomically; returns `path`.
 
     Args:
@@ -110,6 +113,10 @@ def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] 
       dynamic_batch: True (every input), False (none) or the names of the inputs whose first
         dimension becomes the symbol 'B'.
       output_names: one per output leaf (default: from the pytree paths).
+      simplify: run onnxslim over the converted graph (`simplify_graph`), as the official YOLOv5 exporter
+        does (constant folding, dead nodes removed), then fold BatchNorm arithmetic into the convolutions. The
+        function is traced inside `research.vision.upsample.export_forms()` either way (nearest upsampling
+        as one `Resize`).
 
     Raises:
       ValueError: a name in `dynamic_batch` is not an input, the output count differs from
@@ -158,13 +165,43 @@ def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] 
                                   return_mode="proto")
     if opset is not None:
         kwargs["opset"] = int(opset)
-    model = to_onnx(flat_fn, specs, **kwargs)
+    with upsample.export_forms():
+        model = to_onnx(flat_fn, specs, **kwargs)
+    if simplify:
+        model = simplify_graph(model)
     _refresh_value_info(model)
     if model.ByteSize() > _PROTOBUF_LIMIT:
         raise ValueError(f"ONNX model is {model.ByteSize()} bytes, over protobuf's 2 GiB limit")
     data = model.SerializeToString()
     _atomic_write(path, data)
     return path
+
+
+def simplify_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph simplified by onnxslim (the tool the official YOLOv5 `export.py --simplify` uses), or the graph
+    unchanged, with a logged warning, when onnxslim fails on it: simplification is an optimisation, never a
+    reason to lose an export.
+
+    jax2onnx writes BatchNorm in inference as Sub/Mul/Add arithmetic on the NHWC side of the NCHW<->NHWC
+    transposes it puts around every convolution, and keeps shape-computation chains; ONNX Runtime's own
+    optimiser fuses neither, so every BatchNorm costs three passes over its activation. onnxslim folds the
+    constants and drops the dead nodes; `onnx_graph.fold_affine_into_conv` then moves the per-channel
+    arithmetic into the convolution weights (what the official exports get from folding BatchNorm). Inputs, outputs,
+    their names and the symbolic batch dimension are kept (tests/test_onnx_export.py).
+    """
+    try:
+        import onnxslim
+        slim = onnxslim.slim(model)
+    except Exception as e:  # noqa: BLE001 (a failed optimisation keeps the correct graph)
+        logging.warning("onnxslim could not simplify the exported graph (%s: %s); keeping it as converted",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return model
+    if slim is None or [i.name for i in slim.graph.input] != [i.name for i in model.graph.input] or \
+            [o.name for o in slim.graph.output] != [o.name for o in model.graph.output]:
+        logging.warning("onnxslim changed the graph's inputs or outputs; keeping it as converted")
+        return model
+    onnx_graph.fold_affine_into_conv(slim)
+    return slim
 
 
 def _refresh_value_info(model: onnx.ModelProto) -> None:

@@ -553,12 +553,19 @@ class ImageResizePlugin(PrimitiveLeafPlugin):
         Not the opset-18 `axes` attribute: onnxruntime's transpose optimiser, when it pushes
         the Conv layout Transposes through a Resize, permutes `sizes` with the 4-d perm and
         breaks a 2-element `sizes` ("Number of elements of input 'sizes' (0) does not match
-        the number of axes (2)"). With a symbolic batch, `sizes` is built at run time as
-        Shape(x) * keep + target.
+        the number of axes (2)"). Integer upsampling factors on every resized axis go in as constant
+        full-rank `scales` (exact: output size = input size x factor), which the optimiser permutes at load
+        time; otherwise, with a symbolic batch, `sizes` is built at run time as Shape(x) * keep + target
+        (and the optimiser adds a Gather per Resize to permute it).
         """
         rank = len(in_shape)
         empty = np.asarray([], dtype=np.float32)
         roi = ctx.builder.add_initializer_from_array(name=ctx.fresh_name("resize_roi"), array=empty)
+        if all(int(out_shape[i]) >= int(in_shape[i]) and int(out_shape[i]) % int(in_shape[i]) == 0 for i in axes):
+            factors = np.asarray([float(int(out_shape[i]) // int(in_shape[i])) if i in axes else 1.0
+                                  for i in range(rank)], np.float32)
+            scales = ctx.builder.add_initializer_from_array(name=ctx.fresh_name("resize_scales"), array=factors)
+            return _emit(ctx, "Resize", [x_val, roi, scales], out_shape, dt, ctx.fresh_name("resize"), **attrs)
         scales = ctx.builder.add_initializer_from_array(name=ctx.fresh_name("resize_scales"), array=empty)
         if all(isinstance(d, (int, np.integer)) for d in out_shape):
             sizes = _const_i64(ctx, np.asarray(out_shape, np.int64), "resize_sizes")

@@ -23,6 +23,7 @@ import numpy as np
 
 from research.rtdetr.backbone import (BatchNorm, ConvNormLayer, activation, dense, torch_default_bias_init,
                                       torch_default_kernel_init)
+from research.vision.upsample import upsample_nearest
 
 ModuleDef = Any
 Dtype = Any
@@ -247,10 +248,6 @@ class _ConvBN(nn.Module):
         return self.norm(dtype=self.dtype, param_dtype=self.param_dtype, name="1")(x, use_running_average=not train)
 
 
-def _upsample_nearest_2x(x):
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
 class HybridEncoder(nn.Module):
     """RT-DETR hybrid encoder: AIFI on the deepest level(s), then CCFM (FPN + PAN).
 
@@ -332,7 +329,7 @@ class HybridEncoder(nn.Module):
             feat_high = ConvNormLayer(self.hidden_dim, 1, 1, act=self.act, name=f"lateral_convs.{j}", **kw)(
                 inner_outs[0], train)
             inner_outs[0] = feat_high
-            fused = jnp.concatenate([_upsample_nearest_2x(feat_high), proj[idx - 1]], axis=-1)
+            fused = jnp.concatenate([upsample_nearest(feat_high, 2), proj[idx - 1]], axis=-1)
             inner_outs.insert(0, CSPRepLayer(self.hidden_dim, name=f"fpn_blocks.{j}", **csp)(fused, train))
         # bottom-up
         outs = [inner_outs[0]]

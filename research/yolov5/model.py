@@ -26,6 +26,7 @@ import numpy as np
 from research.cpu.layers import PLAIN, Layers
 from research.cpu.layers import select as select_layers
 from research.vision.init import torch_bias_init, torch_conv_init
+from research.vision.upsample import upsample_nearest
 from research.yolov5.cfg import DEFAULT_YAML, VARIANTS, load_yaml_cfg  # noqa: F401  (public here as before)
 
 Dtype = Any
@@ -205,11 +206,6 @@ class SPP(nn.Module):
         x = Conv(x.shape[-1] // 2, 1, 1, name="cv1", **kw)(x, train)
         pools = [self.layers.max_pool_same(x, k, train) for k in self.ks]
         return Conv(self.features, 1, 1, name="cv2", **kw)(jnp.concatenate([x] + pools, -1), train)
-
-
-def upsample_nearest(x, scale: int):
-    """[B, H, W, C] -> [B, sH, sW, C], torch nn.Upsample(mode='nearest')."""
-    return jnp.repeat(jnp.repeat(x, scale, axis=1), scale, axis=2)
 
 
 class Detect(nn.Module):
