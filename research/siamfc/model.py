@@ -84,7 +84,8 @@ def xcorr_matmul(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_
     `Y[i, (a + u, b + v), (u, v)]`, which are `hz * wz` shifted slices of `Y`. Its autodiff gradient
     is two batched products more (`dY @ exemplar`, `dY^T @ search`) and pads of the small `dY`
     maps, where XLA:CPU differentiates `xcorr`'s convolution with `Bz` feature groups through a
-    slow grouped backward (alexnet_v1 training pairs: ~2.5 s against a few ms, 2-core CPU). Used
+    slow grouped backward (alexnet_v1's 8 training pairs, 6 x 6 over 20 x 20 x 256: forward and
+    gradient ~2 s against ~15 ms, 2-core CPU). Used
     by `SiamFC` in training; equal to `xcorr` to float rounding (tests/siamfc/test_siamfc_model.py).
 
     Args / returns / raises: as `xcorr` (no `precision`: float32 products).
@@ -135,6 +136,9 @@ SplitGroupConv: ModuleDef = functools.partial(nn.Conv, conv_general_dilated=spli
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def onednn_conv_all_grads(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     """VALID NHWC / HWIO float32 convolution through oneDNN forward and backward (both gradients).
+
+    `x` `[B, H, W, Ci]`, `w` `[k, k, Ci, Co]`, `stride` in pixels -> `[B, (H - k) // stride + 1,
+    (W - k) // stride + 1, Co]`; the oneDNN kernels must be available (`research.cpu.kernels.onednn`).
 
     `research.cpu.conv.conv2d(impl="onednn")` takes the kernel gradient of layers with more than 64
     input channels from per-tap matrix products, tuned on YOLOv5's layers; on AlexNetV1's (conv3..5,
