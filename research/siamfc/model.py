@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.cpu import pool as pool_lib
+
 Dtype = Any
 ModuleDef = Any
 
@@ -73,6 +75,40 @@ def xcorr(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_SCALE, 
     return (out * out_scale).reshape(n, ho, wo, bz).transpose(0, 3, 1, 2).reshape(bx, ho, wo, 1)
 
 
+def xcorr_matmul(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_SCALE) -> jax.Array:
+    """`xcorr` as one batched matrix product and shifted sums: the same sums in another order.
+
+    For pair `(i, j)` (search item `i`, exemplar `j = i % Bz`) every search cell `p` meets every
+    exemplar cell `t` in `Y[i, p, t] = <search[i, p, :], exemplar[j, t, :]>` (one batched matrix
+    product over the channels); response cell `(a, b)` sums the `hz * wz` entries
+    `Y[i, (a + u, b + v), (u, v)]`, which are `hz * wz` shifted slices of `Y`. Its autodiff gradient
+    is two batched products more (`dY @ exemplar`, `dY^T @ search`) and pads of the small `dY`
+    maps, where XLA:CPU differentiates `xcorr`'s convolution with `Bz` feature groups through a
+    slow grouped backward (alexnet_v1's 8 training pairs, 6 x 6 over 20 x 20 x 256: forward and
+    gradient ~2 s against ~15 ms, 2-core CPU). Used
+    by `SiamFC` in training; equal to `xcorr` to float rounding (tests/siamfc/test_siamfc_model.py).
+
+    Args / returns / raises: as `xcorr` (no `precision`: float32 products).
+    """
+    bz, hz, wz, c = exemplar.shape
+    bx, hx, wx, cx = search.shape
+    if c != cx:
+        raise ValueError(f"xcorr_matmul: exemplar has {c} channels, search {cx}")
+    if bx % bz:
+        raise ValueError(f"xcorr_matmul: search batch {bx} is not a multiple of exemplar batch {bz}")
+    n = bx // bz
+    ho, wo = hx - hz + 1, wx - wz + 1
+    x = search.reshape(n, bz, hx * wx, c)
+    z = exemplar.reshape(bz, hz * wz, c).astype(x.dtype)
+    y = jnp.einsum("nbpc,btc->nbpt", x, z).reshape(n, bz, hx, wx, hz, wz)
+    out = None
+    for u in range(hz):
+        for v in range(wz):
+            part = y[:, :, u:u + ho, v:v + wo, u, v]
+            out = part if out is None else out + part
+    return (out * out_scale).reshape(bx, ho, wo, 1)
+
+
 def split_groups_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                       dimension_numbers=None, feature_group_count: int = 1, precision: Any = None,
                       **kwargs) -> jax.Array:
@@ -97,6 +133,35 @@ def split_groups_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, l
 SplitGroupConv: ModuleDef = functools.partial(nn.Conv, conv_general_dilated=split_groups_conv)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def onednn_conv_all_grads(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    """VALID NHWC / HWIO float32 convolution through oneDNN forward and backward (both gradients).
+
+    `x` `[B, H, W, Ci]`, `w` `[k, k, Ci, Co]`, `stride` in pixels -> `[B, (H - k) // stride + 1,
+    (W - k) // stride + 1, Co]`; the oneDNN kernels must be available (`research.cpu.kernels.onednn`).
+
+    `research.cpu.conv.conv2d(impl="onednn")` takes the kernel gradient of layers with more than 64
+    input channels from per-tap matrix products, tuned on YOLOv5's layers; on AlexNetV1's (conv3..5,
+    256 / 192 input channels, 24-26 px at batch 8) oneDNN's own kernel gradient measured 1.0-1.4x
+    faster (2-core CPU). Same sums to float rounding (tests/siamfc/test_siamfc_model.py).
+    """
+    from research.cpu.kernels import onednn
+    return onednn.conv(x, w, stride, 0)
+
+
+def _onednn_all_fwd(x, w, stride):
+    return onednn_conv_all_grads(x, w, stride), (x, w)
+
+
+def _onednn_all_bwd(stride, res, dy):
+    from research.cpu.kernels import onednn
+    x, w = res
+    return (onednn.conv_input_grad(dy, w, x.shape, stride, 0), onednn.conv_kernel_grad(x, dy, w.shape, stride, 0))
+
+
+onednn_conv_all_grads.defvjp(_onednn_all_fwd, _onednn_all_bwd)
+
+
 def layers_conv_general_dilated(impl: str):
     """A `conv_general_dilated` for `nn.Conv` that computes through `research.cpu.conv.conv2d(impl)`,
     group by group (the shared CPU convolutions take groups of 1 only).
@@ -119,6 +184,10 @@ def layers_conv_general_dilated(impl: str):
             return split_groups_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                      dimension_numbers, feature_group_count, precision, **kwargs)
         g = feature_group_count
+        if impl == "onednn" and lhs.dtype == rhs.dtype == jnp.float32 and rhs.shape[0] > 1:
+            parts = [onednn_conv_all_grads(a, b, strides[0])
+                     for a, b in zip(jnp.split(lhs, g, axis=3), jnp.split(rhs, g, axis=3))]
+            return parts[0] if g == 1 else jnp.concatenate(parts, axis=3)
         parts = [conv_lib.conv2d(a, b, strides[0], 0, 1, impl)
                  for a, b in zip(jnp.split(lhs, g, axis=3), jnp.split(rhs, g, axis=3))]
         return parts[0] if g == 1 else jnp.concatenate(parts, axis=3)
@@ -145,6 +214,9 @@ class ConvBlock(nn.Module):
       norm_act: BatchNorm + ReLU after the convolution (conv5 has neither).
       pool: 3x3 stride-2 max pooling (no padding, floor mode) at the end (conv1, conv2).
       conv, norm: layer factories (`nn.Conv`, `nn.BatchNorm` or drop-ins with their variables).
+      lean_pool_grad: in training, pool through `research.cpu.pool.max_pool` (same values, the
+        gradient to each window's first maximum as `nn.max_pool`'s, without its slow variadic
+        reduce-window on XLA:CPU); inference and export always use `nn.max_pool`.
     """
 
     features: int
@@ -155,6 +227,7 @@ class ConvBlock(nn.Module):
     pool: bool = False
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = nn.BatchNorm
+    lean_pool_grad: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -172,7 +245,10 @@ class ConvBlock(nn.Module):
                           dtype=self.dtype, param_dtype=self.param_dtype, name="1")(x)
             x = nn.relu(x)
         if self.pool:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+            if train and self.lean_pool_grad:
+                x = pool_lib.max_pool(x, 3, 2, 0, train=True)
+            else:
+                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
         return x
 
 
@@ -187,11 +263,13 @@ class AlexNetV1(nn.Module):
     Attributes:
       widths: output channels of conv1..conv5 (`WIDTHS` official, `TINY_WIDTHS` for tests); the
         grouped layers need even widths.
+      lean_pool_grad: the cheap max-pool gradient in training (`ConvBlock`).
     """
 
     widths: Sequence[int] = WIDTHS
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = nn.BatchNorm
+    lean_pool_grad: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -200,8 +278,8 @@ class AlexNetV1(nn.Module):
         """`[B, H, W, 3]` raw 0..255 images -> `[B, h, w, widths[4]]` embeddings."""
         if len(self.widths) != 5:
             raise ValueError(f"AlexNetV1 needs 5 widths, got {tuple(self.widths)}")
-        block = functools.partial(ConvBlock, conv=self.conv, norm=self.norm, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+        block = functools.partial(ConvBlock, conv=self.conv, norm=self.norm, lean_pool_grad=self.lean_pool_grad,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
         w1, w2, w3, w4, w5 = self.widths
         x = block(w1, 11, stride=2, pool=True, name="conv1")(x, train)
         x = block(w2, 5, groups=2, pool=True, name="conv2")(x, train)
@@ -226,6 +304,10 @@ class SiamFC(nn.Module):
       layers: a `research.cpu.layers.Layers` (`select(config.model.conv_impl)`); when set it
         chooses `conv` and `norm` (`layer_factories`), parameters unchanged.
       precision: `jax.lax.Precision` of the correlation head (the backbone's comes with `conv`).
+      fast_train_grads: in training, the cheap max-pool gradient (`ConvBlock.lean_pool_grad`) and
+        the correlation as `xcorr_matmul` (unless `precision` is set); same values and gradients to
+        float rounding, the alexnet_v1 train step several times faster on XLA:CPU. Inference and
+        export are unaffected.
     """
 
     widths: Sequence[int] = WIDTHS
@@ -234,13 +316,14 @@ class SiamFC(nn.Module):
     norm: ModuleDef = nn.BatchNorm
     layers: Any = None
     precision: Any = None
+    fast_train_grads: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         conv, norm = layer_factories(self.layers) if self.layers is not None else (self.conv, self.norm)
-        self.backbone = AlexNetV1(widths=self.widths, conv=conv, norm=norm, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+        self.backbone = AlexNetV1(widths=self.widths, conv=conv, norm=norm, lean_pool_grad=self.fast_train_grads,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
 
     def embed(self, images: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, 3]` raw 0..255 images -> `[B, h, w, C]` embeddings (official `net.backbone`)."""
@@ -253,6 +336,8 @@ class SiamFC(nn.Module):
         'search': [Bx, hx, wx, C]}` (official `net.head(kernel, net.backbone(x))`).
         """
         search = self.backbone(x, train)
+        if train and self.fast_train_grads and self.precision is None:  # the fast gradient (xcorr_matmul); same sums to float rounding
+            return {"response": xcorr_matmul(exemplar, search, self.out_scale), "search": search}
         return {"response": xcorr(exemplar, search, self.out_scale, precision=self.precision), "search": search}
 
     def __call__(self, z: jax.Array, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:

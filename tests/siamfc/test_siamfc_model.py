@@ -15,7 +15,7 @@ from research.bridge.torch_bridge import BridgeError
 from research.siamfc import bridge
 from research.siamfc.loss import balanced_loss, create_labels
 from research.siamfc.model import (HighestPrecisionSiamFC, SiamFC, SplitGroupConv, TinySiamFC, init_variables,
-                                   param_count, split_groups_conv, xcorr)
+                                   onednn_conv_all_grads, param_count, split_groups_conv, xcorr, xcorr_matmul)
 
 FOLDER = os.path.join(REFERENCE, "siamfc")
 NHWC = (0, 2, 3, 1)
@@ -340,6 +340,90 @@ def test_highest_precision_reaches_every_convolution(tiny):
 
     assert precisions(HighestPrecisionSiamFC(widths=(8, 16, 16, 16, 16))) == (11, 11)
     assert precisions(TinySiamFC()) == (11, 0)
+
+
+@pytest.mark.parametrize("bz,bx", [(2, 6), (1, 3), (4, 4)])
+def test_xcorr_matmul_equals_xcorr_values_and_gradients(bz, bx):
+    """The training correlation (batched product + shifted sums) gives `xcorr`'s responses and
+    gradients for both inputs, with the official pairing (search i <-> exemplar i % Bz)."""
+    rng = np.random.default_rng(bz * 10 + bx)
+    z = jnp.asarray(rng.normal(size=(bz, 3, 4, 5)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(bx, 9, 8, 5)).astype(np.float32))
+    out = np.asarray(xcorr_matmul(z, x, 0.5))
+    assert out.shape == (bx, 7, 5, 1)
+    np.testing.assert_allclose(out, xcorr(z, x, 0.5), rtol=1e-5, atol=1e-5)
+    for i in range(bx):
+        np.testing.assert_allclose(out[i, ..., 0], _xcorr_reference(np.asarray(z[i % bz]), np.asarray(x[i]), 0.5),
+                                   rtol=1e-5, atol=1e-5)
+    weights = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))  # a loss that weighs every cell differently
+    grads = [jax.grad(lambda z, x: jnp.sum(jnp.tanh(f(z, x, 0.5)) * weights), argnums=(0, 1))(z, x)
+             for f in (xcorr_matmul, xcorr)]
+    for a, b in zip(*grads):
+        assert float(jnp.abs(b).max()) > 0
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+    with pytest.raises(ValueError, match="multiple"):
+        xcorr_matmul(z, x[:bx - 1]) if bz > 1 else xcorr_matmul(jnp.concatenate([z, z]), x)
+    with pytest.raises(ValueError, match="channels"):
+        xcorr_matmul(z, x[..., :4])
+
+
+def test_fast_train_grads_equal_plain_training(tiny):
+    """`fast_train_grads` (the default: `research.cpu.pool.max_pool`'s gradient and `xcorr_matmul` in
+    training) gives the plain path's loss, every parameter gradient and the running statistics
+    (float rounding); inference is the same computation (no correlation replaced)."""
+    model, v = tiny
+    plain = TinySiamFC(fast_train_grads=False)
+    rng = np.random.default_rng(8)
+    z = jnp.asarray(rng.uniform(0, 255, (2, 87, 87, 3)).astype(np.float32))
+    x = jnp.asarray(rng.uniform(0, 255, (2, 135, 135, 3)).astype(np.float32))
+    labels = jnp.asarray(create_labels(2, 7, 7))
+
+    def loss_fn(m, params):
+        out, new = m.apply({"params": params, "batch_stats": v["batch_stats"]}, z, x, train=True,
+                           mutable=["batch_stats"])
+        return balanced_loss(out["response"], labels), new["batch_stats"]
+
+    def convs(m, train):
+        text = str(jax.make_jaxpr(lambda p: m.apply({"params": p, "batch_stats": v["batch_stats"]}, z, x, train=train,
+                                                    mutable=["batch_stats"])[0]["response"])(v["params"]))
+        return text.count("conv_general_dilated["), text.count("custom_vjp_call")
+
+    assert convs(model, True) == (10, 4) and convs(plain, True) == (11, 0)  # 2 pools x 2 branches
+    assert convs(model, False) == convs(plain, False) == (11, 0)
+    (l_fast, s_fast), g_fast = jax.jit(jax.value_and_grad(lambda p: loss_fn(model, p), has_aux=True))(v["params"])
+    (l_ref, s_ref), g_ref = jax.jit(jax.value_and_grad(lambda p: loss_fn(plain, p), has_aux=True))(v["params"])
+    assert float(l_fast) == pytest.approx(float(l_ref), rel=1e-6)
+    for fast_tree, ref_tree, n in ((g_fast, g_ref, 18), (s_fast, s_ref, 8)):
+        leaves_ref = jax.tree_util.tree_leaves(ref_tree)
+        # the biases of convolutions followed by BatchNorm have zero gradient up to rounding: tolerances
+        # relative to the largest gradient of the tree
+        scale = max(float(np.abs(b).max()) for b in leaves_ref)
+        assert len(leaves_ref) == n and scale > 0
+        for a, b in zip(jax.tree_util.tree_leaves(fast_tree), leaves_ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_onednn_conv_all_grads_equals_lax(stride):
+    """The oneDNN convolution with both oneDNN gradients (conv_impl "onednn" in SiamFC) gives
+    `lax.conv_general_dilated`'s output, input gradient and kernel gradient."""
+    from research.cpu.kernels import onednn
+    if not onednn.available()[0]:
+        pytest.skip(f"oneDNN kernels unavailable: {onednn.available()[1]}")
+    rng = np.random.default_rng(stride)
+    x = jnp.asarray(rng.normal(size=(2, 13, 12, 70)).astype(np.float32))  # > 64 input channels: the case changed
+    w = jnp.asarray(rng.normal(size=(3, 3, 70, 6)).astype(np.float32))
+
+    def lax_conv(x, w, stride):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    ref = lax_conv(x, w, stride)
+    np.testing.assert_allclose(onednn_conv_all_grads(x, w, stride), ref, rtol=1e-5, atol=1e-4)
+    weights = jnp.asarray(rng.normal(size=ref.shape).astype(np.float32))
+    got, want = [jax.grad(lambda x, w: jnp.sum(f(x, w, stride) * weights), argnums=(0, 1))(x, w)
+                 for f in (jax.jit(onednn_conv_all_grads, static_argnums=2), lax_conv)]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 def test_split_group_conv_is_nn_conv_computed_per_group(tiny):
