@@ -194,6 +194,139 @@ def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
 
 
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """Inference with each BatchNorm folded into the convolution before it (`conv_bn`).
+
+    With running statistics a BatchNorm is y * a + b per channel (a = scale / sqrt(var + eps), b = bias - mean * a),
+    so conv(x, W) then BatchNorm equals conv(x, W * a) + b: one elementwise pass less per layer (on XLA:CPU the
+    separate BatchNorm passes were about a third of W32-512 inference). Parameters stay those of `nn.Conv` /
+    `nn.BatchNorm`; the folded weights are computed inside the call. Equal to the plain path to float rounding
+    (tests/higherhrnet/test_higherhrnet_model.py, `test_fold_bn_and_phase_deconv_match_plain`).
+
+    Attributes:
+      impl: `research.cpu.conv.conv2d` implementation of the folded convolutions ("lax", "dot", "onednn"), or
+        "onednn_wide" (see `impl_for`).
+      eps: BatchNorm epsilon.
+    """
+
+    impl: str = "lax"
+    eps: float = BN_EPS
+
+    def impl_for(self, cin: int, kernel: int) -> str:
+        """The implementation of one folded convolution: `impl`, except "onednn_wide": oneDNN for k x k kernels with at
+        least 128 input channels (the 32x32 and 16x16 branches), XLA's convolution for the rest (W32-512 inference on
+        a loaded 2-core CPU: 1754 ms of CPU time against 1792 with XLA only and 1887 with oneDNN only)."""
+        if self.impl == "onednn_wide":
+            return "onednn" if (kernel > 1 and cin >= 128) else "lax"
+        return self.impl
+
+
+def conv_bn(parent: nn.Module, x: jax.Array, features: int, kernel: int, stride: int, padding: int, conv: ModuleDef,
+            norm: ModuleDef, conv_name: str, bn_name: str, fold: Fold | None) -> jax.Array:
+    """`norm(name=bn_name)(conv(features, ..., name=conv_name)(x))` inside `parent`'s compact call, or, with `fold`
+    (inference only, after initialisation), the same from the folded kernel and bias read from `parent`'s
+    variables `params/{conv_name}/kernel`, `params/{bn_name}/{scale,bias}`, `batch_stats/{bn_name}/{mean,var}`.
+
+    x: [B, H, W, Cin] -> [B, H', W', features]."""
+    if fold is None or parent.is_initializing():
+        y = conv(features, (kernel, kernel), (stride, stride), padding=padding, name=conv_name)(x)
+        return norm(name=bn_name)(y)
+    from research.cpu import conv as conv_lib
+    w, b = folded_kernel(parent, conv_name, bn_name, fold.eps)
+    return conv_lib.conv2d(x, w.astype(x.dtype), stride, padding, 1, fold.impl_for(x.shape[-1], kernel)) + b.astype(x.dtype)
+
+
+def folded_kernel(parent: nn.Module, conv_name: str, bn_name: str, eps: float) -> tuple[jax.Array, jax.Array]:
+    """(kernel * a [.., Cout], b [Cout]) of `parent`'s conv `conv_name` followed by BatchNorm `bn_name` (see `Fold`)."""
+    params, stats = parent.variables["params"], parent.variables["batch_stats"]
+    bn, st = params[bn_name], stats[bn_name]
+    a = bn["scale"].astype(jnp.float32) * jax.lax.rsqrt(st["var"].astype(jnp.float32) + eps)
+    b = bn["bias"].astype(jnp.float32) - st["mean"].astype(jnp.float32) * a
+    return params[conv_name]["kernel"].astype(jnp.float32) * a, b
+
+
+def phase_conv_transpose(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]],
+                         impl: str = "lax") -> jax.Array:
+    """`nn.ConvTranspose(strides=(2, 2), padding=padding)` (kernel [kh, kw, in, out] applied without flip over the
+    zero-dilated input) as four small convolutions of x, one per output phase, interleaved.
+
+    Output pixel 2m + r (per axis) of the dilated convolution only meets the kernel taps t with r + t - lo even, at
+    input m + (r + t - lo) / 2: a stride-1 convolution of x with those taps. The zero-dilated form spends 3/4 of its
+    multiply-adds on inserted zeros (kernel 4: four 2x2 convolutions instead of one 4x4 over a 4x larger input).
+    Needs equally many outputs per phase (an even output size, as every `deconv_cfg` kernel gives).
+
+    Args:
+      x: [B, H, W, Cin]; kernel: [kh, kw, Cin, Cout]; padding: ((lo_h, hi_h), (lo_w, hi_w)) of the dilated input.
+      impl: `research.cpu.conv.conv2d` implementation of the phase convolutions.
+
+    Returns:
+      [B, Ho, Wo, Cout], Ho = 2H - 1 + lo_h + hi_h - kh + 1 (and W alike).
+
+    Raises:
+      ValueError: an odd output size.
+    """
+    from research.cpu import conv as conv_lib
+    b, h, w, _ = x.shape
+    per_axis = []
+    for size, k, (lo, hi) in ((h, kernel.shape[0], padding[0]), (w, kernel.shape[1], padding[1])):
+        out = 2 * size - 1 + lo + hi - k + 1
+        if out % 2:
+            raise ValueError(f"phase_conv_transpose: output size {out} (input {size}, kernel {k}, padding {lo, hi}) is "
+                             f"odd; the phases would differ in size")
+        phases = []
+        for r in (0, 1):
+            taps = [t for t in range(k) if (r + t - lo) % 2 == 0]
+            offsets = [(r + t - lo) // 2 for t in taps]
+            pad_lo = -min(offsets)
+            pad_hi = out // 2 - size - pad_lo + (max(offsets) - min(offsets))
+            phases.append((taps, pad_lo, pad_hi))
+        per_axis.append(phases)
+    rows = []
+    for taps_h, lo_h, hi_h in per_axis[0]:
+        cols = []
+        for taps_w, lo_w, hi_w in per_axis[1]:
+            kw = kernel[np.array(taps_h)][:, np.array(taps_w)]
+            xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0)))
+            cols.append(conv_lib.conv2d(xp, kw, 1, 0, 1, impl))
+        rows.append(jnp.stack(cols, axis=3))  # [B, Ho/2, Wo/2, 2 (column phase), Cout]
+    y = jnp.stack(rows, axis=2)  # [B, Ho/2, 2 (row phase), Wo/2, 2, Cout]
+    return y.reshape(b, y.shape[1] * 2, y.shape[3] * 2, kernel.shape[-1])
+
+
+class PhaseConvTranspose(nn.Module):
+    """`nn.ConvTranspose` with strides (2, 2) and explicit padding (same `kernel` [kh, kw, in, out], no flip, same
+    optional `bias`) computed by `phase_conv_transpose`; the official ConvTranspose2d for `deconv_cfg` kernels.
+
+    Raises:
+      ValueError: other strides, or padding not given as explicit pairs.
+    """
+
+    features: int
+    kernel_size: tuple
+    strides: tuple = (2, 2)
+    padding: Any = ((0, 0), (0, 0))
+    use_bias: bool = False
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    impl: str = "lax"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if tuple(self.strides) != (2, 2) or isinstance(self.padding, str):
+            raise ValueError(f"{self.name}: PhaseConvTranspose needs strides (2, 2) and explicit padding pairs, got "
+                             f"{self.strides}, {self.padding}")
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
+        y = phase_conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), tuple(map(tuple, self.padding)),
+                                 self.impl)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BN with a residual (official `BasicBlock`, expansion 1).
 
@@ -207,14 +340,15 @@ class BasicBlock(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     strides: int = 1
+    fold: Fold | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        s = (self.strides, self.strides)
-        y = nn.relu(self.norm(name="bn1")(self.conv(self.features, (3, 3), s, padding=1, name="conv1")(x)))
-        y = self.norm(name="bn2")(self.conv(self.features, (3, 3), padding=1, name="conv2")(y))
+        cb = functools.partial(conv_bn, self, conv=self.conv, norm=self.norm, fold=self.fold)
+        y = nn.relu(cb(x, self.features, 3, self.strides, 1, conv_name="conv1", bn_name="bn1"))
+        y = cb(y, self.features, 3, 1, 1, conv_name="conv2", bn_name="bn2")
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = self.norm(name="downsample.1")(self.conv(self.features, (1, 1), s, padding=0, name="downsample.0")(x))
+            x = cb(x, self.features, 1, self.strides, 0, conv_name="downsample.0", bn_name="downsample.1")
         return nn.relu(y + x)
 
 
@@ -226,16 +360,17 @@ class Bottleneck(nn.Module):
     norm: ModuleDef
     strides: int = 1
     expansion: int = 4
+    fold: Fold | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out = self.planes * self.expansion
-        s = (self.strides, self.strides)
-        y = nn.relu(self.norm(name="bn1")(self.conv(self.planes, (1, 1), padding=0, name="conv1")(x)))
-        y = nn.relu(self.norm(name="bn2")(self.conv(self.planes, (3, 3), s, padding=1, name="conv2")(y)))
-        y = self.norm(name="bn3")(self.conv(out, (1, 1), padding=0, name="conv3")(y))
+        cb = functools.partial(conv_bn, self, conv=self.conv, norm=self.norm, fold=self.fold)
+        y = nn.relu(cb(x, self.planes, 1, 1, 0, conv_name="conv1", bn_name="bn1"))
+        y = nn.relu(cb(y, self.planes, 3, self.strides, 1, conv_name="conv2", bn_name="bn2"))
+        y = cb(y, out, 1, 1, 0, conv_name="conv3", bn_name="bn3")
         if self.strides != 1 or x.shape[-1] != out:
-            x = self.norm(name="downsample.1")(self.conv(out, (1, 1), s, padding=0, name="downsample.0")(x))
+            x = cb(x, out, 1, self.strides, 0, conv_name="downsample.0", bn_name="downsample.1")
         return nn.relu(y + x)
 
 
@@ -253,6 +388,7 @@ class HighResolutionModule(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     multi_scale_output: bool = True
+    fold: Fold | None = None
 
     @nn.compact
     def __call__(self, xs: Sequence[jax.Array]) -> list[jax.Array]:
@@ -263,7 +399,8 @@ class HighResolutionModule(nn.Module):
         xs = list(xs)
         for i in range(n):
             for b in range(self.num_blocks[i]):
-                xs[i] = BasicBlock(self.num_channels[i], self.conv, self.norm, name=f"branches.{i}.{b}")(xs[i])
+                xs[i] = BasicBlock(self.num_channels[i], self.conv, self.norm, fold=self.fold,
+                                   name=f"branches.{i}.{b}")(xs[i])
         if n == 1:
             return xs
         fused = []
@@ -278,13 +415,13 @@ class HighResolutionModule(nn.Module):
         """Brings branch j's map to branch i's resolution and width (`fuse_layers.i.j`)."""
         c_i, c_j = self.num_channels[i], self.num_channels[j]
         name = f"fuse_layers.{i}.{j}"
+        cb = functools.partial(conv_bn, self, conv=self.conv, norm=self.norm, fold=self.fold)
         if j > i:
-            x = self.norm(name=f"{name}.1")(self.conv(c_i, (1, 1), padding=0, name=f"{name}.0")(x))
+            x = cb(x, c_i, 1, 1, 0, conv_name=f"{name}.0", bn_name=f"{name}.1")
             return upsample_nearest(x, 2 ** (j - i))
         for k in range(i - j):
             last = k == i - j - 1
-            x = self.conv(c_i if last else c_j, (3, 3), (2, 2), padding=1, name=f"{name}.{k}.0")(x)
-            x = self.norm(name=f"{name}.{k}.1")(x)
+            x = cb(x, c_i if last else c_j, 3, 2, 1, conv_name=f"{name}.{k}.0", bn_name=f"{name}.{k}.1")
             if not last:
                 x = nn.relu(x)
         return x
@@ -304,6 +441,10 @@ class HigherHRNet(nn.Module):
       kernel_init: conv / transposed-conv weight init (official `init_weights`: normal(0, 0.001)).
       dtype: computation dtype; outputs are returned in float32.
       param_dtype: parameter dtype.
+      fold_bn: in inference (`train=False`), fold every BatchNorm into the convolution before it (`Fold`; the
+        transposed convolution is then computed by `phase_conv_transpose`); same variables, same outputs to float
+        rounding.
+      fold_impl: implementation of the folded convolutions (`Fold.impl`).
     """
 
     config: HigherHRNetConfig = W32
@@ -313,6 +454,8 @@ class HigherHRNet(nn.Module):
     kernel_init: nn.initializers.Initializer = official_init()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    fold_bn: bool = False
+    fold_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -343,22 +486,24 @@ class HigherHRNet(nn.Module):
         norm = functools.partial(self.norm, use_running_average=not train, momentum=1.0 - cfg.bn_momentum,
                                  epsilon=cfg.bn_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(self.dtype)
+        fold = Fold(self.fold_impl, cfg.bn_eps) if self.fold_bn and not train else None
+        cb = functools.partial(conv_bn, self, conv=conv, norm=norm, fold=fold)
 
         c = cfg.stem_channels
-        x = nn.relu(norm(name="bn1")(conv(c, (3, 3), (2, 2), padding=1, name="conv1")(x)))
-        x = nn.relu(norm(name="bn2")(conv(c, (3, 3), (2, 2), padding=1, name="conv2")(x)))
+        x = nn.relu(cb(x, c, 3, 2, 1, conv_name="conv1", bn_name="bn1"))
+        x = nn.relu(cb(x, c, 3, 2, 1, conv_name="conv2", bn_name="bn2"))
         for b in range(cfg.layer1_blocks):
-            x = Bottleneck(cfg.layer1_planes, conv, norm, name=f"layer1.{b}")(x)
+            x = Bottleneck(cfg.layer1_planes, conv, norm, fold=fold, name=f"layer1.{b}")(x)
 
         ys = [x]
         for s, stage in enumerate(cfg.stages):
             n = s + 1  # transition n feeds stage n + 1
-            xs = self._transition(ys, stage.num_channels, conv, norm, f"transition{n}")
+            xs = self._transition(ys, stage.num_channels, cb, f"transition{n}")
             last_stage = s == len(cfg.stages) - 1
             for m in range(stage.num_modules):
                 multi = not (last_stage and m == stage.num_modules - 1)
                 xs = HighResolutionModule(stage.num_blocks, stage.num_channels, conv, norm, multi_scale_output=multi,
-                                          name=f"stage{s + 2}.{m}")(xs)
+                                          fold=fold, name=f"stage{s + 2}.{m}")(xs)
             ys = xs
 
         x = ys[0]
@@ -374,13 +519,19 @@ class HigherHRNet(nn.Module):
                 x = jnp.concatenate([x, y], axis=-1)
             kernel = d.kernel_size[i]
             p, op = deconv_cfg(kernel)
-            x = self.conv_transpose(d.num_channels[i], (kernel, kernel), (2, 2),
-                                    padding=(torch_deconv_padding(kernel, p, op),) * 2, use_bias=False,
-                                    kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    name=f"deconv_layers.{i}.0.0")(x)
-            x = nn.relu(norm(name=f"deconv_layers.{i}.0.1")(x))
+            padding = (torch_deconv_padding(kernel, p, op),) * 2
+            dname, bname = f"deconv_layers.{i}.0.0", f"deconv_layers.{i}.0.1"
+            if fold is None or self.is_initializing():
+                x = self.conv_transpose(d.num_channels[i], (kernel, kernel), (2, 2), padding=padding, use_bias=False,
+                                        kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                                        name=dname)(x)
+                x = nn.relu(norm(name=bname)(x))
+            else:
+                w, bias = folded_kernel(self, dname, bname, fold.eps)
+                x = nn.relu(phase_conv_transpose(x, w.astype(x.dtype), padding, fold.impl_for(x.shape[-1], kernel))
+                            + bias.astype(x.dtype))
             for b in range(d.num_basic_blocks):
-                x = BasicBlock(d.num_channels[i], conv, norm, name=f"deconv_layers.{i}.{b + 1}.0")(x)
+                x = BasicBlock(d.num_channels[i], conv, norm, fold=fold, name=f"deconv_layers.{i}.{b + 1}.0")(x)
             y = final(cfg.output_channels(i + 1), (k, k), padding=pad, name=f"final_layers.{i + 1}")(x)
             outputs.append(y)
 
@@ -393,7 +544,7 @@ class HigherHRNet(nn.Module):
         }
 
     @staticmethod
-    def _transition(ys: list[jax.Array], channels: Sequence[int], conv: ModuleDef, norm: ModuleDef,
+    def _transition(ys: list[jax.Array], channels: Sequence[int], cb: Callable[..., jax.Array],
                     name: str) -> list[jax.Array]:
         """The official `_make_transition_layer` and its use in `forward`: existing branches keep their map unless
         their width changes (3x3 conv + BN + ReLU); each new branch comes from the lowest-resolution map through a
@@ -407,15 +558,13 @@ class HigherHRNet(nn.Module):
                     continue
                 # the official forward feeds the last map (y_list[-1]) to every transition it applies, also to one
                 # that changes an existing branch's width (only transition1's single input in official cfgs)
-                h = conv(c, (3, 3), padding=1, name=f"{name}.{i}.0")(ys[-1])
-                xs.append(nn.relu(norm(name=f"{name}.{i}.1")(h)))
+                xs.append(nn.relu(cb(ys[-1], c, 3, 1, 1, conv_name=f"{name}.{i}.0", bn_name=f"{name}.{i}.1")))
                 continue
             h = ys[-1]
             steps = i + 1 - len(pre)
             for j in range(steps):
                 out = c if j == steps - 1 else pre[-1]
-                h = conv(out, (3, 3), (2, 2), padding=1, name=f"{name}.{i}.{j}.0")(h)
-                h = nn.relu(norm(name=f"{name}.{i}.{j}.1")(h))
+                h = nn.relu(cb(h, out, 3, 2, 1, conv_name=f"{name}.{i}.{j}.0", bn_name=f"{name}.{i}.{j}.1"))
             xs.append(h)
         return xs
 

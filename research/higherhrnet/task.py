@@ -36,7 +36,7 @@ from research.data import pipeline
 from research.higherhrnet import bridge, data, evaluation, group, targets
 from research.higherhrnet import transforms as T
 from research.higherhrnet.loss import LossConfig, multi_loss
-from research.higherhrnet.model import VARIANTS, build_model
+from research.higherhrnet.model import VARIANTS, PhaseConvTranspose, build_model
 
 
 class ZeroInsertConvTranspose(nn.Module):
@@ -156,7 +156,11 @@ class Task(tasks.Task):
         # convolutions and BatchNorm through the CPU speed layer where `config.model.conv_impl` picks it (same
         # parameter tree as nn.Conv / nn.BatchNorm); the export graph stays plain flax (what exports trace)
         self.layers = cpu_layers.select(config.model.conv_impl)
-        self.model = build_model(self.model_cfg, conv=self.layers.nn_conv, norm=self.layers.nn_batch_norm)
+        # inference folds each BatchNorm into its convolution (same variables; `model.Fold`), and the transposed
+        # convolution computes as four phase convolutions (`model.phase_conv_transpose`) in training and inference
+        fold_impl = "onednn_wide" if self.layers.conv_impl == "onednn" else self.layers.conv_impl
+        self.model = build_model(self.model_cfg, conv=self.layers.nn_conv, norm=self.layers.nn_batch_norm,
+                                 conv_transpose=PhaseConvTranspose, fold_bn=True, fold_impl=fold_impl)
         self.export_model = build_model(self.model_cfg, conv_transpose=ZeroInsertConvTranspose)
         lc = config.loss
         self.loss_cfg = LossConfig(num_joints=int(config.data.num_joints), with_heatmaps_loss=(True, True),

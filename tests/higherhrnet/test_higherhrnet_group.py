@@ -353,3 +353,50 @@ def test_empty_and_invalid():
         PostprocessSettings(joint_order=tuple(range(16)))
     with pytest.raises(ValueError):
         inference.aggregate_outputs([], settings, (64, 64))
+
+
+@pytest.mark.parametrize("tag_dim,shared_tag", [(2, False), (1, False), (2, True)])
+def test_refine_pruned_equals_refine(tag_dim, shared_tag):
+    """parse's refine (top-m pixels per joint, whole-map search only when the bound fails) gives `refine`'s people bit
+    for bit: quantised heatmaps (many tied maxima, so the first-maximum rule matters), person tags near some pixel
+    tags (pruned path) and far from all (whole-map path), T = 1 or 2, per-joint or shared tag maps."""
+    rng = np.random.default_rng(tag_dim + 3 * shared_tag)
+    h, w, j = 48, 40, 5
+    heat = (np.round(rng.random((h, w, j)) * 8) / 8).astype(np.float32)  # 9 levels: many ties
+    heat[rng.random((h, w, j)) < 0.05] = 0.0
+    tags = rng.normal(0.0, 1.5, (h, w, 1 if shared_tag else j, tag_dim)).astype(np.float32)
+    people = np.zeros((12, j, 3 + tag_dim), np.float32)
+    for p in range(12):
+        present = rng.choice(j, 1 + p % 3, replace=False)
+        for k in present:
+            people[p, k, :3] = (rng.integers(0, w), rng.integers(0, h), 0.5)
+    people[10, :, :3] = 0.0
+    people[10, 0, :3] = (3, 4, 0.7)
+    tags[4, 3, 0] = 40.0  # person 10's tag is far from every other tag: round(distance) > heatmap range
+    det = np.ascontiguousarray(np.moveaxis(heat, 2, 0))
+    full_tags = np.broadcast_to(tags, (h, w, j, tag_dim)) if shared_tag else tags
+    want = np.stack([group.refine(p, heat, full_tags) for p in people])
+    for m in (16, 200, h * w):
+        cands = group.RefineCandidates(det, tags, m=m)
+        got = np.stack([group.refine_pruned(p, det, cands) for p in people])
+        assert_exact(f"refine_pruned m={m}", got, want)
+    assert (want[:, :, 2] > 0).sum() > (people[:, :, 2] > 0).sum()  # refine filled joints
+
+    # both branches ran at m=200: count whole-map searches
+    cands = group.RefineCandidates(det, tags, m=200)
+    fallbacks = []
+    orig = cands.argmax
+
+    def counting(jj, prev):
+        s = cands.cand_det[jj] - np.round(np.sqrt(((cands.tags[cands.flat[jj], cands._tag_column(jj)]
+                                                    - prev[None]) ** 2).sum(-1)))
+        fallbacks.append(bool(s.max() <= cands.floor[jj]))
+        return orig(jj, prev)
+
+    cands.argmax = counting
+    for p in people:
+        group.refine_pruned(p, det, cands)
+    assert any(fallbacks) and not all(fallbacks), fallbacks
+
+    with pytest.raises(ValueError, match="RefineCandidates"):
+        group.RefineCandidates(det, tags[:, :-1])

@@ -16,8 +16,8 @@ from conftest import REFERENCE
 from research.bridge.torch_bridge import BridgeError
 from research.higherhrnet import bridge
 from research.higherhrnet.loss import LossConfig, multi_loss
-from research.higherhrnet.model import (W48, DeconvConfig, HigherHRNetConfig, build_model, count_params,
-                                        deconv_cfg, torch_deconv_padding)
+from research.higherhrnet.model import (W48, DeconvConfig, HigherHRNetConfig, PhaseConvTranspose, build_model,
+                                        count_params, deconv_cfg, phase_conv_transpose, torch_deconv_padding)
 
 FOLDER = os.path.join(REFERENCE, "higherhrnet_w32_512")
 W48_PARAM_COUNT = 63_827_139  # official get_pose_net with w48_640_adam_lr1e-3.yaml, sum(p.numel())
@@ -39,15 +39,20 @@ def official():
     template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1, :64, :64]))
     variables = bridge.from_torch(model, sd, template)
     out = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+    # the task's inference path: BatchNorm folded into the convolutions, phase-split transposed conv
+    folded = build_model("w32", conv_transpose=PhaseConvTranspose, fold_bn=True, fold_impl="lax")
+    out_folded = jax.jit(functools.partial(folded.apply, train=False))(variables, x)
     return dict(manifest=manifest, golden=golden, sd=sd, model=model, template=template, variables=variables,
-                out=jax.device_get(out))
+                out=jax.device_get(out), out_folded=jax.device_get(out_folded))
 
 
 @pytest.mark.parametrize("name,batch", [("out", slice(0, 1)), ("loss_out", slice(1, 3))])
-def test_golden_outputs(official, name, batch):
+@pytest.mark.parametrize("path", ["out", "out_folded"])
+def test_golden_outputs(official, name, batch, path):
     """Both outputs equal the official ones within the README tolerance 3e-4 * max|golden|, for the inference input
-    and the two loss-case images (measured max errors are the size of float32 rounding noise, ~3e-5..7e-5 of max)."""
-    g, out = official["golden"], official["out"]
+    and the two loss-case images (measured max errors are the size of float32 rounding noise, ~3e-5..7e-5 of max),
+    with plain layers and with the folded BatchNorm / phase transposed-conv inference path the task uses."""
+    g, out = official["golden"], official[path]
     for i in range(2):
         ref = g[f"{name}{i}"].transpose(0, 2, 3, 1)
         got = out["outputs"][i][batch]
@@ -127,11 +132,12 @@ def test_transposed_conv_matches_torch(kernel):
     x = rng.standard_normal((2, 5, 6, 7)).astype(np.float32)
     ref = torch.nn.functional.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(w), stride=2,
                                                padding=padding, output_padding=output_padding).numpy()
-    layer = nn.ConvTranspose(3, (kernel, kernel), (2, 2), use_bias=False,
-                             padding=(torch_deconv_padding(kernel, padding, output_padding),) * 2)
-    got = layer.apply({"params": {"kernel": bridge._deconv_from_torch(w)}}, jnp.asarray(x.transpose(0, 2, 3, 1)))
-    assert got.shape == (2, 12, 14, 3)
-    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), ref, atol=1e-5)
+    for cls in (nn.ConvTranspose, PhaseConvTranspose):
+        layer = cls(3, (kernel, kernel), (2, 2), use_bias=False,
+                    padding=(torch_deconv_padding(kernel, padding, output_padding),) * 2)
+        got = layer.apply({"params": {"kernel": bridge._deconv_from_torch(w)}}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+        assert got.shape == (2, 12, 14, 3)
+        np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), ref, atol=1e-5, err_msg=cls.__name__)
     np.testing.assert_array_equal(bridge._deconv_to_torch(bridge._deconv_from_torch(w)), w)
 
 
@@ -279,3 +285,54 @@ def test_config_errors():
         build_model(HigherHRNetConfig(deconv=DeconvConfig(kernel_size=(5,))))
     with pytest.raises(ValueError, match="NHWC"):
         build_model("tiny").init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 64, 64)))
+
+
+@pytest.mark.parametrize("kernel", [4, 3, 2])
+def test_phase_conv_transpose_gradients_match_dilated_form(kernel):
+    """phase_conv_transpose (used in training) has nn.ConvTranspose's input and kernel gradients; an odd output
+    size is refused."""
+    padding = (torch_deconv_padding(kernel, *deconv_cfg(kernel)),) * 2
+    rng = np.random.default_rng(10 + kernel)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 4, 3)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 10, 14, 3)), jnp.float32)
+
+    def plain(x, w):
+        return jnp.sum(nn.ConvTranspose(3, (kernel, kernel), (2, 2), padding=padding, use_bias=False).apply(
+            {"params": {"kernel": w}}, x) * g)
+
+    def phase(x, w):
+        return jnp.sum(phase_conv_transpose(x, w, padding) * g)
+
+    np.testing.assert_allclose(phase(x, w), plain(x, w), rtol=1e-5)
+    for a, b in zip(jax.grad(phase, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="odd"):
+        phase_conv_transpose(x, w, ((padding[0][0], padding[0][1] + 1),) * 2)
+
+
+@pytest.mark.parametrize("fold_impl", ["lax", "dot", "onednn_wide"])
+def test_fold_bn_and_phase_deconv_match_plain(tiny, fold_impl):
+    """The task's model (BatchNorm folded into the convolutions in inference, phase-split transposed conv) gives the
+    plain model's outputs (inference and train mode) and gradients to float rounding, on the same variables; init
+    builds the same variable tree."""
+    model, x, variables = tiny
+    fast = build_model("tiny", conv_transpose=PhaseConvTranspose, fold_bn=True, fold_impl=fold_impl)
+    shapes = jax.eval_shape(lambda: fast.init(jax.random.PRNGKey(0), x))
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(variables)
+    want, got = _apply(model, variables, x), _apply(fast, variables, x)
+    for a, b in zip(got["outputs"], want["outputs"]):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(b)).max()
+        assert np.abs(np.asarray(b)).max() > 0.1  # not a vacuous comparison
+
+    def loss(m, params):
+        out, _ = m.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                         mutable=["batch_stats"])
+        return sum(jnp.mean(o ** 2) for o in out["outputs"])
+
+    if fold_impl == "lax":  # train mode does not fold: one gradient comparison is enough
+        ga = jax.jit(jax.grad(functools.partial(loss, fast)))(variables["params"])
+        gb = jax.jit(jax.grad(functools.partial(loss, model)))(variables["params"])
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree_util.tree_leaves(gb)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()) + 1e-12,
+                                       err_msg=jax.tree_util.keystr(path))
