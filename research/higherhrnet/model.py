@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.vision.upsample import upsample_nearest
+
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
 
@@ -187,11 +189,6 @@ def torch_deconv_padding(kernel: int, padding: int, output_padding: int) -> tupl
 def deconv_cfg(kernel: int) -> tuple[int, int]:
     """`_get_deconv_cfg`: (padding, output_padding) giving an exact x2 upsampling for kernel 4, 3 or 2."""
     return {4: (1, 0), 3: (1, 1), 2: (0, 0)}[kernel]
-
-
-def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
-    """[B, H, W, C] -> [B, fH, fW, C], torch `nn.Upsample(scale_factor=f, mode='nearest')` for integer f."""
-    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
 
 
 @dataclasses.dataclass(frozen=True)
