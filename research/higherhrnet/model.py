@@ -284,6 +284,10 @@ def phase_conv_transpose(x: jax.Array, kernel: jax.Array, padding: Sequence[tupl
         cols = []
         for taps_w, lo_w, hi_w in per_axis[1]:
             kw = kernel[np.array(taps_h)][:, np.array(taps_w)]
+            if impl == "lax":  # the padding in the convolution: one ONNX Conv per phase in an export
+                cols.append(jax.lax.conv_general_dilated(x, kw, (1, 1), ((lo_h, hi_h), (lo_w, hi_w)),
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC")))
+                continue
             xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0)))
             cols.append(conv_lib.conv2d(xp, kw, 1, 0, 1, impl))
         rows.append(jnp.stack(cols, axis=3))  # [B, Ho/2, Wo/2, 2 (column phase), Cout]

@@ -22,9 +22,6 @@ import dataclasses
 import functools
 import os
 
-from typing import Any, Callable
-
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -37,36 +34,6 @@ from research.higherhrnet import bridge, data, evaluation, group, targets
 from research.higherhrnet import transforms as T
 from research.higherhrnet.loss import LossConfig, multi_loss
 from research.higherhrnet.model import VARIANTS, PhaseConvTranspose, build_model
-
-
-class ZeroInsertConvTranspose(nn.Module):
-    """`nn.ConvTranspose` (same `kernel` [kh, kw, in, out], no flip, explicit padding) written as zero insertion +
-    padding + a plain convolution, so jax2onnx exports it (its `nn.ConvTranspose` plugin fails on explicit padding
-    with JAX >= 0.7). Used by the export graph; equal to `nn.ConvTranspose` up to float summation order."""
-
-    features: int
-    kernel_size: tuple
-    strides: tuple = (1, 1)
-    padding: tuple = ((0, 0), (0, 0))
-    use_bias: bool = False
-    kernel_init: Callable = nn.initializers.lecun_normal()
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kh, kw = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
-        b, h, w, c = x.shape
-        sh, sw = self.strides
-        y = x.astype(self.dtype)[:, :, None, :, None, :]
-        y = jnp.pad(y, ((0, 0), (0, 0), (0, sh - 1), (0, 0), (0, sw - 1), (0, 0))).reshape(b, h * sh, w * sw, c)
-        y = y[:, :(h - 1) * sh + 1, :(w - 1) * sw + 1]
-        y = jax.lax.conv_general_dilated(y, kernel.astype(self.dtype), (1, 1), tuple(map(tuple, self.padding)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        return y
 
 
 def model_config(config):
@@ -161,7 +128,9 @@ class Task(tasks.Task):
         fold_impl = "onednn_wide" if self.layers.conv_impl == "onednn" else self.layers.conv_impl
         self.model = build_model(self.model_cfg, conv=self.layers.nn_conv, norm=self.layers.nn_batch_norm,
                                  conv_transpose=PhaseConvTranspose, fold_bn=True, fold_impl=fold_impl)
-        self.export_model = build_model(self.model_cfg, conv_transpose=ZeroInsertConvTranspose)
+        # flax's plain layers and the phase-split transposed convolution (four ONNX Convs; jax2onnx's
+        # nn.ConvTranspose lowering fails on explicit padding with JAX >= 0.7), BatchNorm unfolded (onnxslim folds it)
+        self.export_model = build_model(self.model_cfg, conv_transpose=PhaseConvTranspose)
         lc = config.loss
         self.loss_cfg = LossConfig(num_joints=int(config.data.num_joints), with_heatmaps_loss=(True, True),
                                    heatmaps_loss_factor=tuple(lc.heatmaps_loss_factor),
