@@ -37,6 +37,21 @@ WIDTHS = (96, 256, 384, 384, 256)  # AlexNetV1 conv1..conv5 output channels
 TINY_WIDTHS = (8, 16, 16, 16, 16)  # not official: a fast variant for tests
 
 
+def _pairing(exemplar: jax.Array, search: jax.Array, name: str):
+    """Shapes of an exemplar / search pair and the searches per exemplar (`Bx // Bz`), checked for `name`.
+
+    Raises:
+      ValueError: the channel counts differ or `Bx` is not a multiple of `Bz`.
+    """
+    bz, _, _, c = exemplar.shape
+    bx, _, _, cx = search.shape
+    if c != cx:
+        raise ValueError(f"{name}: exemplar has {c} channels, search {cx}")
+    if bx % bz:
+        raise ValueError(f"{name}: search batch {bx} is not a multiple of exemplar batch {bz}")
+    return exemplar.shape, search.shape, bx // bz
+
+
 def xcorr(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_SCALE, *,
           precision: Any = None) -> jax.Array:
     """Cross-correlates each exemplar embedding over search embeddings, times `out_scale`.
@@ -58,13 +73,7 @@ def xcorr(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_SCALE, 
     Raises:
       ValueError: if the channel counts differ or `Bx` is not a multiple of `Bz`.
     """
-    bz, hz, wz, c = exemplar.shape
-    bx, hx, wx, cx = search.shape
-    if c != cx:
-        raise ValueError(f"xcorr: exemplar has {c} channels, search {cx}")
-    if bx % bz:
-        raise ValueError(f"xcorr: search batch {bx} is not a multiple of exemplar batch {bz}")
-    n = bx // bz
+    (bz, hz, wz, c), (bx, hx, wx, _), n = _pairing(exemplar, search, "xcorr")
     # [n, Bz, H, W, C] -> [n, H, W, Bz*C]: channel group j holds the items paired with exemplar j.
     x = search.reshape(n, bz, hx, wx, c).transpose(0, 2, 3, 1, 4).reshape(n, hx, wx, bz * c)
     kernel = exemplar.transpose(1, 2, 3, 0).astype(x.dtype)  # HWIO, I = C per group, O = Bz
@@ -90,13 +99,7 @@ def xcorr_matmul(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_
 
     Args / returns / raises: as `xcorr` (no `precision`: float32 products).
     """
-    bz, hz, wz, c = exemplar.shape
-    bx, hx, wx, cx = search.shape
-    if c != cx:
-        raise ValueError(f"xcorr_matmul: exemplar has {c} channels, search {cx}")
-    if bx % bz:
-        raise ValueError(f"xcorr_matmul: search batch {bx} is not a multiple of exemplar batch {bz}")
-    n = bx // bz
+    (bz, hz, wz, c), (bx, hx, wx, _), n = _pairing(exemplar, search, "xcorr_matmul")
     ho, wo = hx - hz + 1, wx - wz + 1
     x = search.reshape(n, bz, hx * wx, c)
     z = exemplar.reshape(bz, hz * wz, c).astype(x.dtype)
