@@ -466,6 +466,56 @@ def test_fold_affine_into_conv_only_where_nothing_else_reads(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("equation, shapes", [
+    ("abc,cd->abd", [(2, 5, 6), (6, 7)]),                    # dense layer on [B, N, C] (weight initializer)
+    ("bqhd,bkhd->bhqk", [(2, 5, 3, 4), (2, 6, 3, 4)]),       # attention scores
+    ("bhqk,bkhd->bqhd", [(2, 3, 5, 6), (2, 6, 3, 4)]),       # attention-weighted values
+    ("bhqk,bhqkd->bqhd", [(2, 3, 5, 6), (2, 3, 5, 6, 4)]),   # deformable attention's weighted sum
+    ("bij,bj->bi", [(2, 3, 4), (2, 4)]),                     # matrix-vector: right side unsqueezed
+    ("ij,jk->ik", [(3, 4), (4, 5)]),                         # plain product, no transpose at all
+    ("bk,bkd->bd", [(2, 4), (2, 4, 3)]),                     # vector-matrix: left side unsqueezed
+])
+def test_einsum_to_matmul_same_values(equation, shapes):
+    """Each two-operand Einsum jax2onnx writes becomes MatMul (+ Transpose/Unsqueeze/Squeeze) with the same
+    values in ONNX Runtime; the first operand may be a graph input and the second an initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from research.bridge.onnx_graph import einsum_to_matmul
+    rs = np.random.RandomState(0)
+    a, b = (rs.randn(*s).astype(np.float32) for s in shapes)
+    out_shape = np.einsum(equation, a, b).shape
+    graph = helper.make_graph(
+        [helper.make_node("Einsum", ["a", "b"], ["y"], equation=equation)], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))], [numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert einsum_to_matmul(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Einsum" not in ops and ops.count("MatMul") == 1, ops
+    if equation == "ij,jk->ik":
+        assert ops == ["MatMul"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"a": a})[0]
+    np.testing.assert_allclose(got, np.einsum(equation, a.astype(np.float64), b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation", ["ij,jk,kl->il", "ii->i", "ij,ij->", "abcd,cd->ab", "bij,bjk->bik...",
+                                      "ab,cd->abcd", "i,i->i"])
+def test_einsum_to_matmul_leaves_other_equations(equation):
+    """Equations that are not one matrix product (three operands, traces, two contracted letters, outer products,
+    elementwise products, ellipsis) stay Einsum."""
+    from onnx import helper
+
+    from research.bridge.onnx_graph import einsum_to_matmul
+    n_in = equation.split("->")[0].count(",") + 1
+    node = helper.make_node("Einsum", [f"x{i}" for i in range(n_in)], ["y"], equation=equation)
+    graph = helper.make_graph([node], "g", [], [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert einsum_to_matmul(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["Einsum"]
+
+
 def test_simplify_failure_keeps_the_converted_graph(tmp_path, monkeypatch):
     import onnxslim
 
@@ -497,3 +547,31 @@ def test_shared_upsample_nearest_trains_cheaply_and_exports_as_one_resize(tmp_pa
     m = onnx.load(path)
     assert [n.op_type for n in m.graph.node if n.op_type in ("Resize", "Shape", "Gather", "Expand")] == ["Resize"]
     assert check_onnx(fn, path, [np.asarray(x)])["ok"]
+
+
+@pytest.mark.parametrize("opset, native", [(None, True), (16, False)])
+def test_layer_norm_exports_as_one_layernormalization(tmp_path, opset, native):
+    """flax LayerNorms over the last axis, two-pass (torch semantics) and fast-variance, export as one
+    `LayerNormalization` each from opset 17 (jax2onnx 0.17 wrote the two-pass form as ~20 unfused nodes), or as
+    two-pass arithmetic below it; ONNX Runtime gives flax's values either way."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="two_pass")(x)
+            y = nn.Dense(8)(y)
+            return nn.LayerNorm(use_fast_variance=True, use_bias=False, name="fast")(y * 3 + 1)
+
+    m = M()
+    x = np.random.RandomState(0).randn(2, 5, 8).astype(np.float32) * 4 + 2
+    variables = m.init(jax.random.PRNGKey(0), x)
+    rs = np.random.RandomState(1)
+    variables = jax.tree_util.tree_map(lambda a: a + 0.3 * rs.randn(*a.shape).astype(np.float32), variables)
+    path = export_onnx(lambda x: m.apply(variables, x), x, str(tmp_path / "ln.onnx"), opset=opset)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("LayerNormalization") == (2 if native else 0), ops
+    if native:
+        assert "ReduceSum" not in ops and "ReduceSumSquare" not in ops and "Sqrt" not in ops, ops
+    got = OnnxRunner(path)(images=np.concatenate([x, x[:1] * 2]))[0]
+    ref = m.apply(variables, np.concatenate([x, x[:1] * 2]))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5 * float(np.abs(ref).max()))

@@ -23,6 +23,7 @@ dict, in `jax.tree_util` order). Importing this module installs the bridge's jax
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -165,16 +166,31 @@ def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] 
                                   return_mode="proto")
     if opset is not None:
         kwargs["opset"] = int(opset)
-    with upsample.export_forms():
+    with upsample.export_forms(), _quiet_serde():
         model = to_onnx(flat_fn, specs, **kwargs)
-    if simplify:
-        model = simplify_graph(model)
+        if simplify:
+            model = simplify_graph(model)
     _refresh_value_info(model)
     if model.ByteSize() > _PROTOBUF_LIMIT:
         raise ValueError(f"ONNX model is {model.ByteSize()} bytes, over protobuf's 2 GiB limit")
     data = model.SerializeToString()
     _atomic_write(path, data)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_serde():
+    """onnx_ir logs a warning for every shape-only value it serialises without a dtype ("The value type for
+    shape [3] is not known ... Skipping serialization": ~100 lines for RT-DETR); they are value_info hints that
+    `_refresh_value_info` recomputes, so they are hidden while exporting (errors still show)."""
+    import logging as py_logging
+    logger = py_logging.getLogger("onnx_ir.serde")
+    level = logger.level
+    logger.setLevel(py_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def simplify_graph(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -186,7 +202,8 @@ def simplify_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     transposes it puts around every convolution, and keeps shape-computation chains; ONNX Runtime's own
     optimiser fuses neither, so every BatchNorm costs three passes over its activation. onnxslim folds the
     constants and drops the dead nodes; `onnx_graph.fold_affine_into_conv` then moves the per-channel
-    arithmetic into the convolution weights (what the official exports get from folding BatchNorm). Inputs, outputs,
+    arithmetic into the convolution weights (what the official exports get from folding BatchNorm), and
+    `onnx_graph.einsum_to_matmul` writes jax2onnx's `Einsum` products as `MatMul` (as torch.onnx does). Inputs, outputs,
     their names and the symbolic batch dimension are kept (tests/test_onnx_export.py).
     """
     try:
@@ -201,6 +218,7 @@ def simplify_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         logging.warning("onnxslim changed the graph's inputs or outputs; keeping it as converted")
         return model
     onnx_graph.fold_affine_into_conv(slim)
+    onnx_graph.einsum_to_matmul(slim)
     return slim
 
 

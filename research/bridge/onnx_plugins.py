@@ -13,6 +13,7 @@ Replaced entries (each plugin's docstring says what the stock one did wrong):
 * ``reduce_window_min``    -> `ReduceWindowMinPlugin`  (same defect as max)
 * ``reduce_window``        -> `ReduceWindowPlugin`  (max/min: init value and N-d pooling)
 * ``jax.image.resize``     -> `ImageResizePlugin`  (symbolic batch, antialias, nearest ties)
+* ``linen.layer_norm``     -> `LinenLayerNormPlugin`  (two-pass LayerNorms written as ~20 unfused nodes)
 
 Everything else a YOLOv5 needs (conv with explicit symmetric padding and stride 2,
 BatchNorm inference, SiLU, concat, reshape/transpose with a symbolic batch, sigmoid,
@@ -615,6 +616,81 @@ class ImageResizePlugin(PrimitiveLeafPlugin):
 
 
 # --------------------------------------------------------------------------------------
+# flax.linen.LayerNorm
+# --------------------------------------------------------------------------------------
+
+from jax2onnx.plugins.flax.linen.layer_norm import LAYER_NORM_PRIM as _LN_PRIM  # noqa: E402
+from jax2onnx.plugins.flax.linen.layer_norm import LayerNormPlugin as _StockLinenLayerNorm  # noqa: E402
+
+_LN_ORIGINAL_CALL: list[Any] = [None]
+
+
+def _layer_norm_call(self: Any, x: Any, *, mask: Any = None) -> Any:
+    """`flax.linen.LayerNorm.__call__` while exporting: the common form (last axis, no mask, no cross-device axis)
+    binds the `linen.layer_norm` primitive with the module's parameters; anything else runs flax's own code."""
+    orig = _LN_ORIGINAL_CALL[0]
+    last = (-1, x.ndim - 1)
+    plain = (mask is None and getattr(self, "axis_name", None) is None
+             and getattr(self, "axis_index_groups", None) is None
+             and getattr(self, "reduction_axes", -1) in last and getattr(self, "feature_axes", -1) in last)
+    if not plain or getattr(self, "scope", None) is None:
+        return orig(self, x, mask=mask)
+    params = self.scope.variables().get("params", {})
+    features = x.shape[-1]
+    if self.use_scale and "scale" not in params or self.use_bias and "bias" not in params:
+        return orig(self, x, mask=mask)  # not initialised: let flax create the parameters
+    dtype = self.dtype or x.dtype
+    scale = params["scale"].astype(dtype) if self.use_scale else jnp.ones((features,), dtype)
+    bias = params["bias"].astype(dtype) if self.use_bias else jnp.zeros((features,), dtype)
+    return _LN_PRIM.bind(x.astype(dtype), scale, bias, epsilon=float(self.epsilon), axis=x.ndim - 1)
+
+
+class LinenLayerNormPlugin(_StockLinenLayerNorm):
+    """`flax.linen.LayerNorm` over the last axis -> one ONNX `LayerNormalization` (opset >= 17).
+
+    What jax2onnx 0.17 did: a LayerNorm with `use_fast_variance=False` (torch's two-pass statistics, which
+    RT-DETR's transformer layers use for fidelity) was traced as JAX arithmetic: ReduceSum, Div, Sub,
+    ReduceSumSquare, Sqrt and a Shape/Gather/Concat/Expand broadcast chain per statistic, ~20 nodes per
+    LayerNorm that ONNX Runtime does not fuse (the official torch.onnx exports write LayerNormalization, which ONNX
+    Runtime fuses with the residual Add); fast-variance LayerNorms became the same kind of graph unless the
+    export asked for `normalization_mode="prefer_native"`.
+
+    The mapping: ONNX defines `LayerNormalization` as the two-pass computation (mean, then the mean of squared
+    deviations, then (x - mean) / sqrt(var + epsilon) * scale + bias), torch's `nn.LayerNorm`, so every flax
+    LayerNorm over the last axis becomes that one node; flax's fast variance (E[x^2] - E[x]^2) differs from it
+    by float rounding only. Below opset 17 the two-pass arithmetic is written out instead.
+    """
+
+    @classmethod
+    def binding_specs(cls) -> list:
+        def make(orig: Any) -> Any:
+            _LN_ORIGINAL_CALL[0] = orig
+            return _layer_norm_call
+
+        return [MonkeyPatchSpec(target="flax.linen.LayerNorm", attr="__call__", make_value=make,
+                                delete_if_missing=False)]
+
+    def lower(self, ctx: Any, eqn: Any) -> None:
+        from jax2onnx.plugins._normalization_utils import lower_explicit_layer_norm
+        from jax2onnx.plugins._utils import cast_param_like
+
+        x_val, scale_val, bias_val = (ctx.get_value_for_var(v) for v in eqn.invars)
+        shape = _aval_shape(eqn.invars[0])
+        dtype = _ir_dtype(ctx, _aval_dtype(eqn.invars[0]))
+        axis, eps = int(eqn.params["axis"]), float(eqn.params["epsilon"])
+        name = ctx.fresh_name("LayerNorm")
+        if int(ctx.opset) >= 17:
+            scale_val = cast_param_like(ctx, scale_val, x_val, name_hint="ln_scale_cast")
+            bias_val = cast_param_like(ctx, bias_val, x_val, name_hint="ln_bias_cast")
+            y = _emit(ctx, "LayerNormalization", [x_val, scale_val, bias_val], shape, dtype, name, axis=axis,
+                      epsilon=eps)
+        else:
+            y = lower_explicit_layer_norm(ctx, x_val, scale_val, bias_val, x_shape=shape, axis=axis, epsilon=eps,
+                                          use_fast_variance=False, clamp_negative_variance=False)
+        ctx.bind_value_for_var(eqn.outvars[0], y)
+
+
+# --------------------------------------------------------------------------------------
 # registry management
 # --------------------------------------------------------------------------------------
 
@@ -624,6 +700,7 @@ PLUGINS: dict[str, type[PrimitiveLeafPlugin]] = {
     lax.reduce_window_min_p.name: ReduceWindowMinPlugin,
     lax.reduce_window_p.name: ReduceWindowPlugin,
     _RESIZE_PRIM.name: ImageResizePlugin,
+    _LN_PRIM.name: LinenLayerNormPlugin,
 }
 
 _STOCK: dict[str, Any] = {name: PLUGIN_REGISTRY.get(name) for name in PLUGINS}

@@ -126,7 +126,10 @@ def deformable_attention_core(value: jax.Array, spatial_shapes: Sequence[tuple[i
     idx = idx.transpose(0, 2, 1, 3, 4, 5).reshape(b, nh, lq * k)
     wts = wts.transpose(0, 2, 1, 3, 4, 5).reshape(b, nh, lq, k).astype(value.dtype)
     v = value.transpose(0, 2, 1, 3)  # [B, nh, Lv, hd]
-    sampled = jnp.take_along_axis(v, idx[..., None], axis=2, mode="clip").reshape(b, nh, lq, k, hd)
+    # indices are in range by construction: no negative-index wrapping (two passes over the indices, in XLA
+    # and in the exported graph)
+    sampled = jnp.take_along_axis(v, idx[..., None], axis=2, mode="clip", wrap_negative_indices=False).reshape(
+        b, nh, lq, k, hd)
     out = jnp.einsum("bhqk,bhqkd->bqhd", wts, sampled)
     return out.reshape(b, lq, nh * hd)
 

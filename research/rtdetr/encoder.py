@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.rtdetr.backbone import (BatchNorm, ConvNormLayer, activation, dense, torch_default_bias_init,
+from research.rtdetr.backbone import (BN_EPS, BatchNorm, ConvNormLayer, activation, dense, torch_default_bias_init,
                                       torch_default_kernel_init)
 from research.vision.upsample import upsample_nearest
 
@@ -186,7 +186,16 @@ class TransformerEncoder(nn.Module):
 
 
 class RepVggBlock(nn.Module):
-    """Official `RepVggBlock` (training form): act(ConvNorm3x3(x) + ConvNorm1x1(x)); submodules `conv1`, `conv2`."""
+    """Official `RepVggBlock`: act(ConvNorm3x3(x) + ConvNorm1x1(x)); submodules `conv1`, `conv2`.
+
+    x: [B, H, W, C] -> [B, H, W, features]. In training (and at initialisation) the two branches run as written. In
+    inference with `deploy` (the default) they run as the official deploy form (`convert_to_deploy` /
+    `get_equivalent_kernel_bias`): each BatchNorm folded into its convolution with the running statistics, the 1x1
+    kernel added to the centre tap of the 3x3, one 3x3 convolution with bias, computed from the same variables inside
+    the call (so checkpoints and the bridge are unchanged). Equal to the two-branch form to float rounding
+    (tests/rtdetr/test_rtdetr_model.py); one convolution and one pass over the activations less per block, in JAX
+    inference and in the exported ONNX graph, as in the official `tools/export_onnx.py` graph.
+    """
 
     features: int
     act: str = "relu"
@@ -194,13 +203,34 @@ class RepVggBlock(nn.Module):
     norm: ModuleDef = BatchNorm
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
+    deploy: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.deploy and not train and not self.is_initializing():
+            kernel, bias = self.deploy_kernel_bias()
+            conv = self.conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=True, dtype=self.dtype,
+                             param_dtype=jnp.float32, parent=None)
+            return activation(self.act)(conv.apply({"params": {"kernel": kernel, "bias": bias}}, x))
         kw = dict(conv=self.conv, norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
         y = ConvNormLayer(self.features, 3, 1, padding=1, name="conv1", **kw)(x, train)
         y = y + ConvNormLayer(self.features, 1, 1, padding=0, name="conv2", **kw)(x, train)
         return activation(self.act)(y)
+
+    def deploy_kernel_bias(self) -> tuple[jax.Array, jax.Array]:
+        """The deploy form's (kernel [3, 3, Cin, features], bias [features]), float32, from this block's variables
+        (official `RepVggBlock.get_equivalent_kernel_bias`); BatchNorm epsilon `BN_EPS` as the encoder's norms."""
+        params, stats = self.variables["params"], self.variables["batch_stats"]
+
+        def fold(name):
+            bn, st = params[name]["norm"], stats[name]["norm"]
+            a = bn["scale"].astype(jnp.float32) * jax.lax.rsqrt(st["var"].astype(jnp.float32) + BN_EPS)
+            return (params[name]["conv"]["kernel"].astype(jnp.float32) * a,
+                    bn["bias"].astype(jnp.float32) - st["mean"].astype(jnp.float32) * a)
+
+        k3, b3 = fold("conv1")
+        k1, b1 = fold("conv2")
+        return k3.at[1, 1].add(k1[0, 0]), b3 + b1
 
 
 class CSPRepLayer(nn.Module):

@@ -401,3 +401,41 @@ def test_cpu_speed_layer_same_parameters_and_values():
     for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(got[3]), jax.tree_util.tree_leaves(ref[3])):
         scale = max(float(np.abs(np.asarray(v)).max()), 1e-6)
         assert float(np.abs(np.asarray(u) - np.asarray(v)).max()) <= 1e-3 * scale + 1e-5, path
+
+
+@pytest.mark.parametrize("conv_impl", ["lax", "auto"])
+def test_repvgg_deploy_form_equals_two_branches(conv_impl):
+    """RepVggBlock in inference runs the official deploy form (one 3x3 conv with the folded 1x1 branch and both
+    BatchNorms, `get_equivalent_kernel_bias`): same output as the two-branch form with random running statistics,
+    one convolution instead of two, and the training path untouched."""
+    from research.cpu.layers import select
+    from research.rtdetr.backbone import BN_EPS, BN_MOMENTUM
+    from research.rtdetr.encoder import RepVggBlock
+    import functools
+    layers = select(conv_impl)
+    norm = functools.partial(layers.nn_batch_norm, momentum=BN_MOMENTUM, epsilon=BN_EPS, use_fast_variance=False)
+    kw = dict(act="silu", conv=layers.nn_conv, norm=norm)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, 16))
+    block, plain = RepVggBlock(24, **kw), RepVggBlock(24, deploy=False, **kw)
+    variables = _random_variables(plain, x)
+    fused = jax.jit(lambda v, x: block.apply(v, x))(variables, x)
+    ref = jax.jit(lambda v, x: plain.apply(v, x))(variables, x)
+    assert float(jnp.abs(fused - ref).max()) <= 1e-5 * float(jnp.abs(ref).max())
+    assert float(jnp.abs(ref).max()) > 0.1
+    # the deploy kernel is what get_equivalent_kernel_bias gives: the 1x1 branch on the centre tap only
+    k, b = block.apply(variables, method=lambda m: m.deploy_kernel_bias())
+    p, s = variables["params"], variables["batch_stats"]
+    a1 = p["conv2"]["norm"]["scale"] / np.sqrt(s["conv2"]["norm"]["var"] + BN_EPS)
+    a3 = p["conv1"]["norm"]["scale"] / np.sqrt(s["conv1"]["norm"]["var"] + BN_EPS)
+    np.testing.assert_allclose(k[0, 0], p["conv1"]["conv"]["kernel"][0, 0] * a3, rtol=1e-6)
+    np.testing.assert_allclose(k[1, 1], p["conv1"]["conv"]["kernel"][1, 1] * a3 + p["conv2"]["conv"]["kernel"][0, 0] * a1,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b, p["conv1"]["norm"]["bias"] - s["conv1"]["norm"]["mean"] * a3
+                               + p["conv2"]["norm"]["bias"] - s["conv2"]["norm"]["mean"] * a1, rtol=1e-5, atol=1e-6)
+    # one convolution in the deploy graph, two in the training form; training uses batch statistics as before
+    if conv_impl == "lax":
+        count = lambda m: str(jax.make_jaxpr(lambda v, x: m.apply(v, x))(variables, x)).count("conv_general_dilated")
+        assert (count(block), count(plain)) == (1, 2)
+    t1 = block.apply(variables, x, True, mutable=["batch_stats"])
+    t2 = plain.apply(variables, x, True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(np.asarray(t1[0]), np.asarray(t2[0]))
