@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.cpu import pool as pool_lib
+
 ModuleDef = Any
 Dtype = Any
 
@@ -338,7 +340,10 @@ class PResNet(nn.Module):
         frozen = self.frozen_submodules()
         if "conv1" in frozen and "res_layers.0" not in frozen:
             x = jax.lax.stop_gradient(x)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # torch MaxPool2d(3, 2, 1); in training with the first-maximum gradient of `research.cpu.pool` (same values
+        # and routing; autodiff of reduce_window builds a variadic argmax reduce-window over four index maps on
+        # XLA:CPU, ~4 % of the R18vd train step), `nn.max_pool` itself in inference and export
+        x = pool_lib.max_pool(x, 3, 2, 1, train=train)
         outs = []
         for i in range(self.num_stages):
             x = Blocks(self.block, w * 2 ** i, RESNET_BLOCKS[self.depth][i], i + 2, act=self.act,
