@@ -203,7 +203,10 @@ class Fold:
 
     Attributes:
       impl: `research.cpu.conv.conv2d` implementation of the folded convolutions ("lax", "dot", "onednn"), or
-        "onednn_wide" (see `impl_for`).
+        "onednn_wide" (see `impl_for`), or "onednn_fused": every float32 conv + BatchNorm of `conv_bn` as one
+        oneDNN call with the BatchNorm's scale and shift, the residual and the ReLU as post-ops
+        (`research.cpu.kernels.onednn.conv_affine_act`; XLA:CPU ran them as separate passes over each output map
+        and folded the scale into the weights on every call: about 45 % of W32-512 inference).
       eps: BatchNorm epsilon.
     """
 
@@ -214,33 +217,56 @@ class Fold:
         """The implementation of one folded convolution: `impl`, except "onednn_wide": oneDNN for k x k kernels with at
         least 128 input channels (the 32x32 and 16x16 branches), XLA's convolution for the rest (W32-512 inference on
         a loaded 2-core CPU: 1754 ms of CPU time against 1792 with XLA only and 1887 with oneDNN only)."""
-        if self.impl == "onednn_wide":
+        if self.impl in ("onednn_wide", "onednn_fused"):
             return "onednn" if (kernel > 1 and cin >= 128) else "lax"
         return self.impl
 
+    def fused(self, x: jax.Array) -> bool:
+        """Whether `conv_bn` runs x's convolution, bias, residual and ReLU as one oneDNN call."""
+        return self.impl == "onednn_fused" and x.dtype == jnp.float32
+
 
 def conv_bn(parent: nn.Module, x: jax.Array, features: int, kernel: int, stride: int, padding: int, conv: ModuleDef,
-            norm: ModuleDef, conv_name: str, bn_name: str, fold: Fold | None) -> jax.Array:
-    """`norm(name=bn_name)(conv(features, ..., name=conv_name)(x))` inside `parent`'s compact call, or, with `fold`
-    (inference only, after initialisation), the same from the folded kernel and bias read from `parent`'s
-    variables `params/{conv_name}/kernel`, `params/{bn_name}/{scale,bias}`, `batch_stats/{bn_name}/{mean,var}`.
+            norm: ModuleDef, conv_name: str, bn_name: str, fold: Fold | None, relu: bool = False,
+            residual: jax.Array | None = None) -> jax.Array:
+    """`norm(name=bn_name)(conv(features, ..., name=conv_name)(x))` inside `parent`'s compact call, plus `residual`
+    if given, then ReLU if `relu`; with `fold` (inference only, after initialisation), the same from the folded
+    kernel and bias read from `parent`'s variables `params/{conv_name}/kernel`, `params/{bn_name}/{scale,bias}`,
+    `batch_stats/{bn_name}/{mean,var}` (one oneDNN call for all of it where `fold.fused(x)`).
 
-    x: [B, H, W, Cin] -> [B, H', W', features]."""
+    x: [B, H, W, Cin], residual: [B, H', W', features] -> [B, H', W', features]."""
     if fold is None or parent.is_initializing():
         y = conv(features, (kernel, kernel), (stride, stride), padding=padding, name=conv_name)(x)
-        return norm(name=bn_name)(y)
-    from research.cpu import conv as conv_lib
-    w, b = folded_kernel(parent, conv_name, bn_name, fold.eps)
-    return conv_lib.conv2d(x, w.astype(x.dtype), stride, padding, 1, fold.impl_for(x.shape[-1], kernel)) + b.astype(x.dtype)
+        y = norm(name=bn_name)(y)
+    else:
+        from research.cpu import conv as conv_lib
+        if fold.fused(x):
+            from research.cpu.kernels import onednn
+            w, a, b = bn_scale_shift(parent, conv_name, bn_name, fold.eps)
+            return onednn.conv_affine_act(x, w, a, b, stride, padding, relu, residual)
+        w, b = folded_kernel(parent, conv_name, bn_name, fold.eps)
+        y = conv_lib.conv2d(x, w.astype(x.dtype), stride, padding, 1, fold.impl_for(x.shape[-1], kernel)) + b.astype(
+            x.dtype)
+    if residual is not None:
+        y = y + residual
+    return nn.relu(y) if relu else y
 
 
-def folded_kernel(parent: nn.Module, conv_name: str, bn_name: str, eps: float) -> tuple[jax.Array, jax.Array]:
-    """(kernel * a [.., Cout], b [Cout]) of `parent`'s conv `conv_name` followed by BatchNorm `bn_name` (see `Fold`)."""
+def bn_scale_shift(parent: nn.Module, conv_name: str, bn_name: str, eps: float
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(kernel [kh, kw, Cin, Cout], a [Cout], b [Cout]) of `parent`'s conv `conv_name` followed by BatchNorm `bn_name`
+    with running statistics: BatchNorm(conv(x)) = conv(x) * a + b (see `Fold`)."""
     params, stats = parent.variables["params"], parent.variables["batch_stats"]
     bn, st = params[bn_name], stats[bn_name]
     a = bn["scale"].astype(jnp.float32) * jax.lax.rsqrt(st["var"].astype(jnp.float32) + eps)
     b = bn["bias"].astype(jnp.float32) - st["mean"].astype(jnp.float32) * a
-    return params[conv_name]["kernel"].astype(jnp.float32) * a, b
+    return params[conv_name]["kernel"].astype(jnp.float32), a, b
+
+
+def folded_kernel(parent: nn.Module, conv_name: str, bn_name: str, eps: float) -> tuple[jax.Array, jax.Array]:
+    """(kernel * a [.., Cout], b [Cout]) of `parent`'s conv `conv_name` followed by BatchNorm `bn_name` (see `Fold`)."""
+    w, a, b = bn_scale_shift(parent, conv_name, bn_name, eps)
+    return w * a, b
 
 
 def phase_conv_transpose(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]],
@@ -346,11 +372,10 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cb = functools.partial(conv_bn, self, conv=self.conv, norm=self.norm, fold=self.fold)
-        y = nn.relu(cb(x, self.features, 3, self.strides, 1, conv_name="conv1", bn_name="bn1"))
-        y = cb(y, self.features, 3, 1, 1, conv_name="conv2", bn_name="bn2")
+        y = cb(x, self.features, 3, self.strides, 1, conv_name="conv1", bn_name="bn1", relu=True)
         if self.strides != 1 or x.shape[-1] != self.features:
             x = cb(x, self.features, 1, self.strides, 0, conv_name="downsample.0", bn_name="downsample.1")
-        return nn.relu(y + x)
+        return cb(y, self.features, 3, 1, 1, conv_name="conv2", bn_name="bn2", relu=True, residual=x)
 
 
 class Bottleneck(nn.Module):
@@ -367,12 +392,11 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         out = self.planes * self.expansion
         cb = functools.partial(conv_bn, self, conv=self.conv, norm=self.norm, fold=self.fold)
-        y = nn.relu(cb(x, self.planes, 1, 1, 0, conv_name="conv1", bn_name="bn1"))
-        y = nn.relu(cb(y, self.planes, 3, self.strides, 1, conv_name="conv2", bn_name="bn2"))
-        y = cb(y, out, 1, 1, 0, conv_name="conv3", bn_name="bn3")
+        y = cb(x, self.planes, 1, 1, 0, conv_name="conv1", bn_name="bn1", relu=True)
+        y = cb(y, self.planes, 3, self.strides, 1, conv_name="conv2", bn_name="bn2", relu=True)
         if self.strides != 1 or x.shape[-1] != out:
             x = cb(x, out, 1, self.strides, 0, conv_name="downsample.0", bn_name="downsample.1")
-        return nn.relu(y + x)
+        return cb(y, out, 1, 1, 0, conv_name="conv3", bn_name="bn3", relu=True, residual=x)
 
 
 class HighResolutionModule(nn.Module):
@@ -422,9 +446,8 @@ class HighResolutionModule(nn.Module):
             return upsample_nearest(x, 2 ** (j - i))
         for k in range(i - j):
             last = k == i - j - 1
-            x = cb(x, c_i if last else c_j, 3, 2, 1, conv_name=f"{name}.{k}.0", bn_name=f"{name}.{k}.1")
-            if not last:
-                x = nn.relu(x)
+            x = cb(x, c_i if last else c_j, 3, 2, 1, conv_name=f"{name}.{k}.0", bn_name=f"{name}.{k}.1",
+                   relu=not last)
         return x
 
 
@@ -491,8 +514,8 @@ class HigherHRNet(nn.Module):
         cb = functools.partial(conv_bn, self, conv=conv, norm=norm, fold=fold)
 
         c = cfg.stem_channels
-        x = nn.relu(cb(x, c, 3, 2, 1, conv_name="conv1", bn_name="bn1"))
-        x = nn.relu(cb(x, c, 3, 2, 1, conv_name="conv2", bn_name="bn2"))
+        x = cb(x, c, 3, 2, 1, conv_name="conv1", bn_name="bn1", relu=True)
+        x = cb(x, c, 3, 2, 1, conv_name="conv2", bn_name="bn2", relu=True)
         for b in range(cfg.layer1_blocks):
             x = Bottleneck(cfg.layer1_planes, conv, norm, fold=fold, name=f"layer1.{b}")(x)
 
@@ -559,13 +582,13 @@ class HigherHRNet(nn.Module):
                     continue
                 # the official forward feeds the last map (y_list[-1]) to every transition it applies, also to one
                 # that changes an existing branch's width (only transition1's single input in official cfgs)
-                xs.append(nn.relu(cb(ys[-1], c, 3, 1, 1, conv_name=f"{name}.{i}.0", bn_name=f"{name}.{i}.1")))
+                xs.append(cb(ys[-1], c, 3, 1, 1, conv_name=f"{name}.{i}.0", bn_name=f"{name}.{i}.1", relu=True))
                 continue
             h = ys[-1]
             steps = i + 1 - len(pre)
             for j in range(steps):
                 out = c if j == steps - 1 else pre[-1]
-                h = nn.relu(cb(h, out, 3, 2, 1, conv_name=f"{name}.{i}.{j}.0", bn_name=f"{name}.{i}.{j}.1"))
+                h = cb(h, out, 3, 2, 1, conv_name=f"{name}.{i}.{j}.0", bn_name=f"{name}.{i}.{j}.1", relu=True)
             xs.append(h)
         return xs
 

@@ -125,7 +125,8 @@ class Task(tasks.Task):
         self.layers = cpu_layers.select(config.model.conv_impl)
         # inference folds each BatchNorm into its convolution (same variables; `model.Fold`), and the transposed
         # convolution computes as four phase convolutions (`model.phase_conv_transpose`) in training and inference
-        fold_impl = "onednn_wide" if self.layers.conv_impl == "onednn" else self.layers.conv_impl
+        # (on CPU with oneDNN: each convolution with its bias, residual add and ReLU in one oneDNN call)
+        fold_impl = "onednn_fused" if self.layers.conv_impl == "onednn" else self.layers.conv_impl
         self.model = build_model(self.model_cfg, conv=self.layers.nn_conv, norm=self.layers.nn_batch_norm,
                                  conv_transpose=PhaseConvTranspose, fold_bn=True, fold_impl=fold_impl)
         # flax's plain layers and the phase-split transposed convolution (four ONNX Convs; jax2onnx's

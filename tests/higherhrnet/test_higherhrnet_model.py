@@ -42,16 +42,24 @@ def official():
     # the task's inference path: BatchNorm folded into the convolutions, phase-split transposed conv
     folded = build_model("w32", conv_transpose=PhaseConvTranspose, fold_bn=True, fold_impl="lax")
     out_folded = jax.jit(functools.partial(folded.apply, train=False))(variables, x)
+    paths = dict(out=jax.device_get(out), out_folded=jax.device_get(out_folded))
+    from research.cpu.kernels import onednn
+    if jax.default_backend() == "cpu" and onednn.available()[0]:  # the CPU task's path: oneDNN conv+bias+add+ReLU
+        fused = build_model("w32", conv_transpose=PhaseConvTranspose, fold_bn=True, fold_impl="onednn_fused")
+        paths["out_fused"] = jax.device_get(jax.jit(functools.partial(fused.apply, train=False))(variables, x))
     return dict(manifest=manifest, golden=golden, sd=sd, model=model, template=template, variables=variables,
-                out=jax.device_get(out), out_folded=jax.device_get(out_folded))
+                **paths)
 
 
 @pytest.mark.parametrize("name,batch", [("out", slice(0, 1)), ("loss_out", slice(1, 3))])
-@pytest.mark.parametrize("path", ["out", "out_folded"])
+@pytest.mark.parametrize("path", ["out", "out_folded", "out_fused"])
 def test_golden_outputs(official, name, batch, path):
     """Both outputs equal the official ones within the README tolerance 3e-4 * max|golden|, for the inference input
     and the two loss-case images (measured max errors are the size of float32 rounding noise, ~3e-5..7e-5 of max),
-    with plain layers and with the folded BatchNorm / phase transposed-conv inference path the task uses."""
+    with plain layers, with the folded BatchNorm / phase transposed-conv inference path, and with that path's
+    convolutions, biases, residuals and ReLUs fused into oneDNN calls (what the task runs on CPU)."""
+    if path not in official:
+        pytest.skip("oneDNN kernels unavailable here")
     g, out = official["golden"], official[path]
     for i in range(2):
         ref = g[f"{name}{i}"].transpose(0, 2, 3, 1)
@@ -311,11 +319,16 @@ def test_phase_conv_transpose_gradients_match_dilated_form(kernel):
         phase_conv_transpose(x, w, ((padding[0][0], padding[0][1] + 1),) * 2)
 
 
-@pytest.mark.parametrize("fold_impl", ["lax", "dot", "onednn_wide"])
+@pytest.mark.parametrize("fold_impl", ["lax", "dot", "onednn_wide", "onednn_fused"])
 def test_fold_bn_and_phase_deconv_match_plain(tiny, fold_impl):
-    """The task's model (BatchNorm folded into the convolutions in inference, phase-split transposed conv) gives the
-    plain model's outputs (inference and train mode) and gradients to float rounding, on the same variables; init
-    builds the same variable tree."""
+    """The task's model (BatchNorm folded into the convolutions in inference, phase-split transposed conv; with
+    "onednn_fused" each convolution's bias, residual and ReLU in the same oneDNN call) gives the plain model's
+    outputs (inference and train mode) and gradients to float rounding, on the same variables; init builds the same
+    variable tree."""
+    if fold_impl.startswith("onednn"):
+        from research.cpu.kernels import onednn
+        if jax.default_backend() != "cpu" or not onednn.available()[0]:
+            pytest.skip("oneDNN kernels unavailable here")
     model, x, variables = tiny
     fast = build_model("tiny", conv_transpose=PhaseConvTranspose, fold_bn=True, fold_impl=fold_impl)
     shapes = jax.eval_shape(lambda: fast.init(jax.random.PRNGKey(0), x))

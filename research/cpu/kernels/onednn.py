@@ -35,7 +35,8 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "onednn_conv.cc")
-_TARGETS = ("OnednnConvFwd", "OnednnConvBwdData", "OnednnConvBwdW")
+SOURCES = (SOURCE, os.path.join(_HERE, "onednn_conv_infer.cc"))  # compiled into one library
+_TARGETS = ("OnednnConvFwd", "OnednnConvBwdData", "OnednnConvBwdW", "OnednnConvAffineAct", "OnednnConvAffineAddAct")
 
 
 class OnednnUnavailable(RuntimeError):
@@ -64,10 +65,12 @@ def build() -> str:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise OnednnUnavailable(f"C++ compiler {cxx!r} not found (set $CXX), needed once to build {SOURCE}")
-    with open(SOURCE, "rb") as f:
-        src = f.read()
+    srcs = []
+    for path in SOURCES:
+        with open(path, "rb") as f:
+            srcs.append(f.read())
     jaxlib_version = importlib.metadata.version("jaxlib")  # the FFI headers come with it
-    key = hashlib.sha256(b"\0".join([src, jaxlib_version.encode(), inc.encode(), lib.encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*srcs, jaxlib_version.encode(), inc.encode(), lib.encode()])).hexdigest()[:16]
     out_dir = _cache_dir()
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, f"onednn_conv-{key}.so")
@@ -79,11 +82,11 @@ def build() -> str:
             if os.path.exists(out):  # built by another process meanwhile
                 return out
             tmp = f"{out}.{os.getpid()}.tmp"
-            cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-o", tmp, SOURCE, "-I", inc,
+            cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-o", tmp, *SOURCES, "-I", inc,
                    "-I", jax.ffi.include_dir(), lib, f"-Wl,-rpath,{os.path.dirname(lib)}"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise OnednnUnavailable(f"building {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+                raise OnednnUnavailable(f"building {' '.join(SOURCES)} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
             os.replace(tmp, out)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -146,3 +149,31 @@ def conv_kernel_grad(x, dy, w_shape, stride: int, padding: int):
     _load()
     out = jax.ShapeDtypeStruct(tuple(w_shape), jnp.float32)
     return jax.ffi.ffi_call("OnednnConvBwdW", out)(x, dy, **_attrs(stride, padding))
+
+
+def conv_affine_act(x, w, scale, bias, stride: int, padding: int, relu: bool, residual=None):
+    """Inference convolution with a per-channel affine, optional residual and ReLU in one oneDNN call
+    (`onednn_conv_infer.cc`): `act(conv(x, w) * scale + bias [+ residual])` for NHWC float32 x `[N, H, W, Ci]`, HWIO
+    w `[k, k, Ci, Co]` (square, groups 1), scale and bias `[Co]` (a BatchNorm with running statistics: scale =
+    gamma / sqrt(var + eps), bias = beta - mean * scale; scale None: ones), residual `[N, Ho, Wo, Co]`; returns
+    `[N, Ho, Wo, Co]`. Forward only (no gradient is defined).
+
+    Raises:
+      ValueError: a scale, bias or residual whose shape does not fit.
+    """
+    _load()
+    n, h, wd, _ = x.shape
+    k, _, _, cout = w.shape
+    shape = (n, _out(h, k, stride, padding), _out(wd, k, stride, padding), cout)
+    scale = jnp.ones((cout,), jnp.float32) if scale is None else scale
+    for name, v in (("scale", scale), ("bias", bias)):
+        if tuple(v.shape) != (cout,):
+            raise ValueError(f"oneDNN conv_affine_act: {name} shape {tuple(v.shape)}, expected ({cout},)")
+    attrs = dict(_attrs(stride, padding), relu=np.int64(bool(relu)))
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    args = (x, w, scale.astype(jnp.float32), bias.astype(jnp.float32))
+    if residual is None:
+        return jax.ffi.ffi_call("OnednnConvAffineAct", out)(*args, **attrs)
+    if tuple(residual.shape) != shape:
+        raise ValueError(f"oneDNN conv_affine_act: residual shape {tuple(residual.shape)}, expected {shape}")
+    return jax.ffi.ffi_call("OnednnConvAffineAddAct", out)(*args, residual.astype(jnp.float32), **attrs)
