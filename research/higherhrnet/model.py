@@ -430,14 +430,21 @@ class HighResolutionModule(nn.Module):
             return xs
         fused = []
         for i in range(n if self.multi_scale_output else 1):
-            y = xs[0] if i == 0 else self._fuse(xs[0], i, 0)
-            for j in range(1, n):
-                y = y + (xs[j] if i == j else self._fuse(xs[j], i, j))
-            fused.append(nn.relu(y))
+            # sum over j of branch j brought to branch i, then ReLU: the identity and upsampled terms first, then
+            # each downsampling chain (j < i), whose last conv + BatchNorm adds the sum so far as its residual (and
+            # the last one applies the ReLU): one oneDNN call each on the fused inference path
+            y = None
+            for j in range(i, n):
+                t = xs[j] if j == i else self._fuse(xs[j], i, j)
+                y = t if y is None else y + t
+            for j in range(i):
+                y = self._fuse(xs[j], i, j, residual=y, relu=j == i - 1)
+            fused.append(y if i > 0 else nn.relu(y))
         return fused
 
-    def _fuse(self, x: jax.Array, i: int, j: int) -> jax.Array:
-        """Brings branch j's map to branch i's resolution and width (`fuse_layers.i.j`)."""
+    def _fuse(self, x: jax.Array, i: int, j: int, residual: jax.Array | None = None, relu: bool = False) -> jax.Array:
+        """Brings branch j's map to branch i's resolution and width (`fuse_layers.i.j`); for j < i (a chain ending in
+        conv + BatchNorm) `residual` is added and ReLU applied after the chain's last BatchNorm if given."""
         c_i, c_j = self.num_channels[i], self.num_channels[j]
         name = f"fuse_layers.{i}.{j}"
         cb = functools.partial(conv_bn, self, conv=self.conv, norm=self.norm, fold=self.fold)
@@ -447,7 +454,7 @@ class HighResolutionModule(nn.Module):
         for k in range(i - j):
             last = k == i - j - 1
             x = cb(x, c_i if last else c_j, 3, 2, 1, conv_name=f"{name}.{k}.0", bn_name=f"{name}.{k}.1",
-                   relu=not last)
+                   relu=relu if last else True, residual=residual if last else None)
         return x
 
 
