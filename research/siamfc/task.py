@@ -64,7 +64,9 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     BatchNorm); "auto" = "onednn" on CPU where its kernels load (same-run A/B, alexnet_v1:
     train step b8 -37 %, 3-scale search branch -55 % against "split"; "dot" is slower than
     "split", so without oneDNN "auto" is "split"; docs/siamfc.md), "lax" elsewhere.
-    `export=True` always uses `nn.Conv` (one grouped convolution node in ONNX).
+    The CPU paths ("split", "dot", "onednn") also pool by strided slices outside training
+    (`SiamFC.slice_pool`: same values, faster on XLA:CPU). `export=True` always uses `nn.Conv`
+    and `nn.max_pool` (one grouped Conv node per grouped layer, MaxPool nodes in ONNX).
 
     Raises:
       ValueError: an unknown variant, dtype or conv_impl.
@@ -81,9 +83,11 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     if export or impl == "lax":
         return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=nn.Conv, dtype=dtype)
     if impl == "split":
-        return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=model_lib.SplitGroupConv, dtype=dtype)
+        return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=model_lib.SplitGroupConv, slice_pool=True,
+                                dtype=dtype)
     from research.cpu import layers as layers_lib
-    return model_lib.SiamFC(widths=widths, out_scale=out_scale, layers=layers_lib.select(impl), dtype=dtype)
+    return model_lib.SiamFC(widths=widths, out_scale=out_scale, layers=layers_lib.select(impl), slice_pool=True,
+                            dtype=dtype)
 
 
 def resolve_conv_impl(conv_impl: str) -> str:

@@ -107,14 +107,17 @@ class JaxBackend:
 
     Args:
       model: the `SiamFC` module (hashable: a static jit argument).
-      variables: its `{'params', 'batch_stats'}` (numpy or jax arrays, e.g. `bridge.from_torch`).
+      variables: its `{'params', 'batch_stats'}` (numpy or jax arrays, e.g. `bridge.from_torch`),
+        put on the default device once.
 
     Attributes:
       out_scale: the head's response scale (checked against the tracker settings).
     """
 
     def __init__(self, model: SiamFC, variables: Mapping[str, Any]):
-        self.model, self.variables = model, variables
+        # On the device once: numpy leaves would be copied into every call (2.3 M floats for
+        # alexnet_v1, ~3 ms of a 3-scale update on one CPU thread).
+        self.model, self.variables = model, jax.device_put(variables)
         self.out_scale = float(model.out_scale)
 
     def template(self, z: np.ndarray) -> jax.Array:
