@@ -288,10 +288,11 @@ class Task(tasks.Task):
                                 ("response",), dynamic_batch=("exemplar", "search"))
 
     def extra_exports(self, variables: dict, out_dir: str) -> dict:
-        """The tracker's graphs as trackers deploy them: `out_dir/template.onnx` (exemplar
-        `[B, 127, 127, 3]` 0..255 -> template features) and `search.onnx` (template features + search
-        crops `[B, 255, 255, 3]` -> responses `[B, 1, 17, 17]`), each checked against JAX in ONNX
-        Runtime (`research/siamfc/export.py`); returns their paths and relative errors.
+        """The tracker's graphs as trackers deploy them, NCHW as the official network takes its
+        tensors: `out_dir/template.onnx` (exemplar `[B, 3, 127, 127]` 0..255 -> template features
+        `[B, C, 6, 6]`) and `search.onnx` (template features `[1, C, 6, 6]` + search crops
+        `[B, 3, 255, 255]` -> responses `[B, 1, 17, 17]`), each checked against JAX in ONNX Runtime
+        (`research/siamfc/export.py`); returns their paths and relative errors.
 
         Raises:
           RuntimeError: an exported graph disagrees with JAX (`export.check_graphs`).
