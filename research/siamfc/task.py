@@ -64,8 +64,9 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     BatchNorm); "auto" = "onednn" on CPU where its kernels load (same-run A/B, alexnet_v1:
     train step b8 -37 %, 3-scale search branch -55 % against "split"; "dot" is slower than
     "split", so without oneDNN "auto" is "split"; docs/siamfc.md), "lax" elsewhere.
-    The CPU paths ("split", "dot", "onednn") also pool by strided slices outside training
-    (`SiamFC.slice_pool`: same values, faster on XLA:CPU). `export=True` always uses `nn.Conv`
+    The CPU paths ("split", "dot", "onednn") also pool by strided slices and correlate in the
+    faster forms outside training (`SiamFC.slice_pool`, `SiamFC.fast_xcorr`: same values to float
+    rounding, faster on XLA:CPU). `export=True` always uses `nn.Conv`
     and `nn.max_pool` (one grouped Conv node per grouped layer, MaxPool nodes in ONNX).
 
     Raises:
@@ -84,10 +85,10 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
         return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=nn.Conv, dtype=dtype)
     if impl == "split":
         return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=model_lib.SplitGroupConv, slice_pool=True,
-                                dtype=dtype)
+                                fast_xcorr=True, dtype=dtype)
     from research.cpu import layers as layers_lib
     return model_lib.SiamFC(widths=widths, out_scale=out_scale, layers=layers_lib.select(impl), slice_pool=True,
-                            dtype=dtype)
+                            fast_xcorr=True, dtype=dtype)
 
 
 def resolve_conv_impl(conv_impl: str) -> str:

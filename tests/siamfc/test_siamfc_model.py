@@ -16,7 +16,7 @@ from research.siamfc import bridge
 from research.siamfc.loss import balanced_loss, create_labels
 from research.siamfc.model import (HighestPrecisionSiamFC, SiamFC, SplitGroupConv, TinySiamFC, init_variables,
                                    max_pool_slices, onednn_conv_all_grads, param_count, split_groups_conv, xcorr,
-                                   xcorr_matmul)
+                                   xcorr_matmul, xcorr_single)
 
 FOLDER = os.path.join(REFERENCE, "siamfc")
 NHWC = (0, 2, 3, 1)
@@ -434,6 +434,21 @@ def test_onednn_conv_all_grads_equals_lax(stride, groups):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
 
+def test_xcorr_single_equals_xcorr():
+    """The tracker's one-exemplar correlation as two convolutions: `xcorr`'s responses to float
+    rounding, for any number of searches and a non-square exemplar; channel mismatch refused."""
+    rng = np.random.default_rng(10)
+    for bx, (hz, wz) in ((3, (6, 6)), (1, (3, 5)), (5, (4, 2))):
+        z = jnp.asarray(rng.normal(size=(1, hz, wz, 7)).astype(np.float32))
+        x = jnp.asarray(rng.normal(size=(bx, 12, 11, 7)).astype(np.float32))
+        ref = xcorr(z, x, 0.01, precision=jax.lax.Precision.HIGHEST)
+        got = jax.jit(xcorr_single, static_argnums=2)(z, x, 0.01)
+        assert got.shape == ref.shape == (bx, 13 - hz, 12 - wz, 1)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
+    with pytest.raises(ValueError, match="exemplar has 7 channels, search 6"):
+        xcorr_single(jnp.zeros((1, 2, 2, 7)), jnp.zeros((1, 4, 4, 6)))
+
+
 def test_max_pool_slices_is_nn_max_pool():
     """Strided-slice pooling (the CPU inference path) equals `nn.max_pool` bit for bit, ties and
     odd sizes included, and refuses a map smaller than its window."""
@@ -449,15 +464,23 @@ def test_max_pool_slices_is_nn_max_pool():
         max_pool_slices(jnp.zeros((1, 2, 5, 1)))
 
 
-def test_slice_pool_changes_inference_only(tiny):
-    """`slice_pool` gives the plain model's responses exactly (same pooling values), keeps
-    `reduce_window` in training and out of inference."""
+def test_slice_pool_and_fast_xcorr_change_inference_only(tiny):
+    """`slice_pool` gives the plain model's responses exactly (same pooling values), `fast_xcorr`
+    to float rounding (pairs and one exemplar against 3 scales); both keep training as it was and
+    `reduce_window` out of inference."""
     model, v = tiny
     fast = TinySiamFC(slice_pool=True)
     rng = np.random.default_rng(9)
     z = jnp.asarray(rng.uniform(0, 255, (2, 87, 87, 3)).astype(np.float32))
     x = jnp.asarray(rng.uniform(0, 255, (2, 103, 103, 3)).astype(np.float32))
     assert np.array_equal(jax.jit(fast.apply)(v, z, x)["response"], jax.jit(model.apply)(v, z, x)["response"])
+    both = TinySiamFC(slice_pool=True, fast_xcorr=True)
+    for zz, xx in ((z, x), (z[:1], jnp.concatenate([x, x[:1] * 0.5]))):  # pairs; one exemplar, 3 searches
+        ref = model.apply(v, zz, xx)["response"]
+        got = jax.jit(both.apply)(v, zz, xx)["response"]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
+    convs = [str(jax.make_jaxpr(lambda v: m.apply(v, z[:1], x))(v)).count("conv_general_dilated[") for m in (model, both)]
+    assert convs == [5 + 5 + 1, 5 + 5 + 2]  # two backbones, then xcorr's one convolution or xcorr_single's two
 
     def jaxpr(m, train):
         fn = lambda v: m.apply(v, z, x, train=train, mutable=["batch_stats"])[0]["response"]  # noqa: E731
@@ -465,7 +488,7 @@ def test_slice_pool_changes_inference_only(tiny):
 
     assert jaxpr(fast, False).count("reduce_window_max") == 0
     assert jaxpr(model, False).count("reduce_window_max") == 4  # 2 pools x 2 branches
-    assert jaxpr(fast, True) == jaxpr(model, True)  # training computes as before
+    assert jaxpr(fast, True) == jaxpr(model, True) == jaxpr(both, True)  # training computes as before
 
 
 def test_split_group_conv_is_nn_conv_computed_per_group(tiny):
@@ -497,7 +520,7 @@ def test_cpu_speed_layer_keeps_parameters_and_values(tiny, impl):
     if impl == "onednn" and not onednn.available()[0]:
         pytest.skip(f"oneDNN kernels unavailable: {onednn.available()[1]}")
     model, v = tiny
-    fast = TinySiamFC(layers=layers_lib.select(impl), slice_pool=True)  # as task.build_model builds it
+    fast = TinySiamFC(layers=layers_lib.select(impl), slice_pool=True, fast_xcorr=True)  # as task.build_model
     shapes = jax.eval_shape(lambda: init_variables(fast, jax.random.PRNGKey(0), 87, 87))
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(v)
     assert jax.tree_util.tree_map(lambda a: a.shape, shapes) == jax.tree_util.tree_map(lambda a: a.shape, v)
