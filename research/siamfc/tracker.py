@@ -239,8 +239,9 @@ class TrackerSiamFC:
 
     Attributes (after `init`): `center` `(y, x)` and `target_sz` `(h, w)` float32 state, `z_sz`,
     `x_sz` crop sides (px), `avg_color` first-frame mean RGB (float64, crop padding), `kernel`
-    template features `[1, 6, 6, C]`, and `last`: the intermediates of the latest call (crops,
-    corners, responses, upsampled maps, final map, scale id, peak) for inspection.
+    template features (`[1, 6, 6, C]` from `JaxBackend`, `[1, C, 6, 6]` from `OnnxBackend`), and
+    `last`: the intermediates of the latest call (crops, corners, responses, upsampled maps, final
+    map, scale id, peak) for inspection.
     """
 
     def __init__(self, backend, settings: TrackerSettings = TrackerSettings()):
