@@ -73,7 +73,9 @@ def benchmark_spec(config, *, variant: str, image_size: int) -> BenchSpec:
     """SiamFC at `variant` with `image_size` px search crops (random weights), through the real task's
     loss_fn / make_optimizer, without its data.
 
-    Inputs of `infer`: `template [1, 6, 6, C]` features and `search [B, S, S, 3]` float32 0..255.
+    Inputs of `infer` and `onnx_infer`: `template [1, C, 6, 6]` features and `search [B, 3, S, S]`
+    float32 0..255, NCHW as `search.onnx` and the official network take them (`infer` transposes
+    them to the model's NHWC inside the jitted function).
     """
     import jax
     import jax.numpy as jnp
@@ -101,11 +103,13 @@ def benchmark_spec(config, *, variant: str, image_size: int) -> BenchSpec:
 
     def make_inputs(batch_size: int) -> dict:
         rs = np.random.RandomState(1)
-        return {"template": rs.normal(0, 1, (1, tz, tz, width)).astype(np.float32),
-                "search": rs.uniform(0, 255, (batch_size, x_size, x_size, 3)).astype(np.float32)}
+        return {"template": rs.normal(0, 1, (1, width, tz, tz)).astype(np.float32),
+                "search": rs.uniform(0, 255, (batch_size, 3, x_size, x_size)).astype(np.float32)}
 
     def infer_fn(v, template, search):  # [B, 1, 17, 17] as the official head and search.onnx give it
-        return jnp.transpose(model.apply(v, template, search, method=SiamFC.respond)["response"], (0, 3, 1, 2))
+        out = model.apply(v, jnp.transpose(template, (0, 2, 3, 1)), jnp.transpose(search, (0, 2, 3, 1)),
+                          method=SiamFC.respond)["response"]
+        return jnp.transpose(out, (0, 3, 1, 2))
 
     def export_fn(v, template, search):  # as search.onnx: [B, 1, 17, 17]
         return export_lib.search_fn(export_model, v)(template, search)

@@ -2,16 +2,22 @@
 
 Trackers run the network in two parts (official `TrackerSiamFC.init` / `update`): the exemplar crop
 is embedded once (`net.backbone(z)`, the "kernel"), then every frame's search crops are embedded
-and cross-correlated with it (`net.head(kernel, net.backbone(x))`). The graphs:
+and cross-correlated with it (`net.head(kernel, net.backbone(x))`). The graphs take and give the
+official NCHW tensors (the official tracker's `permute(0, 3, 1, 2)` crops and its `kernel`):
 
-  template.onnx  exemplar [B, 127, 127, 3] float32 raw 0..255 RGB (NHWC)
-                 -> template [B, 6, 6, C] features (NHWC)
-  search.onnx    template [1, 6, 6, C], search [B, 255, 255, 3] float32 raw 0..255 RGB
+  template.onnx  exemplar [B, 3, 127, 127] float32 raw 0..255 RGB (NCHW)
+                 -> template [B, C, 6, 6] features (NCHW, the official `kernel`)
+  search.onnx    template [1, C, 6, 6], search [B, 3, 255, 255] float32 raw 0..255 RGB
                  -> response [B, 1, 17, 17] (the official NCHW response, times out_scale)
 
-`B` is symbolic in both. With one template the correlation is a plain convolution whose kernel is
-the `template` input (no batch-sized group count), so the search graph takes any number of scales.
-`OnnxBackend` (`research/siamfc/tracker.py`) runs a `TrackerSiamFC` on them.
+`B` is symbolic in both. NCHW inputs leave no layout Transpose in the graphs (the convolutions are
+NCHW in ONNX). The correlation with the one template (`single_template_xcorr`) is a 1 x 1
+convolution whose kernel is the `template` input followed by a constant 0/1 convolution, not one
+6 x 6 convolution with the template as its kernel, as `torch.onnx.export` writes the official
+head: ONNX Runtime cannot prepack a kernel that is a graph input and runs that 6 x 6 one through
+a 32 MB im2col (2.4 ms of the 3-scale search branch, against 0.8 ms; one thread, 2-core CPU).
+The search graph takes any number of scales. `OnnxBackend` (`research/siamfc/tracker.py`) runs a
+`TrackerSiamFC` on them.
 
 `--mode=export` writes both next to the shared `model.onnx` (the pair graph of `Task.export_spec`),
 each checked against the JAX model in ONNX Runtime (`check_graphs`).
@@ -26,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.siamfc.model import SiamFC
+from research.siamfc.model import SiamFC, xcorr_single
 
 TEMPLATE_FILE = "template.onnx"
 SEARCH_FILE = "search.onnx"
@@ -36,43 +42,51 @@ CHECK_RTOL = 1e-4
 
 
 def template_fn(model: SiamFC, variables: Mapping[str, Any]):
-    """`exemplar [B, Hz, Wz, 3]` float32 0..255 -> `template [B, hz, wz, C]` (`SiamFC.embed`, eval mode)."""
+    """`exemplar [B, 3, Hz, Wz]` float32 0..255 (NCHW) -> `template [B, C, hz, wz]` (`SiamFC.embed`,
+    eval mode, NCHW: the official `kernel = net.backbone(z)`)."""
     def fn(exemplar):
-        return model.apply(variables, exemplar, method=SiamFC.embed)
+        feats = model.apply(variables, jnp.transpose(exemplar, (0, 2, 3, 1)), method=SiamFC.embed)
+        return jnp.transpose(feats, (0, 3, 1, 2))
     return fn
 
 
 def single_template_xcorr(template: jax.Array, search: jax.Array, out_scale: float) -> jax.Array:
     """One template against every search embedding (official `_fast_xcorr` with `nz = 1`), NCHW out.
 
+    `model.xcorr_single`: a 1 x 1 convolution with the template as its kernel, then a constant
+    0/1 `hz x wz` convolution summing the shifted products (the module docstring says why).
+
     Args:
-      template: `[1, hz, wz, C]` template features.
-      search: `[B, hx, wx, C]` search features.
+      template: `[1, C, hz, wz]` template features (NCHW, the official `kernel`); with a larger
+        batch the first one is used.
+      search: `[B, hx, wx, C]` search features (NHWC).
       out_scale: the head's response scale.
 
     Returns:
-      `[B, 1, hx - hz + 1, wx - wz + 1]` responses (the same sums as `model.xcorr` with `Bz = 1`).
+      `[B, 1, hx - hz + 1, wx - wz + 1]` responses.
+
+    Raises:
+      ValueError: the channel counts differ.
     """
-    kernel = jnp.transpose(template, (1, 2, 3, 0)).astype(search.dtype)  # HWIO, O = 1
-    out = jax.lax.conv_general_dilated(search, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return jnp.transpose(out * out_scale, (0, 3, 1, 2))
+    out = xcorr_single(jnp.transpose(template, (0, 2, 3, 1)), search, out_scale)
+    return jnp.transpose(out, (0, 3, 1, 2))
 
 
 def search_fn(model: SiamFC, variables: Mapping[str, Any]):
-    """`template [1, hz, wz, C]`, `search [B, Hx, Wx, 3]` 0..255 -> `response [B, 1, ho, wo]`."""
+    """`template [1, C, hz, wz]`, `search [B, 3, Hx, Wx]` 0..255 (NCHW) -> `response [B, 1, ho, wo]`."""
     def fn(template, search):
-        x = model.apply(variables, search, method=SiamFC.embed)
+        x = model.apply(variables, jnp.transpose(search, (0, 2, 3, 1)), method=SiamFC.embed)
         return single_template_xcorr(template, x, model.out_scale)
     return fn
 
 
 def example_inputs(model: SiamFC, variables: Mapping[str, Any], z_size: int = 127, x_size: int = 255,
                    batch: int = 1, seed: int = 0) -> tuple[dict, dict]:
-    """Deterministic `(template_inputs, search_inputs)` example feeds: `batch` random 0..255 exemplar
-    crops; the features of the first one against `batch` random search crops."""
+    """Deterministic `(template_inputs, search_inputs)` example feeds (NCHW): `batch` random 0..255
+    exemplar crops; the features of the first one against `batch` random search crops."""
     rng = np.random.default_rng(seed)
-    z = rng.uniform(0, 255, (batch, z_size, z_size, 3)).astype(np.float32)
-    x = rng.uniform(0, 255, (batch, x_size, x_size, 3)).astype(np.float32)
+    z = rng.uniform(0, 255, (batch, 3, z_size, z_size)).astype(np.float32)
+    x = rng.uniform(0, 255, (batch, 3, x_size, x_size)).astype(np.float32)
     feats = np.asarray(jax.jit(template_fn(model, variables))(z[:1]))
     return {"exemplar": z}, {"template": feats, "search": x}
 

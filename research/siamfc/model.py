@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from research.cpu import pool as pool_lib
 
@@ -112,6 +113,48 @@ def xcorr_matmul(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_
     return (out * out_scale).reshape(bx, ho, wo, 1)
 
 
+def _diagonal_kernel(hz: int, wz: int) -> np.ndarray:
+    """`[hz, wz, hz * wz, 1]` HWIO 0/1 kernel: tap `(u, v)` reads channel `u * wz + v` only."""
+    k = np.zeros((hz, wz, hz * wz, 1), np.float32)
+    for u in range(hz):
+        for v in range(wz):
+            k[u, v, u * wz + v, 0] = 1.0
+    return k
+
+
+def xcorr_single(exemplar: jax.Array, search: jax.Array, out_scale: float = OUT_SCALE) -> jax.Array:
+    """`xcorr` for one exemplar (the tracker's `Bz = 1`) as two convolutions: the same sums in another order.
+
+    A 1 x 1 convolution with the exemplar as its kernel gives `Y[i, p, q, (u, v)] = <search[i, p, q, :],
+    exemplar[0, u, v, :]>` (one matrix product over the channels), then a constant 0/1 `hz x wz`
+    convolution sums `Y[i, a + u, b + v, (u, v)]` over the taps. XLA:CPU runs `xcorr`'s
+    convolution with a 6 x 6 kernel of 256 channels slowly (3 x 22 x 22 search embeddings: 3.4 ms,
+    `xcorr_matmul` 1.1 ms, this 0.75 ms, 2-core CPU); ONNX Runtime likewise
+    (`research/siamfc/export.py`). Equal to `xcorr` to float rounding (tests/siamfc/test_siamfc_model.py).
+
+    Args:
+      exemplar: `[1, hz, wz, C]` exemplar embedding (a larger batch: the first one is used, so an
+        export with a symbolic batch traces).
+      search: `[Bx, hx, wx, C]` search embeddings.
+      out_scale: as `xcorr`.
+
+    Returns:
+      `[Bx, hx - hz + 1, wx - wz + 1, 1]` response maps.
+
+    Raises:
+      ValueError: the channel counts differ.
+    """
+    _, hz, wz, c = exemplar.shape
+    if c != search.shape[-1]:
+        raise ValueError(f"xcorr_single: exemplar has {c} channels, search {search.shape[-1]}")
+    dn = ("NHWC", "HWIO", "NHWC")
+    taps = exemplar[0].reshape(hz * wz, c).T.reshape(1, 1, c, hz * wz).astype(search.dtype)  # output (u, v)
+    y = jax.lax.conv_general_dilated(search, taps, (1, 1), "VALID", dimension_numbers=dn)
+    out = jax.lax.conv_general_dilated(y, jnp.asarray(_diagonal_kernel(hz, wz), y.dtype), (1, 1), "VALID",
+                                       dimension_numbers=dn)
+    return out * out_scale
+
+
 def split_groups_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                       dimension_numbers=None, feature_group_count: int = 1, precision: Any = None,
                       **kwargs) -> jax.Array:
@@ -136,12 +179,15 @@ def split_groups_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, l
 SplitGroupConv: ModuleDef = functools.partial(nn.Conv, conv_general_dilated=split_groups_conv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def onednn_conv_all_grads(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def onednn_conv_all_grads(x: jax.Array, w: jax.Array, stride: int, groups: int = 1) -> jax.Array:
     """VALID NHWC / HWIO float32 convolution through oneDNN forward and backward (both gradients).
 
-    `x` `[B, H, W, Ci]`, `w` `[k, k, Ci, Co]`, `stride` in pixels -> `[B, (H - k) // stride + 1,
-    (W - k) // stride + 1, Co]`; the oneDNN kernels must be available (`research.cpu.kernels.onednn`).
+    `x` `[B, H, W, Ci]`, `w` `[k, k, Ci / groups, Co]`, `stride` in pixels, `groups` as lax's
+    `feature_group_count` -> `[B, (H - k) // stride + 1, (W - k) // stride + 1, Co]`; the oneDNN
+    kernels must be available (`research.cpu.kernels.onednn`). A grouped layer is one oneDNN
+    primitive (AlexNetV1's conv2/4/5: 3.7 ms less per 3 x 255 px search branch than two calls
+    and a concatenation, one thread; bit-identical outputs).
 
     `research.cpu.conv.conv2d(impl="onednn")` takes the kernel gradient of layers with more than 64
     input channels from per-tap matrix products, tuned on YOLOv5's layers; on AlexNetV1's (conv3..5,
@@ -149,25 +195,27 @@ def onednn_conv_all_grads(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     faster (2-core CPU). Same sums to float rounding (tests/siamfc/test_siamfc_model.py).
     """
     from research.cpu.kernels import onednn
-    return onednn.conv(x, w, stride, 0)
+    return onednn.conv(x, w, stride, 0, groups)
 
 
-def _onednn_all_fwd(x, w, stride):
-    return onednn_conv_all_grads(x, w, stride), (x, w)
+def _onednn_all_fwd(x, w, stride, groups):
+    return onednn_conv_all_grads(x, w, stride, groups), (x, w)
 
 
-def _onednn_all_bwd(stride, res, dy):
+def _onednn_all_bwd(stride, groups, res, dy):
     from research.cpu.kernels import onednn
     x, w = res
-    return (onednn.conv_input_grad(dy, w, x.shape, stride, 0), onednn.conv_kernel_grad(x, dy, w.shape, stride, 0))
+    return (onednn.conv_input_grad(dy, w, x.shape, stride, 0, groups),
+            onednn.conv_kernel_grad(x, dy, w.shape, stride, 0, groups))
 
 
 onednn_conv_all_grads.defvjp(_onednn_all_fwd, _onednn_all_bwd)
 
 
 def layers_conv_general_dilated(impl: str):
-    """A `conv_general_dilated` for `nn.Conv` that computes through `research.cpu.conv.conv2d(impl)`,
-    group by group (the shared CPU convolutions take groups of 1 only).
+    """A `conv_general_dilated` for `nn.Conv` that computes through oneDNN (`impl` "onednn", float32:
+    `onednn_conv_all_grads`, grouped layers as one grouped primitive) or else through
+    `research.cpu.conv.conv2d(impl)`, group by group (it takes groups of 1 only).
 
     Used for the AlexNetV1 layers as `nn.Conv` builds them: NHWC / HWIO, square kernels and
     strides, VALID padding, no dilation; anything else goes to `split_groups_conv`. Same sums as
@@ -188,13 +236,38 @@ def layers_conv_general_dilated(impl: str):
                                      dimension_numbers, feature_group_count, precision, **kwargs)
         g = feature_group_count
         if impl == "onednn" and lhs.dtype == rhs.dtype == jnp.float32 and rhs.shape[0] > 1:
-            parts = [onednn_conv_all_grads(a, b, strides[0])
-                     for a, b in zip(jnp.split(lhs, g, axis=3), jnp.split(rhs, g, axis=3))]
-            return parts[0] if g == 1 else jnp.concatenate(parts, axis=3)
+            return onednn_conv_all_grads(lhs, rhs, strides[0], g)
         parts = [conv_lib.conv2d(a, b, strides[0], 0, 1, impl)
                  for a, b in zip(jnp.split(lhs, g, axis=3), jnp.split(rhs, g, axis=3))]
         return parts[0] if g == 1 else jnp.concatenate(parts, axis=3)
     return conv
+
+
+def max_pool_slices(x: jax.Array, k: int = 3, stride: int = 2) -> jax.Array:
+    """`k x k` max pooling with `stride`, no padding, floor mode (`nn.max_pool(x, (k, k), (stride,
+    stride), "VALID")`, official `nn.MaxPool2d(k, stride)`), as the maximum of `k * k` strided slices.
+
+    `[B, H, W, C]` -> `[B, (H - k) // stride + 1, (W - k) // stride + 1, C]`, bit-identical to
+    `nn.max_pool` (a maximum is exact). XLA:CPU fuses the slices with the BatchNorm + ReLU before
+    them into one pass vectorised over channels, where its `reduce_window` runs a scalar loop:
+    AlexNetV1's two BatchNorm + ReLU + pool stages on 3 x 255 px crops 9.6 ms -> 1.8 ms (one
+    thread, 2-core CPU). Inference only (its autodiff gradient splits ties between equal maxima,
+    where torch's goes to the first): training uses `research.cpu.pool.max_pool`, export
+    `nn.max_pool` (one ONNX MaxPool node).
+
+    Raises:
+      ValueError: the map is smaller than the window.
+    """
+    _, h, w, _ = x.shape
+    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"max_pool_slices: a {h} x {w} map is smaller than the {k} x {k} window")
+    out = None
+    for u in range(k):
+        for v in range(k):
+            tap = x[:, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride, :]
+            out = tap if out is None else jnp.maximum(out, tap)
+    return out
 
 
 def layer_factories(layers) -> tuple[ModuleDef, ModuleDef]:
@@ -219,7 +292,9 @@ class ConvBlock(nn.Module):
       conv, norm: layer factories (`nn.Conv`, `nn.BatchNorm` or drop-ins with their variables).
       lean_pool_grad: in training, pool through `research.cpu.pool.max_pool` (same values, the
         gradient to each window's first maximum as `nn.max_pool`'s, without its slow variadic
-        reduce-window on XLA:CPU); inference and export always use `nn.max_pool`.
+        reduce-window on XLA:CPU).
+      slice_pool: outside training, pool with `max_pool_slices` (same values, faster on XLA:CPU);
+        False: `nn.max_pool` (what export traces).
     """
 
     features: int
@@ -231,6 +306,7 @@ class ConvBlock(nn.Module):
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = nn.BatchNorm
     lean_pool_grad: bool = True
+    slice_pool: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -250,6 +326,8 @@ class ConvBlock(nn.Module):
         if self.pool:
             if train and self.lean_pool_grad:
                 x = pool_lib.max_pool(x, 3, 2, 0, train=True)
+            elif self.slice_pool and not train:
+                x = max_pool_slices(x, 3, 2)
             else:
                 x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
         return x
@@ -267,12 +345,14 @@ class AlexNetV1(nn.Module):
       widths: output channels of conv1..conv5 (`WIDTHS` official, `TINY_WIDTHS` for tests); the
         grouped layers need even widths.
       lean_pool_grad: the cheap max-pool gradient in training (`ConvBlock`).
+      slice_pool: inference pooling as strided slices (`ConvBlock`, `max_pool_slices`).
     """
 
     widths: Sequence[int] = WIDTHS
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = nn.BatchNorm
     lean_pool_grad: bool = True
+    slice_pool: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -282,7 +362,7 @@ class AlexNetV1(nn.Module):
         if len(self.widths) != 5:
             raise ValueError(f"AlexNetV1 needs 5 widths, got {tuple(self.widths)}")
         block = functools.partial(ConvBlock, conv=self.conv, norm=self.norm, lean_pool_grad=self.lean_pool_grad,
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
+                                  slice_pool=self.slice_pool, dtype=self.dtype, param_dtype=self.param_dtype)
         w1, w2, w3, w4, w5 = self.widths
         x = block(w1, 11, stride=2, pool=True, name="conv1")(x, train)
         x = block(w2, 5, groups=2, pool=True, name="conv2")(x, train)
@@ -311,6 +391,13 @@ class SiamFC(nn.Module):
         the correlation as `xcorr_matmul` (unless `precision` is set); same values and gradients to
         float rounding, the alexnet_v1 train step several times faster on XLA:CPU. Inference and
         export are unaffected.
+      slice_pool: inference max pooling as strided slices (`max_pool_slices`: same values, ~6 ms
+        less per 3-scale search branch on XLA:CPU); `task.build_model` sets it on the CPU paths,
+        export keeps `nn.max_pool`.
+      fast_xcorr: outside training (and without `precision`), the correlation as `xcorr_single`
+        for one exemplar (the tracker) and as `xcorr_matmul` for pairs: the same sums to float
+        rounding, ~2.6 ms less per 3-scale search branch on XLA:CPU; set by `task.build_model` on
+        the CPU paths.
     """
 
     widths: Sequence[int] = WIDTHS
@@ -320,13 +407,15 @@ class SiamFC(nn.Module):
     layers: Any = None
     precision: Any = None
     fast_train_grads: bool = True
+    slice_pool: bool = False
+    fast_xcorr: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         conv, norm = layer_factories(self.layers) if self.layers is not None else (self.conv, self.norm)
         self.backbone = AlexNetV1(widths=self.widths, conv=conv, norm=norm, lean_pool_grad=self.fast_train_grads,
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
+                                  slice_pool=self.slice_pool, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def embed(self, images: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, 3]` raw 0..255 images -> `[B, h, w, C]` embeddings (official `net.backbone`)."""
@@ -339,8 +428,12 @@ class SiamFC(nn.Module):
         'search': [Bx, hx, wx, C]}` (official `net.head(kernel, net.backbone(x))`).
         """
         search = self.backbone(x, train)
-        if train and self.fast_train_grads and self.precision is None:  # the fast gradient (xcorr_matmul); same sums to float rounding
-            return {"response": xcorr_matmul(exemplar, search, self.out_scale), "search": search}
+        if self.precision is None:  # the faster forms: same sums to float rounding
+            if train and self.fast_train_grads:  # the fast gradient
+                return {"response": xcorr_matmul(exemplar, search, self.out_scale), "search": search}
+            if not train and self.fast_xcorr:
+                fast = xcorr_single if exemplar.shape[0] == 1 else xcorr_matmul
+                return {"response": fast(exemplar, search, self.out_scale), "search": search}
         return {"response": xcorr(exemplar, search, self.out_scale, precision=self.precision), "search": search}
 
     def __call__(self, z: jax.Array, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:

@@ -64,7 +64,10 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     BatchNorm); "auto" = "onednn" on CPU where its kernels load (same-run A/B, alexnet_v1:
     train step b8 -37 %, 3-scale search branch -55 % against "split"; "dot" is slower than
     "split", so without oneDNN "auto" is "split"; docs/siamfc.md), "lax" elsewhere.
-    `export=True` always uses `nn.Conv` (one grouped convolution node in ONNX).
+    The CPU paths ("split", "dot", "onednn") also pool by strided slices and correlate in the
+    faster forms outside training (`SiamFC.slice_pool`, `SiamFC.fast_xcorr`: same values to float
+    rounding, faster on XLA:CPU). `export=True` always uses `nn.Conv`
+    and `nn.max_pool` (one grouped Conv node per grouped layer, MaxPool nodes in ONNX).
 
     Raises:
       ValueError: an unknown variant, dtype or conv_impl.
@@ -81,9 +84,11 @@ def build_model(config, export: bool = False) -> model_lib.SiamFC:
     if export or impl == "lax":
         return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=nn.Conv, dtype=dtype)
     if impl == "split":
-        return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=model_lib.SplitGroupConv, dtype=dtype)
+        return model_lib.SiamFC(widths=widths, out_scale=out_scale, conv=model_lib.SplitGroupConv, slice_pool=True,
+                                fast_xcorr=True, dtype=dtype)
     from research.cpu import layers as layers_lib
-    return model_lib.SiamFC(widths=widths, out_scale=out_scale, layers=layers_lib.select(impl), dtype=dtype)
+    return model_lib.SiamFC(widths=widths, out_scale=out_scale, layers=layers_lib.select(impl), slice_pool=True,
+                            fast_xcorr=True, dtype=dtype)
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
@@ -284,10 +289,11 @@ class Task(tasks.Task):
                                 ("response",), dynamic_batch=("exemplar", "search"))
 
     def extra_exports(self, variables: dict, out_dir: str) -> dict:
-        """The tracker's graphs as trackers deploy them: `out_dir/template.onnx` (exemplar
-        `[B, 127, 127, 3]` 0..255 -> template features) and `search.onnx` (template features + search
-        crops `[B, 255, 255, 3]` -> responses `[B, 1, 17, 17]`), each checked against JAX in ONNX
-        Runtime (`research/siamfc/export.py`); returns their paths and relative errors.
+        """The tracker's graphs as trackers deploy them, NCHW as the official network takes its
+        tensors: `out_dir/template.onnx` (exemplar `[B, 3, 127, 127]` 0..255 -> template features
+        `[B, C, 6, 6]`) and `search.onnx` (template features `[1, C, 6, 6]` + search crops
+        `[B, 3, 255, 255]` -> responses `[B, 1, 17, 17]`), each checked against JAX in ONNX Runtime
+        (`research/siamfc/export.py`); returns their paths and relative errors.
 
         Raises:
           RuntimeError: an exported graph disagrees with JAX (`export.check_graphs`).

@@ -15,7 +15,8 @@ from research.bridge.torch_bridge import BridgeError
 from research.siamfc import bridge
 from research.siamfc.loss import balanced_loss, create_labels
 from research.siamfc.model import (HighestPrecisionSiamFC, SiamFC, SplitGroupConv, TinySiamFC, init_variables,
-                                   onednn_conv_all_grads, param_count, split_groups_conv, xcorr, xcorr_matmul)
+                                   max_pool_slices, onednn_conv_all_grads, param_count, split_groups_conv, xcorr,
+                                   xcorr_matmul, xcorr_single)
 
 FOLDER = os.path.join(REFERENCE, "siamfc")
 NHWC = (0, 2, 3, 1)
@@ -403,27 +404,91 @@ def test_fast_train_grads_equal_plain_training(tiny):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_onednn_conv_all_grads_equals_lax(stride):
-    """The oneDNN convolution with both oneDNN gradients (conv_impl "onednn" in SiamFC) gives
-    `lax.conv_general_dilated`'s output, input gradient and kernel gradient."""
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_onednn_conv_all_grads_equals_lax(stride, groups):
+    """The oneDNN convolution with both oneDNN gradients (conv_impl "onednn" in SiamFC), grouped
+    layers as one grouped primitive, gives `lax.conv_general_dilated`'s output, input gradient and
+    kernel gradient."""
     from research.cpu.kernels import onednn
     if not onednn.available()[0]:
         pytest.skip(f"oneDNN kernels unavailable: {onednn.available()[1]}")
     rng = np.random.default_rng(stride)
-    x = jnp.asarray(rng.normal(size=(2, 13, 12, 70)).astype(np.float32))  # > 64 input channels: the case changed
+    cin = 70 * groups  # > 64 input channels per group: the case changed
+    x = jnp.asarray(rng.normal(size=(2, 13, 12, cin)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(3, 3, 70, 6)).astype(np.float32))
 
-    def lax_conv(x, w, stride):
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    def lax_conv(x, w, stride, groups):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=groups)
 
-    ref = lax_conv(x, w, stride)
-    np.testing.assert_allclose(onednn_conv_all_grads(x, w, stride), ref, rtol=1e-5, atol=1e-4)
+    ref = lax_conv(x, w, stride, groups)
+    np.testing.assert_allclose(onednn_conv_all_grads(x, w, stride, groups), ref, rtol=1e-5, atol=1e-4)
+    if groups > 1:  # each output group sees only its input group: zeroing group 0's input leaves group 1's output
+        cut = onednn_conv_all_grads(x.at[..., :70].set(0), w, stride, groups)
+        np.testing.assert_allclose(cut[..., 3:], ref[..., 3:], rtol=1e-5, atol=1e-4)
+        assert float(jnp.abs(cut[..., :3] - ref[..., :3]).max()) > 1.0
     weights = jnp.asarray(rng.normal(size=ref.shape).astype(np.float32))
-    got, want = [jax.grad(lambda x, w: jnp.sum(f(x, w, stride) * weights), argnums=(0, 1))(x, w)
-                 for f in (jax.jit(onednn_conv_all_grads, static_argnums=2), lax_conv)]
+    got, want = [jax.grad(lambda x, w: jnp.sum(f(x, w, stride, groups) * weights), argnums=(0, 1))(x, w)
+                 for f in (jax.jit(onednn_conv_all_grads, static_argnums=(2, 3)), lax_conv)]
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_xcorr_single_equals_xcorr():
+    """The tracker's one-exemplar correlation as two convolutions: `xcorr`'s responses to float
+    rounding, for any number of searches and a non-square exemplar; channel mismatch refused."""
+    rng = np.random.default_rng(10)
+    for bx, (hz, wz) in ((3, (6, 6)), (1, (3, 5)), (5, (4, 2))):
+        z = jnp.asarray(rng.normal(size=(1, hz, wz, 7)).astype(np.float32))
+        x = jnp.asarray(rng.normal(size=(bx, 12, 11, 7)).astype(np.float32))
+        ref = xcorr(z, x, 0.01, precision=jax.lax.Precision.HIGHEST)
+        got = jax.jit(xcorr_single, static_argnums=2)(z, x, 0.01)
+        assert got.shape == ref.shape == (bx, 13 - hz, 12 - wz, 1)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
+    with pytest.raises(ValueError, match="exemplar has 7 channels, search 6"):
+        xcorr_single(jnp.zeros((1, 2, 2, 7)), jnp.zeros((1, 4, 4, 6)))
+
+
+def test_max_pool_slices_is_nn_max_pool():
+    """Strided-slice pooling (the CPU inference path) equals `nn.max_pool` bit for bit, ties and
+    odd sizes included, and refuses a map smaller than its window."""
+    rng = np.random.default_rng(8)
+    for shape in ((2, 11, 10, 5), (1, 123, 123, 4), (3, 4, 7, 2), (1, 3, 3, 1)):
+        x = jnp.asarray(rng.integers(-3, 4, shape).astype(np.float32))  # few values: many ties
+        ref = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        got = jax.jit(max_pool_slices)(x)
+        assert got.shape == ref.shape and np.array_equal(got, ref), shape
+    x = jnp.asarray(rng.normal(size=(2, 13, 9, 3)).astype(np.float32))
+    assert np.array_equal(max_pool_slices(x, 2, 3), nn.max_pool(x, (2, 2), strides=(3, 3), padding="VALID"))
+    with pytest.raises(ValueError, match="2 x 5 map is smaller than the 3 x 3 window"):
+        max_pool_slices(jnp.zeros((1, 2, 5, 1)))
+
+
+def test_slice_pool_and_fast_xcorr_change_inference_only(tiny):
+    """`slice_pool` gives the plain model's responses exactly (same pooling values), `fast_xcorr`
+    to float rounding (pairs and one exemplar against 3 scales); both keep training as it was and
+    `reduce_window` out of inference."""
+    model, v = tiny
+    fast = TinySiamFC(slice_pool=True)
+    rng = np.random.default_rng(9)
+    z = jnp.asarray(rng.uniform(0, 255, (2, 87, 87, 3)).astype(np.float32))
+    x = jnp.asarray(rng.uniform(0, 255, (2, 103, 103, 3)).astype(np.float32))
+    assert np.array_equal(jax.jit(fast.apply)(v, z, x)["response"], jax.jit(model.apply)(v, z, x)["response"])
+    both = TinySiamFC(slice_pool=True, fast_xcorr=True)
+    for zz, xx in ((z, x), (z[:1], jnp.concatenate([x, x[:1] * 0.5]))):  # pairs; one exemplar, 3 searches
+        ref = model.apply(v, zz, xx)["response"]
+        got = jax.jit(both.apply)(v, zz, xx)["response"]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
+    convs = [str(jax.make_jaxpr(lambda v: m.apply(v, z[:1], x))(v)).count("conv_general_dilated[") for m in (model, both)]
+    assert convs == [5 + 5 + 1, 5 + 5 + 2]  # two backbones, then xcorr's one convolution or xcorr_single's two
+
+    def jaxpr(m, train):
+        fn = lambda v: m.apply(v, z, x, train=train, mutable=["batch_stats"])[0]["response"]  # noqa: E731
+        return str(jax.make_jaxpr(fn)(v))
+
+    assert jaxpr(fast, False).count("reduce_window_max") == 0
+    assert jaxpr(model, False).count("reduce_window_max") == 4  # 2 pools x 2 branches
+    assert jaxpr(fast, True) == jaxpr(model, True) == jaxpr(both, True)  # training computes as before
 
 
 def test_split_group_conv_is_nn_conv_computed_per_group(tiny):
@@ -446,7 +511,8 @@ def test_split_group_conv_is_nn_conv_computed_per_group(tiny):
 
 @pytest.mark.parametrize("impl", ["dot", "onednn"])
 def test_cpu_speed_layer_keeps_parameters_and_values(tiny, impl):
-    """`SiamFC(layers=select(impl))` (the shared CPU convolutions per group, the lean BatchNorm): the
+    """`SiamFC(layers=select(impl), slice_pool=True)` (oneDNN's grouped convolutions or the shared CPU
+    convolutions per group, the lean BatchNorm, strided-slice inference pooling): the
     same variable tree, the same responses and, in training, the same loss gradients and running
     statistics as the plain model (float rounding)."""
     from research.cpu import layers as layers_lib
@@ -454,7 +520,7 @@ def test_cpu_speed_layer_keeps_parameters_and_values(tiny, impl):
     if impl == "onednn" and not onednn.available()[0]:
         pytest.skip(f"oneDNN kernels unavailable: {onednn.available()[1]}")
     model, v = tiny
-    fast = TinySiamFC(layers=layers_lib.select(impl))
+    fast = TinySiamFC(layers=layers_lib.select(impl), slice_pool=True, fast_xcorr=True)  # as task.build_model
     shapes = jax.eval_shape(lambda: init_variables(fast, jax.random.PRNGKey(0), 87, 87))
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(v)
     assert jax.tree_util.tree_map(lambda a: a.shape, shapes) == jax.tree_util.tree_map(lambda a: a.shape, v)

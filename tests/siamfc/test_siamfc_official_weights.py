@@ -66,9 +66,10 @@ def test_export_eval_and_track_from_official_weights(official, tmp_path):
     assert res["onnx_template"] == os.path.join(ex, "template.onnx")  # in the export mode's results
     assert res["onnx_search"] == os.path.join(ex, "search.onnx") and res["onnx_search_rel_err"] < 1e-4
     # the tracker graphs reproduce the official responses for 3 scales (README: 3e-4 of max|golden|)
-    feats = OnnxRunner(os.path.join(ex, "template.onnx"))(exemplar=golden["z"].transpose(NHWC))[0]
-    assert feats.shape == (1, 6, 6, 256)
-    resp = OnnxRunner(os.path.join(ex, "search.onnx"))(template=feats, search=golden["x"].transpose(NHWC))[0]
+    # (both graphs take the official NCHW tensors: the golden z / x and the official kernel layout)
+    feats = OnnxRunner(os.path.join(ex, "template.onnx"))(exemplar=golden["z"])[0]
+    assert feats.shape == (1, 256, 6, 6)
+    resp = OnnxRunner(os.path.join(ex, "search.onnx"))(template=feats, search=golden["x"])[0]
     assert resp.shape == golden["response"].shape == (3, 1, 17, 17)
     err = np.abs(resp - golden["response"]).max() / np.abs(golden["response"]).max()
     print(f"search.onnx vs official golden responses: rel err {err:.2e}")

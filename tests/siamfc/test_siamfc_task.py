@@ -385,5 +385,7 @@ def test_conv_impl_choices_build_the_same_variables():
         assert (model.layers is not None) == (impl == "dot")
         shapes[impl] = jax.tree_util.tree_map(lambda a: a.shape, jax.eval_shape(
             lambda m=model: m.init(jax.random.PRNGKey(0), np.zeros((1, 87, 87, 3)), np.zeros((1, 87, 87, 3)))))
+        assert model.slice_pool == model.fast_xcorr == (impl != "lax")  # the faster inference forms on CPU
     assert shapes["lax"] == shapes["split"] == shapes["dot"]
-    assert siamfc_task.build_model(c, export=True).conv is flax_nn.Conv
+    exported = siamfc_task.build_model(c, export=True)
+    assert exported.conv is flax_nn.Conv and not exported.slice_pool and not exported.fast_xcorr

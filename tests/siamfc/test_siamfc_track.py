@@ -10,6 +10,7 @@ import os
 import cv2
 import jax
 import numpy as np
+import onnx as onnx_lib
 import pytest
 
 from configs import siamfc as siamfc_config
@@ -60,20 +61,50 @@ def test_onnx_backend_gives_the_jax_boxes(tiny, square, tmp_path):
     onnx = T.OnnxBackend.from_dir(str(tmp_path))
     ours = _run_track(T.TrackerSiamFC(T.JaxBackend(model, variables)), frames, truth[0])
     theirs = _run_track(T.TrackerSiamFC(onnx), frames, truth[0])
-    assert theirs[4].shape == ours[4].shape == (1, 6, 6, 16)
-    np.testing.assert_allclose(theirs[4], ours[4], rtol=0, atol=1e-5 * np.abs(ours[4]).max())
+    assert theirs[4].shape == (1, 16, 6, 6) and ours[4].shape == (1, 6, 6, 16)  # NCHW, the official kernel
+    np.testing.assert_allclose(theirs[4].transpose(0, 2, 3, 1), ours[4], rtol=0, atol=1e-5 * np.abs(ours[4]).max())
     assert theirs[1] == ours[1] and theirs[2] == ours[2]
     np.testing.assert_allclose(theirs[0], ours[0], atol=1e-3)
     np.testing.assert_allclose(theirs[3], ours[3], rtol=0, atol=1e-4 * np.abs(ours[3]).max())
     assert np.all(evaluation.rect_iou(ours[0], truth) >= 0.8)
-    # search.onnx: any number of crops against one template, official NCHW responses
+    # search.onnx: any number of NCHW crops against one template, official NCHW responses
     x = np.random.default_rng(0).integers(0, 256, (5, 255, 255, 3)).astype(np.float32)
-    r = onnx.search_runner(template=ours[4], search=x)[0]
-    assert r.shape == (5, 1, 17, 17)
+    r = onnx.search_runner(template=theirs[4], search=x.transpose(0, 3, 1, 2).copy())[0]
+    assert r.shape == (5, 1, 17, 17) and onnx.template_nchw and onnx.search_nchw
     np.testing.assert_allclose(r[:, 0], np.asarray(T.search_responses(model, variables, ours[4], x)),
                                rtol=0, atol=1e-4 * np.abs(r).max())
+    # the graphs have no layout Transpose on the images, and the correlation is the two-convolution form
+    graph = onnx_lib.load(str(tmp_path / "search.onnx")).graph
+    transposed = {i for n in graph.node if n.op_type == "Transpose" for i in n.input}
+    assert "search" not in transposed and [n.op_type for n in graph.node].count("Conv") == 7
+    assert [d.dim_value for d in graph.input[1].type.tensor_type.shape.dim][1:] == [3, 255, 255]
     with pytest.raises(FileNotFoundError, match="run --mode=export"):
         T.OnnxBackend.from_dir(str(tmp_path / "nothing"))
+
+
+def test_onnx_backend_reads_each_graphs_image_layout(tiny, tmp_path):
+    """Graphs exported with NHWC images (as before the switch to NCHW) still run: `OnnxBackend`
+    feeds each graph the layout its input shape says, with the same responses."""
+    from research.bridge.onnx_export import export_onnx
+    model, variables = tiny
+    new = export.export_graphs(model, variables, str(tmp_path / "nchw"), check=False)
+    nhwc = lambda fn: lambda **kw: fn(**{k: (np.transpose(v, (0, 3, 1, 2)) if k != "template" else v)  # noqa: E731
+                                          for k, v in kw.items()})
+    t_in, s_in = export.example_inputs(model, variables)
+    old = tmp_path / "nhwc"
+    export_onnx(nhwc(export.template_fn(model, variables)), {"exemplar": t_in["exemplar"].transpose(0, 2, 3, 1)},
+                str(old / "template.onnx"), dynamic_batch=("exemplar",), output_names=("template",))
+    export_onnx(nhwc(export.search_fn(model, variables)),
+                {"template": s_in["template"], "search": s_in["search"].transpose(0, 2, 3, 1)},
+                str(old / "search.onnx"), dynamic_batch=("search",), output_names=("response",))
+    a, b = T.OnnxBackend.from_dir(os.path.dirname(new["onnx_search"])), T.OnnxBackend.from_dir(str(old))
+    assert (a.template_nchw, a.search_nchw, b.template_nchw, b.search_nchw) == (True, True, False, False)
+    rng = np.random.default_rng(3)
+    z = rng.integers(0, 256, (1, 127, 127, 3), dtype=np.uint8)
+    x = rng.integers(0, 256, (3, 255, 255, 3), dtype=np.uint8)
+    ra, rb = a.responses(a.template(z), x), b.responses(b.template(z), x)
+    assert ra.shape == rb.shape == (3, 17, 17)
+    np.testing.assert_allclose(rb, ra, rtol=0, atol=1e-5 * np.abs(ra).max())
 
 
 # ------------------------------------------------------------------------------------------ --mode=track

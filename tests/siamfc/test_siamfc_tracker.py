@@ -4,9 +4,10 @@ Tolerances are the README's "Recommended checks and tolerance": crops exactly eq
 responses within 5e-5 max|golden|; upsampled maps 1e-5; final map 1e-6; end to end every scale
 id and peak equal and |box - golden| <= 1e-3 px.
 
-The two 23-update tracks run the network with `SplitGroupConv` (nn.Conv computing grouped layers
-group by group: same variables, ~25 % faster on CPU); `test_network_pieces` checks that it gives
-the default model's responses.
+The two 23-update tracks run the network as `--mode=track` and the benchmark build it
+(`task.build_model` of `alexnet_v1`, `conv_impl=auto`: on CPU oneDNN's convolutions, grouped
+layers as one grouped primitive, and strided-slice pooling; same variables);
+`test_network_pieces` checks that it and `SplitGroupConv` give the default model's responses.
 """
 
 import json
@@ -17,8 +18,10 @@ import jax
 import numpy as np
 import pytest
 
+from configs import siamfc as siamfc_config
 from conftest import REFERENCE
 from research.siamfc import bridge, ops
+from research.siamfc import task as siamfc_task
 from research.siamfc import tracker as T
 from research.siamfc.model import SiamFC, SplitGroupConv, TinySiamFC, init_variables
 
@@ -46,11 +49,16 @@ def real():
     return model, bridge.from_torch(model, sd, template)
 
 
+def production_model() -> SiamFC:
+    """The tracker's network as `--mode=track` builds it (alexnet_v1, conv_impl auto)."""
+    return siamfc_task.build_model(siamfc_config.get_config("variant=alexnet_v1"))
+
+
 @pytest.fixture(scope="module")
 def tracks(gold, real):
     """Both official tracks end to end, with what each update produced and the trace counts."""
     _, variables = real
-    model = SiamFC(conv=SplitGroupConv)
+    model = production_model()
     key = ("search_responses", model)
     out = {}
     for prefix, settings in TRACKS.items():
@@ -121,16 +129,18 @@ def test_padding_value_is_opencv_rounded_mean(gold):
 @pytest.mark.parametrize("track,pre", [d[:2] for d in DETAIL])
 def test_network_pieces(gold, real, track, pre):
     """Responses from the saved kernel and crops within 5e-5 max|golden| (float32 vs float64 is 3.5e-6),
-    for the default model and the `SplitGroupConv` one the tracks use (which must agree to rounding)."""
+    for the default model, `SplitGroupConv` and the production model the tracks use (which must
+    agree to rounding)."""
     model, variables = real
     kernel = gold["kernel"].transpose(0, 2, 3, 1)
     crops = gold[pre + "x_crops"].astype(np.uint8)
     r = np.asarray(T.search_responses(model, variables, kernel, crops))
-    r_split = np.asarray(T.search_responses(SiamFC(conv=SplitGroupConv), variables, kernel, crops))
-    err, err_split = _rel(r, gold[pre + "responses"]), _rel(r_split, gold[pre + "responses"])
-    print(f"{pre}responses rel err {err:.2e}, SplitGroupConv {err_split:.2e} (tol 5e-5), "
-          f"split vs default {_rel(r_split, r):.1e}")
-    assert err <= 5e-5 and err_split <= 5e-5 and _rel(r_split, r) <= 1e-6
+    for name, other in (("SplitGroupConv", SiamFC(conv=SplitGroupConv)), ("production", production_model())):
+        r_other = np.asarray(T.search_responses(other, variables, kernel, crops))
+        err, err_other = _rel(r, gold[pre + "responses"]), _rel(r_other, gold[pre + "responses"])
+        print(f"{pre}responses rel err {err:.2e}, {name} {err_other:.2e} (tol 5e-5), "
+              f"{name} vs default {_rel(r_other, r):.1e}")
+        assert err <= 5e-5 and err_other <= 5e-5 and _rel(r_other, r) <= 1e-6
 
 
 @pytest.mark.parametrize("track,pre", [d[:2] for d in DETAIL])
@@ -191,5 +201,7 @@ def test_tiny_tracker_static_shapes_and_errors():
     assert counts[0] >= 1 and counts[-1] == counts[0]
     with pytest.raises(ValueError, match="uint8"):
         tr.update(np.zeros((50, 60, 3), np.float32))
+    # the variables went to the device once (numpy leaves would be copied into every update)
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(tr.backend.variables))
     with pytest.raises(ValueError, match="out_scale"):
         T.TrackerSiamFC(T.JaxBackend(model, variables), T.TrackerSettings(out_scale=0.01))

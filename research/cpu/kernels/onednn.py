@@ -4,9 +4,12 @@ PyTorch runs its CPU convolutions through oneDNN; XLA:CPU has its own, which mea
 slower on the high-resolution, few-channel layers of a detector (the stem, strided 3x3s, 3x3s
 with 32-64 channels). This module gives JAX the oneDNN primitives through the XLA FFI:
 
-  conv(x, w, stride, padding) -> y            NHWC x, HWIO w, float32, symmetric padding
-  conv_input_grad(dy, w, x_shape, stride, padding) -> dx
-  conv_kernel_grad(x, dy, w_shape, stride, padding) -> dw
+  conv(x, w, stride, padding, groups=1) -> y            NHWC x, HWIO w, float32, symmetric padding
+  conv_input_grad(dy, w, x_shape, stride, padding, groups=1) -> dx
+  conv_kernel_grad(x, dy, w_shape, stride, padding, groups=1) -> dw
+
+`groups` is lax's `feature_group_count` (w `[k, k, Ci / groups, Co]`), one oneDNN primitive for
+all groups.
 
 The library comes from the pinned PyPI wheels `onednn-cpu-gomp` (libdnnl.so.3, GNU OpenMP) and
 `onednn-devel-cpu-gomp` (headers), installed into the environment's prefix. The C++ source is
@@ -125,30 +128,48 @@ def _attrs(stride: int, padding: int) -> dict:
     return {"stride": np.int64(stride), "pad": np.int64(padding)}
 
 
+def _conv_attrs(stride: int, padding: int, groups: int) -> dict:
+    """The attributes of the three `onednn_conv.cc` handlers (the inference ones take no groups)."""
+    return dict(_attrs(stride, padding), groups=np.int64(groups))
+
+
+def _check_groups(cin: int, w_shape, groups: int) -> None:
+    k, _, wcin, cout = w_shape
+    if groups < 1 or cin % groups or cout % groups or wcin * groups != cin:
+        raise ValueError(f"oneDNN conv: groups={groups} does not fit {cin} input channels and an HWIO kernel "
+                         f"{tuple(w_shape)} (needs [k, k, {cin} / groups, Co] with groups dividing Co)")
+
+
 def _out(h: int, k: int, s: int, p: int) -> int:
     return (h + 2 * p - k) // s + 1
 
 
-def conv(x, w, stride: int, padding: int):
-    """Forward: NHWC float32 x, HWIO float32 w (square kernel)."""
+def conv(x, w, stride: int, padding: int, groups: int = 1):
+    """Forward: NHWC float32 x `[N, H, W, Ci]`, HWIO float32 w `[k, k, Ci / groups, Co]` (square
+    kernel) -> `[N, Ho, Wo, Co]`. Raises ValueError if `groups` does not fit the shapes."""
     _load()
-    n, h, wd, _ = x.shape
+    n, h, wd, cin = x.shape
     k, _, _, cout = w.shape
+    _check_groups(cin, w.shape, groups)
     out = jax.ShapeDtypeStruct((n, _out(h, k, stride, padding), _out(wd, k, stride, padding), cout),
                                jnp.float32)
-    return jax.ffi.ffi_call("OnednnConvFwd", out)(x, w, **_attrs(stride, padding))
+    return jax.ffi.ffi_call("OnednnConvFwd", out)(x, w, **_conv_attrs(stride, padding, groups))
 
 
-def conv_input_grad(dy, w, x_shape, stride: int, padding: int):
+def conv_input_grad(dy, w, x_shape, stride: int, padding: int, groups: int = 1):
+    """Input gradient `[N, H, W, Ci]` (`x_shape`) of `conv` from `dy` `[N, Ho, Wo, Co]`."""
     _load()
+    _check_groups(x_shape[3], w.shape, groups)
     out = jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32)
-    return jax.ffi.ffi_call("OnednnConvBwdData", out)(dy, w, **_attrs(stride, padding))
+    return jax.ffi.ffi_call("OnednnConvBwdData", out)(dy, w, **_conv_attrs(stride, padding, groups))
 
 
-def conv_kernel_grad(x, dy, w_shape, stride: int, padding: int):
+def conv_kernel_grad(x, dy, w_shape, stride: int, padding: int, groups: int = 1):
+    """Kernel gradient `[k, k, Ci / groups, Co]` (`w_shape`) of `conv` from `x` and `dy`."""
     _load()
+    _check_groups(x.shape[3], w_shape, groups)
     out = jax.ShapeDtypeStruct(tuple(w_shape), jnp.float32)
-    return jax.ffi.ffi_call("OnednnConvBwdW", out)(x, dy, **_attrs(stride, padding))
+    return jax.ffi.ffi_call("OnednnConvBwdW", out)(x, dy, **_conv_attrs(stride, padding, groups))
 
 
 def conv_affine_act(x, w, scale, bias, stride: int, padding: int, relu: bool, residual=None):

@@ -1,13 +1,15 @@
 // NHWC float32 2-D convolution for XLA:CPU through oneDNN, as XLA FFI custom calls.
 // Built and loaded by research/cpu/kernels/onednn.py; used by research/cpu/conv.py (conv_impl "onednn").
 //
-//   OnednnConvFwd      (x[N,H,W,Ci], w[KH,KW,Ci,Co])            -> y[N,Ho,Wo,Co]
+//   OnednnConvFwd      (x[N,H,W,Ci], w[KH,KW,Ci/G,Co])          -> y[N,Ho,Wo,Co]
 //   OnednnConvBwdData  (dy[N,Ho,Wo,Co], w)                       -> dx[N,H,W,Ci]
-//   OnednnConvBwdW     (x, dy)                                   -> dw[KH,KW,Ci,Co]
+//   OnednnConvBwdW     (x, dy)                                   -> dw[KH,KW,Ci/G,Co]
 // (no bias: the layers add theirs outside, and the detector's biased convolutions are 1x1)
 // attrs: stride (int64), pad (int64; symmetric request, the right/bottom pad is what the
-// floor output size needs, as in lax.conv_general_dilated with ((p,p),(p,p))).
-// Groups 1, dilation 1. Activations stay NHWC; weights are reordered from HWIO into the
+// floor output size needs, as in lax.conv_general_dilated with ((p,p),(p,p))), groups (int64
+// G >= 1, lax's feature_group_count: output channels [g*Co/G, (g+1)*Co/G) see input channels
+// [g*Ci/G, (g+1)*Ci/G); the HWIO weights are oneDNN's `hwigo`, one primitive for all groups).
+// Dilation 1. Activations stay NHWC; weights are reordered from HWIO into the
 // layout oneDNN picks (`any`) per call, diff weights reordered back to HWIO.
 // Primitives are cached per shape (creation costs 0.1-10 ms); the scratchpad is user-managed
 // in a thread-local buffer so concurrent execution from several XLA threads is safe.
@@ -17,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 
@@ -57,23 +60,30 @@ struct Buf {
 thread_local Buf tl_scratch, tl_wei, tl_src, tl_dst;
 
 struct Geo {
-  int64_t N, H, W, Ci, Ho, Wo, Co, K, S, P, PR_h, PR_w;
+  int64_t N, H, W, Ci, Ho, Wo, Co, K, S, P, PR_h, PR_w, G;
   std::string key(char kind) const {
     char b[256];
-    std::snprintf(b, sizeof b, "%c_%ld_%ld_%ld_%ld_%ld_%ld_%ld_%ld", kind, N, H, W, Ci, Co, K, S, P);
+    std::snprintf(b, sizeof b, "%c_%ld_%ld_%ld_%ld_%ld_%ld_%ld_%ld_%ld", kind, N, H, W, Ci, Co, K, S, P, G);
     return b;
   }
   memory::dims src() const { return {N, Ci, H, W}; }
   memory::dims dst() const { return {N, Co, Ho, Wo}; }
-  memory::dims wei() const { return {Co, Ci, K, K}; }
+  // oneDNN weight dims: {Co, Ci, K, K}, or {G, Co/G, Ci/G, K, K} for a grouped convolution
+  memory::dims wei() const {
+    if (G == 1) return {Co, Ci, K, K};
+    return {G, Co / G, Ci / G, K, K};
+  }
+  tag wei_user_tag() const { return G == 1 ? tag::hwio : tag::hwigo; }  // both HWIO in memory
   memory::dims strides() const { return {S, S}; }
   memory::dims padl() const { return {P, P}; }
   memory::dims padr() const { return {PR_h, PR_w}; }
 };
 
+// Ci: input channels of x (all groups); Co: output channels (all groups).
 Geo MakeGeo(int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t K, int64_t Co, int64_t S,
-            int64_t P) {
-  Geo g{N, H, W, Ci, 0, 0, Co, K, S, P, 0, 0};
+            int64_t P, int64_t G) {
+  if (G < 1 || Ci % G || Co % G) throw std::invalid_argument("groups must divide both channel counts");
+  Geo g{N, H, W, Ci, 0, 0, Co, K, S, P, 0, 0, G};
   g.Ho = (H + 2 * P - K) / S + 1;
   g.Wo = (W + 2 * P - K) / S + 1;
   g.PR_h = (g.Ho - 1) * S + K - H - P;  // may be < P: XLA ignores the unused padding too
@@ -131,7 +141,7 @@ dnnl::reorder MakeReorder(const memory::desc& from, const memory::desc& to) {
 // primitive's layout (forward, input gradient) or back to HWIO (kernel gradient).
 void SetWeights(Entry& e, const Geo& g, const memory::desc& prim_md, bool into_prim) {
   e.wei_md = prim_md;
-  e.wei_hwio = memory::desc(g.wei(), dt::f32, tag::hwio);
+  e.wei_hwio = memory::desc(g.wei(), dt::f32, g.wei_user_tag());
   e.need_reorder = e.wei_md != e.wei_hwio;
   if (e.need_reorder)
     e.reorder = into_prim ? MakeReorder(e.wei_hwio, e.wei_md) : MakeReorder(e.wei_md, e.wei_hwio);
@@ -237,30 +247,30 @@ void RunWithWeights(Entry& e, const float* w, int in_arg, const memory::desc& in
   s.wait();
 }
 
-ffi::Error ConvFwd(B4 x, B4 w, R4 y, int64_t stride, int64_t pad) {
+ffi::Error ConvFwd(B4 x, B4 w, R4 y, int64_t stride, int64_t pad, int64_t groups) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad);
   return Guard([&] {
+    Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad, groups);
     auto e = FwdEntry(g);
     RunWithWeights(*e, w.typed_data(), DNNL_ARG_SRC, e->src_md, x.typed_data(), DNNL_ARG_DST,
                    e->dst_md, y->typed_data());
   });
 }
 
-ffi::Error ConvBwdData(B4 dy, B4 w, R4 dx, int64_t stride, int64_t pad) {
+ffi::Error ConvBwdData(B4 dy, B4 w, R4 dx, int64_t stride, int64_t pad, int64_t groups) {
   auto xd = dx->dimensions(), wd = w.dimensions();
-  Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad);
   return Guard([&] {
+    Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad, groups);
     auto e = BwdDataEntry(g);
     RunWithWeights(*e, w.typed_data(), DNNL_ARG_DIFF_DST, e->dst_md, dy.typed_data(),
                    DNNL_ARG_DIFF_SRC, e->src_md, dx->typed_data());
   });
 }
 
-ffi::Error ConvBwdW(B4 x, B4 dy, R4 dw, int64_t stride, int64_t pad) {
+ffi::Error ConvBwdW(B4 x, B4 dy, R4 dw, int64_t stride, int64_t pad, int64_t groups) {
   auto xd = x.dimensions(), wd = dw->dimensions();
-  Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad);
   return Guard([&] {
+    Geo g = MakeGeo(xd[0], xd[1], xd[2], xd[3], wd[0], wd[3], stride, pad, groups);
     auto e = BwdWEntry(g);
     auto& s = Stream();
     memory user = Mem(e->wei_hwio, dw->typed_data());
@@ -290,13 +300,16 @@ ffi::Error ConvBwdW(B4 x, B4 dy, R4 dw, int64_t stride, int64_t pad) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvFwd, ConvFwd,
                               ffi::Ffi::Bind().Arg<B4>().Arg<B4>().Ret<B4>()
-                                  .Attr<int64_t>("stride").Attr<int64_t>("pad"));
+                                  .Attr<int64_t>("stride").Attr<int64_t>("pad")
+                                  .Attr<int64_t>("groups"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdData, ConvBwdData,
                               ffi::Ffi::Bind().Arg<B4>().Arg<B4>().Ret<B4>()
-                                  .Attr<int64_t>("stride").Attr<int64_t>("pad"));
+                                  .Attr<int64_t>("stride").Attr<int64_t>("pad")
+                                  .Attr<int64_t>("groups"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdW, ConvBwdW,
                               ffi::Ffi::Bind().Arg<B4>().Arg<B4>().Ret<B4>()
-                                  .Attr<int64_t>("stride").Attr<int64_t>("pad"));
+                                  .Attr<int64_t>("stride").Attr<int64_t>("pad")
+                                  .Attr<int64_t>("groups"));
 
 // Diagnostics for the Python side: how many primitives are cached.
 extern "C" int onednn_conv_cache_size() {
