@@ -39,6 +39,7 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "onednn_conv.cc")
 SOURCES = (SOURCE, os.path.join(_HERE, "onednn_conv_infer.cc"))  # compiled into one library
+HEADERS = (os.path.join(_HERE, "onednn_common.h"),)
 _TARGETS = ("OnednnConvFwd", "OnednnConvBwdData", "OnednnConvBwdW", "OnednnConvAffineAct", "OnednnConvAffineAddAct")
 
 
@@ -69,7 +70,7 @@ def build() -> str:
     if shutil.which(cxx) is None:
         raise OnednnUnavailable(f"C++ compiler {cxx!r} not found (set $CXX), needed once to build {SOURCE}")
     srcs = []
-    for path in SOURCES:
+    for path in SOURCES + HEADERS:
         with open(path, "rb") as f:
             srcs.append(f.read())
     jaxlib_version = importlib.metadata.version("jaxlib")  # the FFI headers come with it

@@ -24,39 +24,22 @@
 #include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
+using research_onednn::B4;
+using research_onednn::Buf;
+using research_onednn::Engine;
+using research_onednn::Mem;
+using research_onednn::R4;
+using research_onednn::Stream;
 
 namespace {
 
-dnnl::engine& Engine() {
-  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-  return eng;
-}
-
-dnnl::stream& Stream() {
-  thread_local dnnl::stream s(Engine());
-  return s;
-}
-
-// Growable, 64-byte aligned, per-thread scratch buffers.
-struct Buf {
-  void* p = nullptr;
-  size_t n = 0;
-  void* get(size_t want) {
-    if (want > n) {
-      std::free(p);
-      n = (want + 4095) & ~size_t(4095);
-      p = std::aligned_alloc(64, n);
-    }
-    return p;
-  }
-  ~Buf() { std::free(p); }
-};
 thread_local Buf tl_scratch, tl_wei, tl_src, tl_dst;
 
 struct Geo {
@@ -203,10 +186,6 @@ std::shared_ptr<Entry> BwdWEntry(const Geo& g) {
   });
 }
 
-memory Mem(const memory::desc& md, const void* p) {
-  return memory(md, Engine(), const_cast<void*>(p));
-}
-
 // HWIO user weights as the primitive reads them (reordered into a per-thread buffer if needed).
 memory PrimWeights(Entry& e, dnnl::stream& s, const float* w) {
   memory user = Mem(e.wei_hwio, w);
@@ -227,9 +206,6 @@ ffi::Error Guard(F f) {
     return ffi::Error(ffi::ErrorCode::kInternal, e.what());
   }
 }
-
-using B4 = ffi::Buffer<ffi::F32, 4>;
-using R4 = ffi::ResultBuffer<ffi::F32, 4>;
 
 memory Scratch(const Entry& e) {
   return Mem(e.scratch_md, tl_scratch.get(e.scratch_md.get_size()));

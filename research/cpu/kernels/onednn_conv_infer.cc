@@ -19,38 +19,23 @@
 #include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
+using research_onednn::B1;
+using research_onednn::B4;
+using research_onednn::Buf;
+using research_onednn::Engine;
+using research_onednn::Mem;
+using research_onednn::R4;
+using research_onednn::Stream;
 
 namespace {
 
-dnnl::engine& Engine() {
-  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-  return eng;
-}
-
-dnnl::stream& Stream() {
-  thread_local dnnl::stream s(Engine());
-  return s;
-}
-
-struct Buf {  // growable, 64-byte aligned, per thread
-  void* p = nullptr;
-  size_t n = 0;
-  void* get(size_t want) {
-    if (want > n) {
-      std::free(p);
-      n = (want + 4095) & ~size_t(4095);
-      p = std::aligned_alloc(64, n);
-    }
-    return p;
-  }
-  ~Buf() { std::free(p); }
-};
 thread_local Buf tl_scratch, tl_wei;
 
 struct Key {
@@ -117,12 +102,6 @@ std::shared_ptr<Entry> Get(const Key& k) {
   std::lock_guard<std::mutex> l(mu);
   return cache.emplace(key, e).first->second;
 }
-
-memory Mem(const memory::desc& md, const void* p) { return memory(md, Engine(), const_cast<void*>(p)); }
-
-using B1 = ffi::Buffer<ffi::F32, 1>;
-using B4 = ffi::Buffer<ffi::F32, 4>;
-using R4 = ffi::ResultBuffer<ffi::F32, 4>;
 
 ffi::Error Run(B4 x, B4 w, B1 a, B1 b, const float* residual, R4 y, int64_t stride, int64_t pad, int64_t relu) {
   auto xd = x.dimensions(), wd = w.dimensions();
