@@ -148,7 +148,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.use_ema = True
     # "auto": the COCO folder's annotation json for coco, the loader's labels for shapes; "labels"; or a path
     c.eval.annotations = "auto"
-    c.eval.onnx = False  # --mode=eval evaluates workdir/export/model.onnx through ONNX Runtime
+    c.eval.onnx = False  # --mode=eval evaluates the exported graph (workdir/export/deploy.onnx) in ONNX Runtime
 
     c.predict = ml_collections.ConfigDict()
     c.predict.score_thres = 0.5

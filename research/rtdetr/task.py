@@ -34,6 +34,9 @@ from research.rtdetr.matcher import HungarianMatcher
 from research.rtdetr.model import RTDETR, build_model, trainable_mask
 from research.rtdetr.postprocess import postprocess
 
+DEPLOY_ONNX = "deploy.onnx"  # the official tools/export_onnx.py graph, beside model.onnx
+
+
 def model_from_config(config, num_classes: int, conv_impl: str | None = None) -> RTDETR:
     """The model of `config.model` (variant + per-part overrides) for `num_classes` classes.
 
@@ -280,11 +283,23 @@ class Task(DetectionDataMixin, tasks.Task):
         return fn
 
     def _runner(self, variables, onnx_path: str | None):
+        """(images [B, S, S, 3] uint8, sizes [B, 2]) -> (labels, boxes, scores) from JAX, or from an exported graph:
+        the deploy graph (`deploy.onnx`, or one with an `orig_target_sizes` input) as it is; `model.onnx` (raw
+        `pred_logits`, `pred_boxes`) through the deploy graph beside it when there is one, else with the
+        post-processor applied to its outputs."""
         if onnx_path:
             from research.bridge.onnx_export import OnnxRunner
             runner = OnnxRunner(onnx_path)
-            return lambda images, sizes: runner(images=images.astype(np.float32) / 255.0,
-                                                orig_target_sizes=sizes.astype(np.float32))
+            deploy_path = os.path.join(os.path.dirname(onnx_path), DEPLOY_ONNX)
+            if "orig_target_sizes" not in runner.input_names and os.path.exists(deploy_path):
+                runner = OnnxRunner(deploy_path)
+            if "orig_target_sizes" in runner.input_names:
+                return lambda images, sizes: runner(images=images.astype(np.float32) / 255.0,
+                                                    orig_target_sizes=sizes.astype(np.float32))
+            k = int(self.config.eval.num_top_queries)
+            post = jax.jit(lambda logits, boxes, sizes: postprocess(logits, boxes, sizes, k))
+            return lambda images, sizes: [np.asarray(a) for a in post(
+                *runner(images=images.astype(np.float32) / 255.0), sizes.astype(np.float32))]
         variables = parallel.local_copy(variables)
         fwd = jax.jit(lambda v, images, sizes: self.deploy_fn(v)(images.astype(jnp.float32) / 255.0, sizes))
         return lambda images, sizes: [np.asarray(a) for a in fwd(variables, images, sizes.astype(np.float32))]
@@ -342,13 +357,55 @@ class Task(DetectionDataMixin, tasks.Task):
         return paths
 
     def export_spec(self, variables: dict) -> tasks.ExportSpec:
-        """The official deploy graph (`tools/export_onnx.py`): inputs `images` [B, S, S, 3] float32 0-1 (NHWC
-        here) and `orig_target_sizes` [B, 2] float32 (w, h) -> `labels`, `boxes` (xyxy pixels), `scores`."""
+        """`model.onnx`: the network alone (official `RTDETR` in eval mode after `deploy()`): `images` [B, S, S, 3]
+        float32 0-1 (NHWC here) -> `pred_logits` [B, 300, C] (before the sigmoid), `pred_boxes` [B, 300, 4]
+        (cx, cy, w, h normalised to 0-1). The deploy graph with the post-processor is `deploy.onnx`
+        (`extra_exports`)."""
         s = self.config.data.image_size
-        return tasks.ExportSpec(self.deploy_fn(variables, for_export=True),
-                                {"images": np.zeros((1, s, s, 3), np.float32),
-                                 "orig_target_sizes": np.full((1, 2), s, np.float32)},
-                                ("labels", "boxes", "scores"), dynamic_batch=("images", "orig_target_sizes"))
+        model = self.export_model
+
+        def fn(images):
+            out = model.apply(variables, images, train=False)
+            return out["pred_logits"].astype(jnp.float32), out["pred_boxes"].astype(jnp.float32)
+
+        return tasks.ExportSpec(fn, {"images": np.zeros((1, s, s, 3), np.float32)}, ("pred_logits", "pred_boxes"),
+                                dynamic_batch=("images",))
+
+    def extra_exports(self, variables: dict, out_dir: str) -> dict:
+        """`deploy.onnx`, the official deploy graph (`tools/export_onnx.py`: `model.deploy()` +
+        `postprocessor.deploy()`): inputs `images` [B, S, S, 3] float32 0-1 (NHWC here) and `orig_target_sizes`
+        [B, 2] float32 (w, h) -> `labels` [B, K] int32, `boxes` [B, K, 4] (xyxy, pixels of the original image),
+        `scores` [B, K]. Both graphs are then checked against JAX in ONNX Runtime on two random images (raw outputs
+        within `ACCEPT_RTOL` of their range; the deploy graph's scores, sorted, likewise); returns the path and the
+        errors.
+
+        Raises:
+          RuntimeError: an exported graph disagrees with JAX.
+        """
+        from research.bridge.onnx_export import ACCEPT_RTOL, OnnxRunner, export_onnx
+        s = self.config.data.image_size
+        path = export_onnx(self.deploy_fn(variables, for_export=True),
+                           {"images": np.zeros((1, s, s, 3), np.float32),
+                            "orig_target_sizes": np.full((1, 2), s, np.float32)},
+                           os.path.join(out_dir, DEPLOY_ONNX), dynamic_batch=("images", "orig_target_sizes"),
+                           output_names=("labels", "boxes", "scores"))
+        rs = np.random.default_rng(0)
+        images = rs.uniform(0, 1, (2, s, s, 3)).astype(np.float32)
+        sizes = np.array([[s, s], [2 * s, s]], np.float32)
+        errors = {}
+        raw_fn = self.export_spec(variables).apply_fn
+        checks = [("model.onnx", [np.asarray(a) for a in jax.jit(raw_fn)(images)],
+                   OnnxRunner(os.path.join(out_dir, "model.onnx"))(images=images), ("pred_logits", "pred_boxes")),
+                  (DEPLOY_ONNX, [np.sort(np.asarray(jax.jit(self.deploy_fn(variables))(images, sizes)[2]), -1)],
+                   [np.sort(OnnxRunner(path)(images=images, orig_target_sizes=sizes)[2], -1)], ("scores",))]
+        for graph, ref, got, names in checks:
+            for name, r, g in zip(names, ref, got):
+                err = float(np.abs(r.astype(np.float64) - g).max() / max(float(np.abs(r).max()), 1e-12))
+                errors[f"onnx_check/{graph}/{name}"] = err
+                if not err <= ACCEPT_RTOL:
+                    raise RuntimeError(f"exported {graph} output {name!r} differs from JAX by {err:.3g} of its range "
+                                       f"(accepted {ACCEPT_RTOL})")
+        return {"onnx_deploy": path, **errors}
 
     def to_torch(self, variables: dict) -> dict:
         from research.rtdetr import bridge

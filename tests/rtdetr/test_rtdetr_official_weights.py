@@ -108,7 +108,7 @@ def test_export_eval_predict_from_ema_checkpoint(files):
     from research.bridge.onnx_export import OnnxRunner
     x = np.random.default_rng(0).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
     sizes = np.array([[64, 64], [200, 100]], np.float32)
-    onnx_out = OnnxRunner(res["onnx"])(images=x, orig_target_sizes=sizes)
+    onnx_out = OnnxRunner(res["onnx_deploy"])(images=x, orig_target_sizes=sizes)
     jax_out = jax.jit(task.deploy_fn(variables))(x, sizes)
     _assert_same_detections(onnx_out, [np.asarray(a) for a in jax_out])
     # eval (JAX) and eval of the exported ONNX model: same mAP, same detections

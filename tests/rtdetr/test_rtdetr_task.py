@@ -287,20 +287,37 @@ def test_smoke_all_trains_evaluates_predicts_exports(tmp_path):
         assert key in train[-1], key
     assert 0.0 <= res["eval/mAP50"] <= 1.0 and 0.0 <= res["eval/mAP50_95"] <= res["eval/mAP50"] + 1e-9
     assert len(res["predictions"]) == 2 and all(os.path.exists(p) for p in res["predictions"])
-    for f in ("export/model.onnx", "export/model.pt", "export/model.safetensors", "curves.png"):
+    for f in ("export/model.onnx", "export/deploy.onnx", "export/model.pt", "export/model.safetensors",
+              "curves.png"):
         assert os.path.exists(os.path.join(wd, f)), f
-    # the exported ONNX model gives the JAX deploy outputs (same EMA variables), and the same mAP
+    assert res["onnx_deploy"].endswith("deploy.onnx")
+    assert max(v for k, v in res.items() if k.startswith("onnx_check/")) <= 1e-4  # export's own check
+    # model.onnx: images -> pred_logits, pred_boxes (the network alone), the JAX model's outputs, dynamic batch
     task = tasks.get_task(c, "eval")
     variables, _ = modes.restore_variables(task, wd)
     from research.bridge.onnx_export import OnnxRunner
     x = np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 3)).astype(np.float32)
+    raw = OnnxRunner(res["onnx"])
+    assert raw.input_names == ["images"] and raw.output_names == ["pred_logits", "pred_boxes"]
+    want = task.model.apply(variables, x, train=False)
+    for got, ref in zip(raw(images=x), (want["pred_logits"], want["pred_boxes"])):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    # deploy.onnx gives the JAX deploy outputs (same EMA variables), and the same mAP
     sizes = np.array([[64, 64], [200, 100], [37, 81]], np.float32)
-    onnx_out = OnnxRunner(res["onnx"])(images=x, orig_target_sizes=sizes)
+    onnx_out = OnnxRunner(res["onnx_deploy"])(images=x, orig_target_sizes=sizes)
     jax_out = jax.jit(task.deploy_fn(variables))(x, sizes)
     np.testing.assert_array_equal(onnx_out[0], np.asarray(jax_out[0]))  # labels
     np.testing.assert_allclose(onnx_out[1], np.asarray(jax_out[1]), rtol=1e-4, atol=1e-3)  # boxes (pixels)
     np.testing.assert_allclose(onnx_out[2], np.asarray(jax_out[2]), rtol=1e-4, atol=1e-6)  # scores
     assert res["eval_onnx/mAP50"] == pytest.approx(res["eval/mAP50"], abs=1e-3)
+    # model.onnx alone (no deploy graph beside it) evaluates through the post-processor: the same detections
+    os.remove(os.path.join(wd, "export", "deploy.onnx"))
+    run = task._runner(variables, res["onnx"])
+    images = (x * 255).astype(np.uint8)
+    labels, boxes, scores = run(images, sizes)
+    ref = jax.jit(task.deploy_fn(variables))(images.astype(np.float32) / 255.0, sizes)
+    np.testing.assert_allclose(np.sort(scores, -1), np.sort(np.asarray(ref[2]), -1), rtol=1e-4, atol=1e-6)
     # the torch export is the official state_dict layout, and reads back into the same variables
     from research.bridge import torch_bridge
     from research.rtdetr import bridge
