@@ -130,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if not real:
         # CPU recipe on the synthetic people (not official): TINY widths at 128 px, Adam 2e-3 with the milestones
         # at epochs 28 and 36 of a 40-epoch run (2560 steps, ~5.5 min of training on 2 cores; 10 epochs reached
-        # AP 0.29, 40 reach 0.386), and push / pull factors 0.05 (50x the official 0.001: in a few hundred
+        # AP 0.29, 40 reach 0.398), and push / pull factors 0.05 (50x the official 0.001: in a few hundred
         # steps the official factors leave the tags unseparated, people merge in the grouping and AP stays at
         # 0.10-0.105 from step 320 to 960; factors 0.01 / 0.05 reach AP 0.22 / 0.26 at step 512).
         c.batch_size = 16
