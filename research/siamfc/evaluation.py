@@ -98,7 +98,10 @@ class TrackingEvaluator:
       out_dir: when set, per-sequence boxes and scores go to `<out_dir>/<prefix>_tracking.json`.
 
     `run(variables)` yields `<prefix>/success_auc`, `<prefix>/precision_20px`,
-    `<prefix>/success_rate_50` and `<prefix>/fps` (frames per second of the whole loop, host included).
+    `<prefix>/success_rate_50` and `<prefix>/fps` (frames per second of the whole loop, host included), and the
+    same scores of the "box stays where it started" baseline on the same frames (every frame's box = the
+    first frame's ground truth): `<prefix>/baseline_success_auc`, `<prefix>/baseline_precision_20px`,
+    `<prefix>/baseline_success_rate_50`, so that a trained tracker is measured against not tracking at all.
     """
 
     def __init__(self, source, make_tracker, prefix: str = "eval", max_videos: int = 0, max_frames: int = 0,
@@ -144,6 +147,11 @@ class TrackingEvaluator:
         yield f"{self.prefix}/precision_20px", rep["precision_score"]
         yield f"{self.prefix}/success_rate_50", rep["success_rate"]
         yield f"{self.prefix}/fps", fps
+        still = otb_report([sequence_curves(np.repeat(np.asarray(r["anno"][:1], np.float64), len(r["boxes"]), 0),
+                                            r["anno"], r["absent"]) for r in results])
+        yield f"{self.prefix}/baseline_success_auc", still["success_score"]
+        yield f"{self.prefix}/baseline_precision_20px", still["precision_score"]
+        yield f"{self.prefix}/baseline_success_rate_50", still["success_rate"]
 
 
 @evaluation_base.register("tracking_otb")

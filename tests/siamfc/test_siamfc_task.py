@@ -246,6 +246,19 @@ def test_evaluator_on_a_perfect_tracker(tiny_data):
     res = dict(ev.run(None))
     assert res["eval/success_auc"] == pytest.approx(20 / 21)  # the toolkit's maximum
     assert res["eval/precision_20px"] == 1.0 and res["eval/success_rate_50"] == 1.0
+    # the "box stays where it started" baseline on the same frames: the first frame's box everywhere
+    seqs = ev.last["sequences"]
+    still = evaluation.otb_report([evaluation.sequence_curves(np.repeat(r["anno"][:1], len(r["anno"]), 0), r["anno"],
+                                                              r["absent"]) for r in seqs])
+    assert res["eval/baseline_success_auc"] == pytest.approx(still["success_score"])
+    assert res["eval/baseline_precision_20px"] == pytest.approx(still["precision_score"])
+    assert res["eval/baseline_success_auc"] < res["eval/success_auc"]  # the synthetic targets move
+    # a tracker that does return the first box scores exactly the baseline
+    class _Still:
+        def track(self, frames, box):
+            return np.repeat(np.asarray(box, np.float64)[None], len(frames), 0)
+    res_still = dict(evaluation.TrackingEvaluator(src, lambda _: _Still(), max_frames=5).run(None))
+    assert res_still["eval/success_auc"] == pytest.approx(res["eval/baseline_success_auc"])
 
 
 # ------------------------------------------------------------------------------------------ optimiser, loader
