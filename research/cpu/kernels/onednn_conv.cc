@@ -27,16 +27,7 @@
 #include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
-namespace ffi = xla::ffi;
-using dnnl::memory;
-using tag = dnnl::memory::format_tag;
-using dt = dnnl::memory::data_type;
-using research_onednn::B4;
-using research_onednn::Buf;
-using research_onednn::Engine;
-using research_onednn::Mem;
-using research_onednn::R4;
-using research_onednn::Stream;
+using namespace research_onednn;  // ffi, memory, tag, dt, Engine, Stream, Buf, Mem, B1/B4/R4
 
 namespace {
 
