@@ -82,12 +82,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       benchmark_train_batch_size=8)
     c.benchmark.tracker_frames = 24  # frames of the synthetic video timed by the tracker stage
 
-    # evaluators by type (research/evaluation/base.py): the tracker over the eval videos, scored
-    # as the got10k toolkit's ExperimentOTB; every_steps 0 = eval_every_steps, split "" = data.eval_split
+    # evaluators by type (research/evaluation/base.py): the tracker over evaluation videos, scored
+    # as the got10k toolkit's ExperimentOTB (success AUC, precision, normalised precision) and
+    # ExperimentGOT10k (AO, SR@0.5, SR@0.75); every_steps 0 = eval_every_steps, split "" = the
+    # dataset's evaluation split. data "" = the task's data; else another dataset to track, e.g.
+    # data=otb, builder_config=otb2015, manual_dir=/data/OTB100 (research/siamfc/data.py).
     c.evals = ml_collections.ConfigDict()
-    c.evals.otb = ml_collections.ConfigDict(dict(type="tracking_otb", every_steps=0, split="",
-                                                 max_videos=0 if synthetic else 30,  # 0 = all
-                                                 max_frames=0))
+    c.evals.tracking = ml_collections.ConfigDict(dict(type="tracking", every_steps=0, split="",
+                                                      max_videos=0 if synthetic else 30,  # 0 = all
+                                                      max_frames=0, data="", builder_config="", manual_dir=""))
     c.eval = ml_collections.ConfigDict()
     c.eval.use_ema = False  # no EMA in the official recipe
     c.eval.onnx = False
@@ -123,8 +126,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every_steps = 2
         c.eval_every_steps = 6
         c.checkpoint_every_steps = 3
-        c.evals.otb.max_videos = 1
-        c.evals.otb.max_frames = 4
+        c.evals.tracking.max_videos = 1
+        c.evals.tracking.max_frames = 4
         c.predict.num_frames = 2
         c.async_checkpoints = False
     return c

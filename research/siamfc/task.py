@@ -32,7 +32,7 @@ from absl import logging
 
 from research import parallel, tasks
 from research.siamfc import bridge, loss as loss_lib, model as model_lib
-from research.siamfc import evaluation  # noqa: F401  (registers the tracking_otb evaluator type)
+from research.siamfc import evaluation  # noqa: F401  (registers the `tracking` evaluator type)
 from research.siamfc import tracker as tracker_lib
 from research.siamfc import transforms as transforms_lib
 
@@ -150,6 +150,11 @@ class Task(tasks.Task):
         from research.siamfc import data
         d = self.config.data
         return data.prepare(d.name, d.data_dir, config=d.builder_config, manual_dir=d.manual_dir or None)
+
+    def data_problems(self) -> list:
+        """What the validation pass found in a GOT-10k / OTB folder (none for the synthetic data)."""
+        from research.data import validation
+        return validation.read(self._builder.data_dir)
 
     @functools.lru_cache(maxsize=None)
     def source(self, split: str):

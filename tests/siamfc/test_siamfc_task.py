@@ -212,7 +212,7 @@ def test_otb_measures_by_hand():
     shifted = gt + [20, 0, 0, 0]
     ious = evaluation.rect_iou(shifted, gt)
     np.testing.assert_allclose(ious, 1 / 3)
-    succ, prec = evaluation.sequence_curves(shifted, gt)
+    succ, prec, _ = evaluation.sequence_curves(shifted, gt)
     thr = np.linspace(0, 1, 21)
     np.testing.assert_allclose(succ, np.where(thr < 1 / 3, 1.0, 0.25) * (thr < 1) + (thr == 1) * 0.0)
     assert prec[19] == 0.25 and prec[20] == 1.0  # <= 20 px counts
@@ -220,7 +220,7 @@ def test_otb_measures_by_hand():
     rep = evaluation.otb_report([(succ, prec), evaluation.sequence_curves(gt.copy(), gt)])
     assert rep["success_score"] == pytest.approx((np.mean(succ) + 20 / 21) / 2)
     absent = np.array([0, 1, 1, 1], bool)
-    succ_a, _ = evaluation.sequence_curves(shifted, gt, absent)
+    succ_a, _, _ = evaluation.sequence_curves(shifted, gt, absent)
     np.testing.assert_allclose(succ_a, np.r_[np.ones(20), 0.0])
     assert evaluation.center_error(np.array([[1, 1, 3, 3]]), np.array([[4, 5, 3, 3]]))[0] == 5.0
 
