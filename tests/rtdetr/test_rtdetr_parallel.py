@@ -6,15 +6,12 @@ runs are the same computation up to float summation order (as tests/test_paralle
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(os.path.dirname(HERE), "parallel_worker.py")
+import parallel_testlib
+
 # Adam's first steps move every parameter by ~lr * sign(gradient): a gradient that is ~0 up to float noise can
 # flip sign between the 1- and 2-device summation orders and move by 2 * lr. A small lr bounds that noise
 # (2 steps: <= 4e-5) below the test's tolerance, while real differences (a wrong all-reduce) stay visible.
@@ -23,10 +20,7 @@ SETTINGS = ["--network", "rtdetr", "--set", "optim.lr=1e-5", "--set", "aug.photo
 
 
 def _start(args):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, WORKER] + SETTINGS + args, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return parallel_testlib.start(SETTINGS, args)
 
 
 def test_one_and_two_devices_agree(tmp_path):
@@ -36,9 +30,8 @@ def test_one_and_two_devices_agree(tmp_path):
     procs = {n: _start(["--devices", str(n), "--data_dir", data_dir, "--workdir", str(tmp_path / f"w{n}"),
                         "--out", str(tmp_path / f"p{n}.npz")]) for n in (1, 2)}
     for n, p in procs.items():  # both at once: each is mostly a single-threaded XLA compile
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, f"{n} device(s):\n{out[-4000:]}"
-    a, b = (dict(np.load(tmp_path / f"p{n}.npz")) for n in (1, 2))
+        parallel_testlib.wait(p, f"{n} device(s)")
+    a, b = (parallel_testlib.load(tmp_path / f"p{n}.npz") for n in (1, 2))
     assert a.keys() == b.keys() and any("mean" in k for k in a)
     for k in a:  # atol: Adam's sign noise on ~0 gradients (SETTINGS above) is <= 2 steps x 2 x lr 1e-5
         np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=5e-5, err_msg=k)
@@ -58,28 +51,14 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
     """Multi-host form: 2 processes x 1 device joined by `jax.distributed.initialize` (each reads its slots of the
     global batches; the Hungarian matching's host callback sees the global outputs) end where 1 process x 2
     devices ends: same variables, same logged losses; both processes hold the same variables."""
-    import socket
-
     from research.data import pipeline
     data_dir = str(tmp_path / "tfds")
     pipeline.prepare("shapes_detection", data_dir, config="tiny")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [_start(["--process_id", str(i), "--num_processes", "2", "--port", str(port), "--data_dir", data_dir,
-                     "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / f"p{i}.npz")]) for i in range(2)]
-    for i, p in enumerate(procs):
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0 and "worker done" in out, f"process {i}:\n{out[-4000:]}"
+    a, _ = parallel_testlib.two_processes(SETTINGS, data_dir, tmp_path)
     # afterwards, not beside them: a third busy process on 2 cores can delay one of the pair past gloo's rendezvous
-    single = _start(["--devices", "2", "--data_dir", data_dir, "--workdir", str(tmp_path / "s"),
-                     "--out", str(tmp_path / "single.npz")])
-    out, _ = single.communicate(timeout=600)
-    assert single.returncode == 0, out[-4000:]
-    a, b, c = (dict(np.load(tmp_path / f"{n}.npz")) for n in ("p0", "p1", "single"))
-    assert a.keys() == c.keys() and b.keys() == a.keys() - {"losses"}  # process 1 does not log
-    for k in b:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    parallel_testlib.wait(_start(["--devices", "2", "--data_dir", data_dir, "--workdir", str(tmp_path / "s"),
+                                  "--out", str(tmp_path / "single.npz")]), "1 process x 2 devices")
+    c = parallel_testlib.load(tmp_path / "single.npz")
+    assert a.keys() == c.keys() and len(a["losses"]) == 2
     for k in a:
         np.testing.assert_allclose(a[k], c[k], rtol=2e-4, atol=5e-5, err_msg=k)
-    assert np.isfinite(a["losses"]).all() and len(a["losses"]) == 2
