@@ -235,9 +235,12 @@ def conv_bn(parent: nn.Module, x: jax.Array, features: int, kernel: int, stride:
     `batch_stats/{bn_name}/{mean,var}` (one oneDNN call for all of it where `fold.fused(x)`).
 
     x: [B, H, W, Cin], residual: [B, H', W', features] -> [B, H', W', features]."""
+    training = False
     if fold is None or parent.is_initializing():
         y = conv(features, (kernel, kernel), (stride, stride), padding=padding, name=conv_name)(x)
-        y = norm(name=bn_name)(y)
+        bn = norm(name=bn_name)
+        y = bn(y)
+        training = bn.use_running_average is False and not parent.is_initializing()
     else:
         from research.cpu import conv as conv_lib
         if fold.fused(x):
@@ -249,7 +252,23 @@ def conv_bn(parent: nn.Module, x: jax.Array, features: int, kernel: int, stride:
             x.dtype)
     if residual is not None:
         y = y + residual
-    return nn.relu(y) if relu else y
+    y = nn.relu(y) if relu else y
+    if training and materialize_outputs():
+        # Every consumer, forward and backward, reads the layer's output from its buffer. Without this XLA:CPU
+        # duplicated the BatchNorm arithmetic of a residual chain into each consumer, nested: one backward loop of W32's
+        # branch 0 recomputed ~33 layers per element (88 ms of a 4.9 s train step for that fusion alone).
+        from research.cpu.kernels import onednn
+        y = onednn.materialize(y)
+    return y
+
+
+def materialize_outputs() -> bool:
+    """Whether training materialises each conv + BatchNorm output (`conv_bn`): on the CPU backend where the speed
+    layer's kernels load (`research.cpu.kernels.onednn.materialize`)."""
+    if jax.default_backend() != "cpu":
+        return False
+    from research.cpu.kernels import onednn
+    return onednn.available()[0]
 
 
 def bn_scale_shift(parent: nn.Module, conv_name: str, bn_name: str, eps: float

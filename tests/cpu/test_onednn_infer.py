@@ -61,3 +61,25 @@ def test_conv_affine_act_refuses_bad_shapes():
         onednn.conv_affine_act(x, w, jnp.zeros((4,)), jnp.zeros((6,)), 1, 1, True)
     with pytest.raises(ValueError, match="residual shape"):
         onednn.conv_affine_act(x, w, None, jnp.zeros((6,)), 1, 1, True, jnp.zeros((1, 4, 4, 6)))
+
+
+def test_materialize_is_the_identity_that_xla_cannot_fuse_through():
+    """`onednn.materialize`: same values and dtype, the gradient passes through, and under jit the value is one custom
+    call that the consumers read (two consumers of a materialised `sin` do not each recompute it)."""
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 5, 7, 3).astype(np.float32))
+    np.testing.assert_array_equal(jax.jit(onednn.materialize)(x), x)
+    xi = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
+    np.testing.assert_array_equal(jax.jit(onednn.materialize)(xi), xi)
+    f = lambda x: jnp.sum(onednn.materialize(jnp.sin(x)) ** 2)  # noqa: E731
+    np.testing.assert_allclose(jax.grad(f)(x), 2 * jnp.sin(x) * jnp.cos(x), rtol=1e-6, atol=1e-6)
+
+    def two_consumers(x):
+        s = onednn.materialize(jnp.sin(x))
+        return s * 2 + 1, jnp.exp(s)
+
+    hlo = jax.jit(two_consumers).lower(x).compile().as_text()
+    assert hlo.count('custom_call_target="OnednnMaterialize"') == 1
+    assert hlo.count(" sine(") == 1  # computed once, not duplicated into each consumer's fusion
+    a, b = jax.jit(two_consumers)(x)
+    np.testing.assert_allclose(a, np.sin(x) * 2 + 1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(b, np.exp(np.sin(x)), rtol=1e-6, atol=1e-6)

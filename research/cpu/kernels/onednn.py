@@ -40,7 +40,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "onednn_conv.cc")
 SOURCES = (SOURCE, os.path.join(_HERE, "onednn_conv_infer.cc"))  # compiled into one library
 HEADERS = (os.path.join(_HERE, "onednn_common.h"),)
-_TARGETS = ("OnednnConvFwd", "OnednnConvBwdData", "OnednnConvBwdW", "OnednnConvAffineAct", "OnednnConvAffineAddAct")
+_TARGETS = ("OnednnConvFwd", "OnednnConvBwdData", "OnednnConvBwdW", "OnednnConvAffineAct", "OnednnConvAffineAddAct",
+            "OnednnMaterialize")
 
 
 class OnednnUnavailable(RuntimeError):
@@ -199,3 +200,18 @@ def conv_affine_act(x, w, scale, bias, stride: int, padding: int, relu: bool, re
     if tuple(residual.shape) != shape:
         raise ValueError(f"oneDNN conv_affine_act: residual shape {tuple(residual.shape)}, expected {shape}")
     return jax.ffi.ffi_call("OnednnConvAffineAddAct", out)(*args, residual.astype(jnp.float32), **attrs)
+
+
+@jax.custom_jvp
+def materialize(x):
+    """The identity, as a custom call XLA:CPU cannot fuse through (`OnednnMaterialize`, output aliasing the input):
+    every consumer reads `x` from its buffer instead of recomputing it (see `onednn_conv_infer.cc`). Differentiable
+    (the tangent passes through). Any shape and dtype."""
+    _load()
+    return jax.ffi.ffi_call("OnednnMaterialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            input_output_aliases={0: 0})(x)
+
+
+@materialize.defjvp
+def _materialize_jvp(primals, tangents):
+    return materialize(primals[0]), tangents[0]

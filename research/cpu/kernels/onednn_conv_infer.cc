@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -140,3 +141,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvAffineAct, ConvAffineAct,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvAffineAddAct, ConvAffineAddAct,
                               ffi::Ffi::Bind().Arg<B4>().Arg<B4>().Arg<B1>().Arg<B1>().Arg<B4>().Ret<B4>()
                                   .Attr<int64_t>("stride").Attr<int64_t>("pad").Attr<int64_t>("relu"));
+
+// ---------------------------------------------------------------------------------------------------------------------
+// OnednnMaterialize: the identity, with the output aliasing the input (no copy when XLA honours the alias). XLA:CPU
+// cannot see through a custom call, so a value that passes through one is read from its buffer by every consumer
+// instead of being recomputed inside them: XLA's fusion otherwise duplicates cheap elementwise producers into their
+// consumers, and along a residual chain (x_k = relu(bn_k + x_{k-1})) the duplicates nest, so one backward fusion
+// recomputed ~50 layers of BatchNorm arithmetic per element (research/higherhrnet/model.py `conv_bn`).
+namespace {
+ffi::Error MaterializeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (x.untyped_data() != y->untyped_data()) {
+    std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnMaterialize, MaterializeImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
