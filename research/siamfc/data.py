@@ -563,11 +563,15 @@ def otb_targets(seq_dir: str) -> list[tuple[str, str]]:
     """
     folder = os.path.basename(os.path.normpath(seq_dir))
     files = sorted(f for f in os.listdir(seq_dir) if f.startswith("groundtruth") and f.endswith(".txt"))
-    files = [f for f in files if os.path.getsize(os.path.join(seq_dir, f)) > 0
-             and open(os.path.join(seq_dir, f)).read().strip()]
+    files = [f for f in files if _has_text(os.path.join(seq_dir, f))]
     if len(files) == 1:
         return [(folder, os.path.join(seq_dir, files[0]))]
     return [(f"{folder}.{i}", os.path.join(seq_dir, f)) for i, f in enumerate(files, 1)]
+
+
+def _has_text(path: str) -> bool:
+    with open(path) as f:
+        return bool(f.read().strip())
 
 
 def read_otb_sequence(seq_dir: str, gt_path: str, frame_range: tuple[int, int] | None = None,

@@ -286,11 +286,12 @@ class TrackingEvaluator:
     @staticmethod
     def score(results: list[dict]) -> dict[str, Any]:
         """OTB (`otb_report`) and GOT-10k (`got10k_report`) scores of `track_all` results; the
-        per-sequence curves are under `curves`."""
+        per-sequence curves are under `curves`, the per-sequence GOT-10k IoUs under `seq_ious`."""
         curves = [sequence_curves(r["boxes"], r["anno"], r["absent"]) for r in results]
+        seq_ious = [got10k_ious(r["boxes"], r["anno"], r["cover"], r["resolution"]) for r in results]
         rep = otb_report(curves)
-        rep.update(got10k_report([got10k_ious(r["boxes"], r["anno"], r["cover"], r["resolution"]) for r in results]))
-        rep["curves"] = curves
+        rep.update(got10k_report(seq_ious))
+        rep["curves"], rep["seq_ious"] = curves, seq_ious
         return rep
 
     def run(self, variables) -> Iterator[tuple[str, float]]:
@@ -312,14 +313,14 @@ class TrackingEvaluator:
                             for r in results])
         self.last = {"report": rep, "baseline": still, "sequences": results}
         if self.out_dir:
-            overall = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in rep.items() if k != "curves"}
+            overall = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in rep.items()
+                       if k not in ("curves", "seq_ious")}
             doc = {"overall": overall,
                    "seq_wise": {r["name"]: {"boxes": np.round(r["boxes"], 3).tolist(),
                                             "success_score": float(np.mean(c[0])),
                                             "precision_score": float(c[1][20]),
-                                            "ao": float(np.mean(i)) if (i := got10k_ious(
-                                                r["boxes"], r["anno"], r["cover"], r["resolution"])).size else None}
-                                for r, c in zip(results, rep["curves"])}}
+                                            "ao": float(np.mean(i)) if i.size else None}
+                                for r, c, i in zip(results, rep["curves"], rep["seq_ious"])}}
             path = os.path.join(self.out_dir, f"{self.prefix}_tracking.json")
             with open(path + ".tmp", "w") as f:
                 json.dump(doc, f)
