@@ -1,6 +1,6 @@
 r"""HigherHRNet (bottom-up multi-person pose estimation, associative embedding).
 
-Default (CPU, embedded synthetic stick-figure people, 128 px, the TINY widths; a few minutes on 2 cores):
+Default (CPU, embedded synthetic stick-figure people, 128 px, the SMALL widths; a few minutes on 2 cores):
 
   python launch.py --config=configs/higherhrnet.py --workdir=workdirs/higherhrnet_main --mode=all
 
@@ -12,7 +12,7 @@ official state_dict (docs/higherhrnet.md has the measured numbers). COCO keypoin
   python launch.py --config=configs/higherhrnet.py:variant=w32_512,data=coco \
       --config.data.manual_dir=/data/coco --workdir=/runs/hhrnet_w32_512 --mode=train
 
-Arguments after the colon: variant (w32_512 | w32_640 | w48_640 | tiny), data (synthetic | coco | crowdpose),
+Arguments after the colon: variant (w32_512 | w32_640 | w48_640 | small | tiny), data (synthetic | coco | crowdpose),
 smoke (tiny model and a few steps, for tests). Every field can be overridden with --config.<field>=value; a field
 that does not exist is an error.
 """
@@ -25,6 +25,8 @@ from configs.common import add_shared_fields, parse_arg
 
 # (model variant, INPUT_SIZE, IMAGES_PER_GPU) of the official experiment yamls
 OFFICIAL = {"w32_512": ("w32", 512, 12), "w32_640": ("w32", 640, 12), "w48_640": ("w48", 640, 10)}
+# not official, 128 px: small (the CPU default on the synthetic people) and tiny (tests, smoke)
+CPU_VARIANTS = ("small", "tiny")
 
 COCO_FLIP_INDEX = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15)
 COCO_JOINT_ORDER = (0, 1, 2, 3, 4, 5, 6, 11, 12, 7, 8, 9, 10, 13, 14, 15, 16)
@@ -40,17 +42,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.data not in ("synthetic", "coco", "crowdpose"):
         raise ValueError(f"data={arg.data!r}: synthetic, coco or crowdpose")
     real = arg.data != "synthetic"
-    variant = arg.variant or ("w32_512" if real else "tiny")
-    if variant not in OFFICIAL and variant != "tiny":
-        raise ValueError(f"variant={variant!r}: one of {sorted(OFFICIAL)} or tiny")
-    net, input_size, per_gpu = OFFICIAL.get(variant, ("tiny", 128, 16))
+    variant = arg.variant or ("w32_512" if real else "small")
+    if variant not in OFFICIAL and variant not in CPU_VARIANTS:
+        raise ValueError(f"variant={variant!r}: one of {sorted(OFFICIAL)}, small or tiny")
+    net, input_size, per_gpu = OFFICIAL.get(variant, (variant, 128, 16))
 
     c = ml_collections.ConfigDict()
     c.network = "higherhrnet"
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.variant = net  # w32 | w48 | tiny (research/higherhrnet/model.py VARIANTS)
+    c.model.variant = net  # w32 | w48 | small | tiny (research/higherhrnet/model.py VARIANTS)
     c.model.init_from = ""  # an official PyTorch state_dict (.pth weights_only / .safetensors)
     # research.cpu.layers.select: "auto" = the CPU speed layer's convolutions / BatchNorm on the CPU backend, plain
     # flax elsewhere; "lax" = plain flax; "dot" / "onednn" force a CPU convolution (same parameters in every case)
@@ -128,15 +130,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
     if not real:
-        # CPU recipe on the synthetic people (not official): TINY widths at 128 px, Adam 2e-3 with the milestones
-        # at epochs 28 and 36 of a 40-epoch run (2560 steps, ~5.5 min of training on 2 cores; 10 epochs reached
-        # AP 0.29, 40 reach 0.398), and push / pull factors 0.05 (50x the official 0.001: in a few hundred
-        # steps the official factors leave the tags unseparated, people merge in the grouping and AP stays at
-        # 0.10-0.105 from step 320 to 960; factors 0.01 / 0.05 reach AP 0.22 / 0.26 at step 512).
+        # CPU recipe on the synthetic people (not official): SMALL widths at 128 px, Adam 2e-3 with the
+        # milestones at epochs 14 and 18 of a 20-epoch run (1280 steps, ~5 min of training on 2 cores: OKS AP
+        # 0.58; 40 epochs with milestones 28 / 36 reach 0.67 in twice the time; the TINY widths plateau at 0.40),
+        # and push / pull factors 0.05 (50x the official 0.001: in a few hundred steps the official factors
+        # leave the tags unseparated, people merge in the grouping and AP stays at 0.10-0.105 from step 320 to
+        # 960; factors 0.01 / 0.05 reach AP 0.22 / 0.26 at step 512, TINY widths).
         c.batch_size = 16
-        c.num_epochs = 40
+        c.num_epochs = 20
         c.optim.lr = 2e-3
-        c.optim.lr_steps = (28, 36)
+        c.optim.lr_steps = (14, 18)
         c.loss.push_loss_factor = (0.05, 0.05)
         c.loss.pull_loss_factor = (0.05, 0.05)
         c.log_every_steps = 16

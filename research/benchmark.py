@@ -30,8 +30,10 @@ the official repository) runs the spec's `torch_reference_module` in the interpr
 `--config.benchmark.torch_python` (default: this one), so the official code's own requirements
 need not be installed into this environment. Without it, a spec's `reference` figures (measured
 once for that model on the same 2-core CPU) give the `*_over_torch_reference` ratios when the
-benchmark is at their setting. The XLA:CPU flags study that chose our defaults is
-`tools/xla_flags_study.py`.
+benchmark is at their setting. A runner that keeps its ONNX exports (`official_runner.onnx_times_ms(keep_as=)`)
+also gets them timed in turn with our exported graph in one ONNX Runtime process (`alternate_onnx`; records
+`alternated_*`, ratios `onnx_infer_over_torch_<name>_alternated`): the ONNX comparison least moved by the
+machine's drift. The XLA:CPU flags study that chose our defaults is `tools/xla_flags_study.py`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from research import official_runner
 from research.cpu import hostenv
 
 MB = 1024.0 * 1024.0
@@ -540,10 +543,11 @@ def _load() -> list[float]:
 
 
 def time_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_batch: int,
-                         repeats: int, python: str = "") -> dict:
+                         repeats: int, python: str = "", onnx_dir: str = "") -> dict:
     """Times the official PyTorch model (from the checkout `repo`) in a subprocess of the
     interpreter `python` (default: this one; an environment with the official requirements), so
     its thread pool and imports stay out of this process: {'infer', 'infer_fused', 'train_step': ms}.
+    With `onnx_dir`, the runner leaves its ONNX exports there (`official_runner.ONNX_DIR_ENV`).
 
     Raises:
       ValueError: the spec has no official runner; RuntimeError: the official run failed.
@@ -561,6 +565,8 @@ def time_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_bat
         if not env["GLIBC_TUNABLES"]:
             del env["GLIBC_TUNABLES"]
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_root(), env.get("PYTHONPATH", "")) if p)
+        if onnx_dir:
+            env[official_runner.ONNX_DIR_ENV] = onnx_dir
         proc = subprocess.run(cmd, cwd=_root(), capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"official PyTorch benchmark from {repo} failed:\n{proc.stderr[-3000:]}")
@@ -586,6 +592,56 @@ def torch_records(spec: BenchSpec, repo: str, before: dict, after: dict, infer_b
         r["median_ms_after"] = float(statistics.median(after[key]))
         recs.append(r)
     return recs
+
+
+def _feed(session, inputs: dict) -> dict:
+    """`inputs` (ours: NHWC images and the like) for an ONNX session, by input name; a 4-D array whose last axis
+    is the session's axis 1 (the official graphs take NCHW images) is transposed to it."""
+    feed = {}
+    for i in session.get_inputs():
+        if i.name not in inputs:
+            raise ValueError(f"the graph's input {i.name!r} is not among ours ({sorted(inputs)})")
+        x = np.asarray(inputs[i.name])
+        if x.ndim == 4 and len(i.shape) == 4 and i.shape[1] == x.shape[3] and i.shape[3] != x.shape[3]:
+            x = x.transpose(0, 3, 1, 2)
+        feed[i.name] = np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float64 else x.dtype)
+    return feed
+
+
+def alternate_onnx(ours: str, theirs: dict[str, str], inputs: dict, rounds: int, warmup: int = 2) -> dict:
+    """Our exported graph and the official exports timed in turn in one ONNX Runtime process (default session
+    settings for all), the order rotating every round: a drift of a shared machine then touches each graph
+    alike, which timing them minutes apart in two processes does not guarantee (same graph, +-10% between
+    such runs here).
+
+    Args:
+      ours: our .onnx; theirs: name -> an official .onnx (e.g. 'onnx_infer', 'onnx_infer_dynamic').
+      inputs: our example inputs, name -> array (`BenchSpec.make_inputs`); see `_feed` for the official layout.
+      rounds: calls of each graph; warmup: untimed calls of each first.
+
+    Returns:
+      {'ours': {median_ms, min_ms, times_ms}, '<name>': {...}, 'rounds', 'note'}.
+    """
+    import onnxruntime as ort
+    paths = {"ours": ours, **theirs}
+    sessions = {k: ort.InferenceSession(p, sess_options=ort.SessionOptions(), providers=["CPUExecutionProvider"])
+                for k, p in paths.items()}
+    feeds = {k: _feed(s, inputs) for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[k])
+    names = list(paths)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k].append((time.perf_counter() - t0) * 1000.0)
+    out: dict[str, Any] = {k: {"median_ms": float(statistics.median(v)), "min_ms": float(min(v)), "times_ms": v}
+                           for k, v in times.items()}
+    out["rounds"] = rounds
+    out["note"] = "one ONNX Runtime process, default session options, graphs called in turn (rotating order)"
+    return out
 
 
 def _comparable_to_reference(spec: BenchSpec, infer_batch: int, train_batch: int) -> dict[str, bool]:
@@ -629,6 +685,11 @@ def ratios(records: list[dict], spec: BenchSpec, infer_batch: int, train_batch: 
                          ("infer", "torch_infer"), ("train_step", "torch_train_step"), *spec.measured_pairs):
         if ours in by and theirs in by:  # measured in this run: the figures to quote
             out[f"{ours}_over_{theirs}_measured"] = by[ours]["median_ms"] / by[theirs]["median_ms"]
+    for r in records:  # ours and the official exports called in turn in one process (`alternate_onnx`)
+        if r["what"].startswith("alternated_torch_") and "alternated_onnx_infer" in by:
+            key = r["what"][len("alternated_torch_"):]
+            out[f"onnx_infer_over_torch_{key}_alternated"] = (by["alternated_onnx_infer"]["median_ms"]
+                                                              / r["median_ms"])
     if comp["infer"] and ref.get("gflops") and by.get("infer", {}).get("flops"):
         out["xla_flops_over_official_gflops"] = by["infer"]["flops"] / (ref["gflops"] * 1e9)
     out["comparable_to_reference"] = comp
@@ -662,8 +723,11 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
     load_before = _load()
     t_start = time.perf_counter()
     torch_before = None
+    onnx_tmp = tempfile.TemporaryDirectory(prefix="official_onnx_") if torch_repo and "onnx" in stages else None
+    onnx_dir = onnx_tmp.name if onnx_tmp else ""
     if torch_repo:  # timed before and after ours: a slow drift of a shared machine cancels in the ratio
-        torch_before = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats, torch_python)
+        torch_before = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats, torch_python,
+                                            onnx_dir)
         if torch_before.get("skipped"):  # the runner could not build the official model here: say why
             print(f"  official PyTorch not timed: {torch_before['skipped']}", file=sys.stderr)
     try:
@@ -685,8 +749,20 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
         if torch_repo and not torch_before.get("skipped"):
             after = time_torch_reference(spec, torch_repo, infer_batch, train_batch, repeats, torch_python)
             records.extend(torch_records(spec, torch_repo, torch_before, after, infer_batch, train_batch))
+        ours_onnx = next((r.get("onnx_path") for r in records if r["what"] == "onnx_infer"), None)
+        theirs = {f[:-5]: os.path.join(onnx_dir, f) for f in sorted(os.listdir(onnx_dir)) if f.endswith(".onnx")} \
+            if onnx_dir else {}
+        if ours_onnx and theirs:
+            alt = alternate_onnx(ours_onnx, theirs, spec.make_inputs(infer_batch), rounds=max(2 * repeats, 10))
+            for key in ("ours", *theirs):
+                what = "alternated_onnx_infer" if key == "ours" else f"alternated_torch_{key}"
+                r = record(what, infer_batch, spec.image_size, alt[key]["times_ms"])
+                r["note"] = alt["note"] + ("" if key == "ours" else f"; the official runner's '{key}' export")
+                records.append(r)
     finally:
         counter.close()
+        if onnx_tmp is not None:
+            onnx_tmp.cleanup()
     recomp = {r["what"]: r["recompilation"] for r in records if "recompilation" in r}
     return {
         "records": records,

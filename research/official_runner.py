@@ -14,10 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 import warnings
 from typing import Any, Callable, Sequence
+
+# set by the harness (`research.benchmark.time_torch_reference`): the folder where `onnx_times_ms(keep_as=...)` leaves
+# a copy of each official export, so the harness can also time it in turn with ours in one process
+ONNX_DIR_ENV = "RESEARCH_OFFICIAL_ONNX_DIR"
 
 
 def times_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
@@ -56,7 +61,8 @@ def write(path: str, result: dict) -> None:
 
 
 def onnx_times_ms(model, example_inputs: tuple, input_names: Sequence[str], output_names: Sequence[str], *,
-                  repeats: int, warmup: int, opset: int = 17) -> tuple[list[float] | None, str]:
+                  repeats: int, warmup: int, opset: int = 17, dynamic_batch: bool = False,
+                  keep_as: str = "") -> tuple[list[float] | None, str]:
     """The official model exported as its repository exports it (`torch.onnx.export`, TorchScript-based, the
     exporter the official export scripts were written for) and timed in ONNX Runtime with the same session
     settings as ours (`research.bridge.onnx_export.OnnxRunner`: CPU provider, default threads).
@@ -65,6 +71,10 @@ def onnx_times_ms(model, example_inputs: tuple, input_names: Sequence[str], outp
       model: the torch module in eval mode, prepared as the official export prepares it (fused, deploy mode).
       example_inputs: the torch tensors it takes (their values are fed to ONNX Runtime as NumPy arrays).
       input_names / output_names: the graph's names.
+      dynamic_batch: export the first dimension of every input and output as the symbol 'B' (`dynamic_axes`,
+        as our exports do) instead of the example's fixed batch.
+      keep_as: when the harness sets `$RESEARCH_OFFICIAL_ONNX_DIR`, the export is also copied there as
+        `<keep_as>.onnx` (the harness then times it alternately with our graph; `<keep_as>` names the timings).
     Returns:
       (times in ms, "") or (None, why it was not timed): onnx/onnxruntime missing from the official
       interpreter, or the export failing.
@@ -79,11 +89,15 @@ def onnx_times_ms(model, example_inputs: tuple, input_names: Sequence[str], outp
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
+                axes = {n: {0: "B"} for n in (*input_names, *output_names)} if dynamic_batch else None
                 torch.onnx.export(model, tuple(example_inputs), path, dynamo=False, opset_version=opset,
                                   do_constant_folding=True, input_names=list(input_names),
-                                  output_names=list(output_names))
+                                  output_names=list(output_names), dynamic_axes=axes)
         except Exception as e:  # noqa: BLE001 (reported in the result, the rest of the runner goes on)
             return None, f"official ONNX export failed: {type(e).__name__}: {e}"
+        keep_dir = os.environ.get(ONNX_DIR_ENV, "")
+        if keep_as and keep_dir and os.path.isdir(keep_dir):
+            shutil.copyfile(path, os.path.join(keep_dir, f"{keep_as}.onnx"))
         session = ort.InferenceSession(path, sess_options=ort.SessionOptions(), providers=["CPUExecutionProvider"])
         feed = {name: t.detach().cpu().numpy() for name, t in zip(input_names, example_inputs)}
         return times_ms(lambda: session.run(None, feed), repeats, warmup), ""

@@ -290,7 +290,45 @@ def test_bridge_nearest_upsample_2x_resize_and_repeat(tmp_path):
     (rs,) = [n for n in m.graph.node if n.op_type == "Resize"]
     attrs = {a.name: (a.s or list(a.ints)) for a in rs.attribute}
     assert attrs["mode"] == b"nearest"
+    assert (attrs["coordinate_transformation_mode"], attrs["nearest_mode"]) == (b"asymmetric", b"floor")
     _bridge_check(lambda v: jnp.repeat(jnp.repeat(v, 2, axis=1), 2, axis=2), tmp_path, exact=True)
+    for hw in ((24, 24), (32, 16), (8, 24)):  # factors 3, 4 x 2, 1 x 3: same pixels as JAX
+        _bridge_check(_resize(hw, "nearest"), tmp_path, exact=True)
+
+
+class _FuseBlock(nn.Module):
+    """An HRNet fuse step: the high-resolution branch plus the upsampled low-resolution one, then ReLU."""
+
+    @nn.compact
+    def __call__(self, x):
+        from research.vision.upsample import upsample_nearest
+        hi = nn.relu(nn.Conv(32, (3, 3), padding=1, name="hi")(x))
+        lo = nn.relu(nn.Conv(32, (3, 3), strides=2, padding=1, name="lo")(x))
+        lo = nn.Conv(32, (1, 1), name="lo_proj")(lo)
+        y = nn.relu(hi + upsample_nearest(lo, 2))
+        return nn.Conv(32, (3, 3), padding=1, name="out")(y) + y
+
+
+def test_dynamic_batch_graph_keeps_onnxruntime_nchwc_fusions(tmp_path):
+    """With a symbolic batch, every intermediate annotation keeps 'B' (onnxruntime's symbolic inference), so
+    onnxruntime's NCHWc optimiser proves the Add inputs equal: the Resize runs as its blocked Upsample and the
+    adds stay 4-D or fuse into the convolutions. With ONNX's own inference the Resize output got an unknown
+    batch ('unk__N'), and each such Add went through two Reshapes to 5-D and one back."""
+    x = np.random.RandomState(0).randn(1, 16, 16, 16).astype(np.float32)
+    model = _FuseBlock()
+    variables = model.init(jax.random.PRNGKey(0), x)
+    fn = functools.partial(model.apply, variables)
+    path = export_onnx(fn, x, str(tmp_path / "fuse.onnx"))
+    m = onnx.load(path)
+    batch_dims = {v.name: v.type.tensor_type.shape.dim[0] for v in m.graph.value_info
+                  if len(v.type.tensor_type.shape.dim) == 4}
+    assert batch_dims and all(d.dim_param == "B" for d in batch_dims.values()), batch_dims
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "fuse.opt.onnx")
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert "Upsample" in ops and "Resize" not in ops and "Reshape" not in ops, ops
+    assert check_onnx(fn, path, [np.random.RandomState(1).randn(3, 16, 16, 16).astype(np.float32)])["ok"]
 
 
 def test_bridge_resize_nearest_non_integer_scales(tmp_path):

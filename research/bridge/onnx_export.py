@@ -223,18 +223,31 @@ def simplify_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _refresh_value_info(model: onnx.ModelProto) -> None:
-    """Recomputes intermediate shape annotations.
+    """Recomputes the intermediate shape annotations, keeping the symbolic batch dimension.
 
-    jax2onnx's graph optimiser moves elementwise ops (SiLU's Sigmoid/Mul) across the
-    NHWC<->NCHW transposes around Conv but keeps their old NHWC value_info, which makes
-    onnxruntime log shape-merge warnings; the annotations are only hints, so they are
-    dropped and re-inferred by ONNX (inputs, outputs and initializers are untouched).
+    jax2onnx's graph optimiser moves elementwise ops (SiLU's Sigmoid/Mul) across the NHWC<->NCHW transposes
+    around Conv but keeps their old NHWC value_info (onnxruntime then logs shape-merge warnings), so the
+    annotations are dropped and inferred again, by onnxruntime's own symbolic shape inference
+    (`onnxruntime.tools.symbolic_shape_infer`). ONNX's `infer_shapes` would do, except that it gives the output
+    of every Resize and of every Reshape with a -1 a fresh unknown batch dimension ('unk__N' instead of 'B'):
+    onnxruntime's NCHWc optimiser then cannot show that the two inputs of an Add have the same shape and
+    adds them through a Reshape to 5-D each (157 extra nodes in HigherHRNet W32, the convolution + sum fusion
+    lost). The symbolic inference keeps 'B' through them. When it fails on a graph, ONNX's inference is used;
+    when both fail the model is left without intermediate annotations (they are hints: inputs, outputs and
+    initializers are untouched either way).
     """
     del model.graph.value_info[:]
+    inferred = None
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is optional: the cleared model is valid as is
-        return
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as e:  # noqa: BLE001 (an optimisation hint: fall back to ONNX's inference)
+        logging.info("symbolic shape inference failed (%s: %s); using ONNX's", type(e).__name__, e)
+    if inferred is None:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # inference is optional: the cleared model is valid as is
+            return
     model.graph.value_info.extend(inferred.graph.value_info)
 
 

@@ -476,7 +476,8 @@ class ImageResizePlugin(PrimitiveLeafPlugin):
     full-rank `sizes`, computed from Shape(x) when the batch is symbolic; un-resized axes
     keep scale 1):
       * nearest, integer upsampling factor on every resized axis (YOLOv5's 2x): Resize
-        mode=nearest, half_pixel, round_prefer_ceil, `axes` + `sizes` (no ties can occur);
+        mode=nearest, asymmetric, floor, full-rank constant `scales` (exact for integer factors, and
+        the form onnxruntime's NCHWc optimiser turns into its blocked Upsample);
         any other nearest: one Gather per axis with JAX's own float32 indices;
       * linear (with or without antialias): Resize mode=linear, half_pixel,
         antialias=aa, exclude_outside=aa (JAX renormalises weights at the border);
@@ -584,9 +585,12 @@ class ImageResizePlugin(PrimitiveLeafPlugin):
     def _nearest(self, ctx: Any, x_val: ir.Value, in_shape: tuple, out_shape: tuple, axes: list[int],
                  dt: ir.DataType, opset: int) -> ir.Value:
         if opset >= 13 and all(out_shape[i] % in_shape[i] == 0 for i in axes):
+            # asymmetric + floor picks source floor(o / f) for an integer factor f, which is JAX's
+            # floor((o + 0.5) / f) (r + 0.5 < f for every remainder r); it is also the only nearest form
+            # onnxruntime's NCHWc optimiser runs as its blocked Upsample (any other keeps the tensor in
+            # NCHW, with a reorder before and after every upsampling)
             return self._resize_node(ctx, x_val, in_shape, out_shape, axes, dt, mode="nearest",
-                                     coordinate_transformation_mode="half_pixel",
-                                     nearest_mode="round_prefer_ceil")
+                                     coordinate_transformation_mode="asymmetric", nearest_mode="floor")
         cur, dims = x_val, list(in_shape)
         for i in axes:
             idx = _const_i64(ctx, _nearest_indices(int(in_shape[i]), int(out_shape[i])), "resize_nn_idx")

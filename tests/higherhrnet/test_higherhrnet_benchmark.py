@@ -52,6 +52,12 @@ def test_official_runner_small(tmp_path):
     out = official_torch.measure(OFFICIAL, variant="w32_512", image_size=64, infer_batch=1, train_batch=1, repeats=1)
     assert out["params"] == 28_645_331  # the official model, built from the official yaml
     assert len(out["infer"]) == 1 and len(out["train_step"]) == 1 and out["infer"][0] > 0
+    try:  # the official export, with a fixed and with a symbolic batch (the form ours ships)
+        import onnxruntime  # noqa: F401
+        assert len(out["onnx_infer"]) == 1 and len(out["onnx_infer_dynamic"]) == 1
+        assert out["batches"]["onnx_infer_dynamic"] == 1
+    except ImportError:
+        assert "onnx" in out["notes"]
     try:
         import munkres  # noqa: F401
         assert len(out["grouping"]) == 1

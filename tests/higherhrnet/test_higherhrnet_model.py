@@ -94,6 +94,11 @@ def test_param_counts(official):
     w48 = build_model(W48)
     shapes = jax.eval_shape(lambda: w48.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
     assert count_params(shapes["params"]) == W48_PARAM_COUNT
+    # the CPU variants (not official): the counts docs/higherhrnet.md lists
+    for name, count in (("small", 715_683), ("tiny", 182_379)):
+        m = build_model(name)
+        shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+        assert count_params(shapes["params"]) == count, name
 
 
 def test_state_dict_keys_shapes_order_match_official(official):

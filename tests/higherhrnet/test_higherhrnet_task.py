@@ -83,6 +83,14 @@ def test_flip_twice_is_identity():
     assert once[2][0][0, 2, 0] == 32 - js[0][0, 1, 0] - 1
 
 
+def test_export_normalisation_equals_the_training_one():
+    """The exported graph's channels-first normalisation gives the same values as ToTensor + Normalize."""
+    x = np.random.default_rng(0).random((2, 8, 6, 3)).astype(np.float32)
+    ref = T.normalize(x, max_value=1.0)
+    np.testing.assert_allclose(np.asarray(T.normalize_for_export(x)), np.asarray(ref), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ref)[0, 0, 0], (x[0, 0, 0] - np.array(T.MEAN)) / np.array(T.STD), rtol=1e-6)
+
+
 def test_affine_moves_joints_with_the_image():
     """Every joint lands where its drawn dot lands, at the input and at both output resolutions; masks follow."""
     img, ignore, joints = _scene()
@@ -297,7 +305,9 @@ def test_config_variants_and_official_schedule():
     assert crowd.data.num_joints == 14 and tuple(crowd.data.flip_index) == data.CROWDPOSE_FLIP_INDEX
     assert model_config(crowd).num_joints == 14
     default = get_config()
-    assert (default.model.variant, default.data.name, default.data.input_size) == ("tiny", "synthetic", 128)
+    assert (default.model.variant, default.data.name, default.data.input_size) == ("small", "synthetic", 128)
+    assert (default.num_epochs, tuple(default.optim.lr_steps)) == (20, (14, 18))
+    assert get_config("variant=tiny").model.variant == "tiny"
     with pytest.raises(ValueError, match="variant"):
         get_config("variant=w64")
     # MultiStepLR stepped at each epoch start: epoch e trains at lr * 0.1^(#milestones <= e + 1)
