@@ -703,11 +703,12 @@ def _fmt(v, scale=1.0, digits=1):
 
 
 def table(records: list[dict]) -> str:
-    head = (f"{'what':24s} {'batch':>5s} {'size':>5s} {'median ms':>10s} {'min ms':>9s} {'img/s':>7s} "
+    w = max([24] + [len(r["what"]) for r in records])
+    head = (f"{'what':{w}s} {'batch':>5s} {'size':>5s} {'median ms':>10s} {'min ms':>9s} {'img/s':>7s} "
             f"{'compile s':>9s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'peak RSS MB':>11s}")
     lines = [head, "-" * len(head)]
     for r in records:
-        lines.append(f"{r['what']:24s} {r['batch']:5d} {r['image_size']:5d} {_fmt(r['median_ms']):>10s} "
+        lines.append(f"{r['what']:{w}s} {r['batch']:5d} {r['image_size']:5d} {_fmt(r['median_ms']):>10s} "
                      f"{_fmt(r['min_ms']):>9s} {_fmt(r['images_per_s'], digits=2):>7s} "
                      f"{_fmt(r['compile_s'], digits=2):>9s} {_fmt(r['flops'], 1e9, 2):>7s} "
                      f"{_fmt(r['flops_per_s'], 1e9, 1):>8s} {_fmt(r['peak_rss_mb'], digits=0):>11s}")
@@ -753,7 +754,7 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
         theirs = {f[:-5]: os.path.join(onnx_dir, f) for f in sorted(os.listdir(onnx_dir)) if f.endswith(".onnx")} \
             if onnx_dir else {}
         if ours_onnx and theirs:
-            alt = alternate_onnx(ours_onnx, theirs, spec.make_inputs(infer_batch), rounds=max(2 * repeats, 10))
+            alt = alternate_onnx(ours_onnx, theirs, spec.make_inputs(infer_batch), rounds=max(4 * repeats, 20))
             for key in ("ours", *theirs):
                 what = "alternated_onnx_infer" if key == "ours" else f"alternated_torch_{key}"
                 r = record(what, infer_batch, spec.image_size, alt[key]["times_ms"])

@@ -48,3 +48,5 @@ def test_alternate_onnx_times_both_graphs_in_turn_and_gives_ratios(tmp_path):
     r = benchmark.ratios(recs, spec, infer_batch=1, train_batch=1)
     assert r["onnx_infer_over_torch_onnx_infer_alternated"] == pytest.approx(35.0 / 50.0)
     assert r["onnx_infer_over_torch_onnx_infer_dynamic_alternated"] == pytest.approx(1.0)
+    lines = benchmark.table(recs).splitlines()  # long record names widen the first column, rows stay aligned
+    assert len({len(line) for line in lines}) == 1 and "alternated_torch_onnx_infer_dynamic" in lines[-1]
