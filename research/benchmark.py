@@ -33,7 +33,13 @@ once for that model on the same 2-core CPU) give the `*_over_torch_reference` ra
 benchmark is at their setting. A runner that keeps its ONNX exports (`official_runner.onnx_times_ms(keep_as=)`)
 also gets them timed in turn with our exported graph in one ONNX Runtime process (`alternate_onnx`; records
 `alternated_*`, ratios `onnx_infer_over_torch_<name>_alternated`): the ONNX comparison least moved by the
-machine's drift. The XLA:CPU flags study that chose our defaults is `tools/xla_flags_study.py`.
+machine's drift. A spec whose runner serves its train step (`torch_serves`, `official_runner.serve`) also gets our
+step and the official one called in turn, each process idle while the other runs (`TorchServer`,
+`alternate_with_official`; records `alternated_train_step` / `alternated_torch_train_step`, ratio
+`train_step_over_torch_train_step_alternated`): the train-step comparison to quote, where the before / after
+timings of two processes minutes apart moved by +-10% on a shared 2-core machine. Each alternated ratio also comes
+as `..._alternated_paired`, the median over rounds of that round's ours / official (a slow drift cancels within a
+round). The XLA:CPU flags study that chose our defaults is `tools/xla_flags_study.py`.
 """
 
 from __future__ import annotations
@@ -93,6 +99,8 @@ class BenchSpec:
       time the same work).
     measured_pairs: more (ours, theirs) record names whose same-run time ratio is reported as
       `<ours>_over_<theirs>_measured` (e.g. ('tracker_frame', 'torch_tracker_frame')).
+    torch_serves: the steps the official runner also serves with `--serve` (`official_runner.serve`), timed in turn
+      with ours (`alternate_with_official`): so far 'train_step'.
     """
 
     name: str
@@ -115,6 +123,7 @@ class BenchSpec:
     extra_stages: Callable[[int, int], list[dict]] | None = None
     measured_pairs: tuple[tuple[str, str], ...] = ()
     torch_args: tuple[str, ...] = ()
+    torch_serves: tuple[str, ...] = ()
 
 
 def host_init(shapes: Any, seed: int = 0) -> dict:
@@ -399,8 +408,9 @@ def measure_infer(spec: BenchSpec, batch: int, repeats: int, warmup: int, counte
 
 
 def measure_train_step(spec: BenchSpec, batch: int, repeats: int, warmup: int,
-                       counter: CompileCounter) -> list[dict]:
-    """The trainer's step (same jit, donation and sharding as `trainer.train_and_evaluate`)."""
+                       counter: CompileCounter, keep: dict | None = None) -> list[dict]:
+    """The trainer's step (same jit, donation and sharding as `trainer.train_and_evaluate`); `keep`, when given,
+    receives the step as `keep['call'](i)` (an update every call) for later timings."""
     import jax
 
     from research import parallel, trainer
@@ -451,6 +461,8 @@ def measure_train_step(spec: BenchSpec, batch: int, repeats: int, warmup: int,
                    "whole step's (XLA counts both cond branches), so no flops_per_s")
     acc["flops_per_s"] = None
     acc["recompilation"] = rec["recompilation"]
+    if keep is not None:
+        keep["call"] = call
     return [rec, acc]
 
 
@@ -556,15 +568,7 @@ def time_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_bat
         raise ValueError(f"{spec.name}: no official PyTorch reference runner")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "torch.json")
-        cmd = [python or sys.executable, "-m", spec.torch_reference_module, f"--repo={repo}", f"--variant={spec.variant}",
-               f"--image_size={spec.image_size}", f"--infer_batch={infer_batch}",
-               f"--train_batch={train_batch}", f"--repeats={repeats}", f"--out={out}", *spec.torch_args]
-        # as users run the official code: without the malloc tunables launch.py gives our process
-        env = dict(os.environ)
-        env["GLIBC_TUNABLES"] = hostenv.without_ours(env.get("GLIBC_TUNABLES", ""))
-        if not env["GLIBC_TUNABLES"]:
-            del env["GLIBC_TUNABLES"]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_root(), env.get("PYTHONPATH", "")) if p)
+        cmd, env = _torch_command(spec, repo, infer_batch, train_batch, repeats, python, out)
         if onnx_dir:
             env[official_runner.ONNX_DIR_ENV] = onnx_dir
         proc = subprocess.run(cmd, cwd=_root(), capture_output=True, text=True, env=env)
@@ -572,6 +576,132 @@ def time_torch_reference(spec: BenchSpec, repo: str, infer_batch: int, train_bat
             raise RuntimeError(f"official PyTorch benchmark from {repo} failed:\n{proc.stderr[-3000:]}")
         with open(out) as f:
             return json.load(f)
+
+
+def _torch_command(spec: BenchSpec, repo: str, infer_batch: int, train_batch: int, repeats: int, python: str,
+                   out: str, serve: bool = False) -> tuple[list[str], dict]:
+    """(command, environment) of the spec's official runner (see `time_torch_reference`)."""
+    cmd = [python or sys.executable, "-m", spec.torch_reference_module, f"--repo={repo}", f"--variant={spec.variant}",
+           f"--image_size={spec.image_size}", f"--infer_batch={infer_batch}",
+           f"--train_batch={train_batch}", f"--repeats={repeats}", f"--out={out}", *spec.torch_args]
+    if serve:
+        cmd.append("--serve")
+    # as users run the official code: without the malloc tunables launch.py gives our process
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = hostenv.without_ours(env.get("GLIBC_TUNABLES", ""))
+    if not env["GLIBC_TUNABLES"]:
+        del env["GLIBC_TUNABLES"]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_root(), env.get("PYTHONPATH", "")) if p)
+    return cmd, env
+
+
+class TorchServer:
+    """The spec's official runner kept running with `--serve` (`official_runner.serve`): `time(name, n)` has it
+    call its `name` step n times and returns the wall times (ms). The process is idle between requests, so its
+    timings and ours, taken in turn, never share the cores.
+
+    Raises (on entry or `time`):
+      RuntimeError: the runner exited, or answered with an error (its stderr's tail in the message).
+    """
+
+    def __init__(self, cmd: Sequence[str], env: dict):
+        self.cmd, self.env = list(cmd), env
+        self.proc: subprocess.Popen | None = None
+        self.ready: dict = {}
+        self._err = tempfile.TemporaryFile(mode="w+")
+
+    def __enter__(self) -> "TorchServer":
+        self.proc = subprocess.Popen(self.cmd, cwd=_root(), env=self.env, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._err)
+        try:
+            self.ready = self._answer()
+            if "ready" not in self.ready:
+                raise RuntimeError(f"official runner did not start serving: {self.ready}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _answer(self) -> dict:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:  # the official code's own prints are skipped
+            if line.startswith(official_runner.SERVE_PREFIX):
+                msg = json.loads(line[len(official_runner.SERVE_PREFIX):])
+                if "error" in msg:
+                    raise RuntimeError(f"official runner: {msg['error']}")
+                return msg
+        self.proc.wait()
+        self._err.seek(0)
+        raise RuntimeError(f"official runner {' '.join(self.cmd[:3])} exited ({self.proc.returncode}):\n"
+                           f"{self._err.read()[-3000:]}")
+
+    def time(self, name: str, n: int = 1) -> list[float]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(f"{name} {int(n)}\n")
+        self.proc.stdin.flush()
+        return [float(t) for t in self._answer()["times_ms"]]
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            try:
+                if self.proc.poll() is None and self.proc.stdin is not None:
+                    self.proc.stdin.write("quit\n")
+                    self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+def alternate_with_official(server: TorchServer, ours: dict[str, Callable[[int], Any]], rounds: int,
+                            warmup: int = 1) -> dict:
+    """Each named step of ours and the official runner's step of the same name (`server`) called in turn, one call
+    each per round, the order alternating every round: the train-step analogue of `alternate_onnx` (two processes,
+    one of them idle at any time, so a drift of a shared machine touches both alike).
+
+    Args:
+      ours: name -> our call (given the call index; its result is blocked on), e.g. {'train_step': ...}.
+      rounds: timed calls of each; warmup: untimed calls of each first.
+
+    Returns:
+      {name: {'ours': [ms], 'official': [ms]}, 'rounds', 'note'}.
+    """
+    out: dict[str, Any] = {}
+    for name, call in ours.items():
+        for i in range(warmup):
+            _block(call(i))
+            server.time(name, 1)
+        mine, theirs = [], []
+        for r in range(rounds):
+            for side in (("ours", "official") if r % 2 == 0 else ("official", "ours")):
+                if side == "ours":
+                    t0 = time.perf_counter()
+                    _block(call(warmup + r))
+                    mine.append((time.perf_counter() - t0) * 1000.0)
+                else:
+                    theirs.extend(server.time(name, 1))
+        out[name] = {"ours": mine, "official": theirs}
+    out["rounds"] = rounds
+    out["note"] = ("ours and the official runner's step (a served subprocess, idle meanwhile) called in turn, "
+                   "one call each per round, order alternating")
+    return out
+
+
+def _alternated_train(spec: BenchSpec, repo: str, python: str, call: Callable[[int], Any], infer_batch: int,
+                      train_batch: int, rounds: int) -> list[dict]:
+    """Records `alternated_train_step` / `alternated_torch_train_step`: our step and the official runner's served one
+    in turn (`alternate_with_official`)."""
+    cmd, env = _torch_command(spec, repo, infer_batch, train_batch, 1, python, out="", serve=True)
+    with TorchServer(cmd, env) as server:
+        alt = alternate_with_official(server, {"train_step": call}, rounds)
+        version = server.ready.get("torch_version", "?")
+    recs = []
+    for side, what in (("ours", "alternated_train_step"), ("official", "alternated_torch_train_step")):
+        r = record(what, train_batch, spec.image_size, alt["train_step"][side])
+        r["note"] = alt["note"] + ("" if side == "ours" else f"; official PyTorch {version} from {repo}")
+        recs.append(r)
+    return recs
 
 
 def torch_records(spec: BenchSpec, repo: str, before: dict, after: dict, infer_batch: int,
@@ -685,11 +815,16 @@ def ratios(records: list[dict], spec: BenchSpec, infer_batch: int, train_batch: 
                          ("infer", "torch_infer"), ("train_step", "torch_train_step"), *spec.measured_pairs):
         if ours in by and theirs in by:  # measured in this run: the figures to quote
             out[f"{ours}_over_{theirs}_measured"] = by[ours]["median_ms"] / by[theirs]["median_ms"]
-    for r in records:  # ours and the official exports called in turn in one process (`alternate_onnx`)
-        if r["what"].startswith("alternated_torch_") and "alternated_onnx_infer" in by:
+    for r in records:  # ours and the official code called in turn (`alternate_onnx`, `alternate_with_official`)
+        if r["what"].startswith("alternated_torch_"):
             key = r["what"][len("alternated_torch_"):]
-            out[f"onnx_infer_over_torch_{key}_alternated"] = (by["alternated_onnx_infer"]["median_ms"]
-                                                              / r["median_ms"])
+            mine = "onnx_infer" if key.startswith("onnx") else key
+            if f"alternated_{mine}" in by:
+                ours = by[f"alternated_{mine}"]
+                out[f"{mine}_over_torch_{key}_alternated"] = ours["median_ms"] / r["median_ms"]
+                if len(ours["times_ms"]) == len(r["times_ms"]):  # the median of the rounds' own ratios
+                    out[f"{mine}_over_torch_{key}_alternated_paired"] = float(statistics.median(
+                        a / b for a, b in zip(ours["times_ms"], r["times_ms"])))
     if comp["infer"] and ref.get("gflops") and by.get("infer", {}).get("flops"):
         out["xla_flops_over_official_gflops"] = by["infer"]["flops"] / (ref["gflops"] * 1e9)
     out["comparable_to_reference"] = comp
@@ -744,7 +879,12 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
             os.makedirs(out_dir, exist_ok=True)
             records.append(measure_onnx(spec, infer_batch, repeats, warmup, out_dir, ref_out, infer_flops))
         if "train" in stages:
-            records.extend(measure_train_step(spec, train_batch, repeats, warmup, counter))
+            keep: dict = {}
+            records.extend(measure_train_step(spec, train_batch, repeats, warmup, counter, keep))
+            if torch_repo and "train_step" in spec.torch_serves and not torch_before.get("skipped"):
+                records.extend(_alternated_train(spec, torch_repo, torch_python, keep["call"], infer_batch,
+                                                 train_batch, rounds=max(2 * repeats, 8)))
+            keep.clear()
         if "extra" in stages and spec.extra_stages is not None:
             records.extend(spec.extra_stages(repeats, warmup))
         if torch_repo and not torch_before.get("skipped"):

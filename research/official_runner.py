@@ -6,7 +6,9 @@ torch and onnxruntime when called). The harness
 (`research.benchmark.time_torch_reference`) starts a runner as
 `python -m research.<network>.official_torch --repo=... --variant=... --image_size=...
 --infer_batch=... --train_batch=... --repeats=... --out=<json>` plus the spec's `torch_args`, and
-reads a json of named lists of milliseconds per call (or `skipped` with the reason).
+reads a json of named lists of milliseconds per call (or `skipped` with the reason). A runner that also
+takes `--serve` answers timing requests on stdin instead (`serve`), so the harness can call the official step
+and ours in turn (`research.benchmark.TorchServer`, `alternate_with_official`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -23,6 +26,8 @@ from typing import Any, Callable, Sequence
 # set by the harness (`research.benchmark.time_torch_reference`): the folder where `onnx_times_ms(keep_as=...)` leaves
 # a copy of each official export, so the harness can also time it in turn with ours in one process
 ONNX_DIR_ENV = "RESEARCH_OFFICIAL_ONNX_DIR"
+# what starts every line of the `serve` protocol on the runner's stdout (the official code may print its own lines)
+SERVE_PREFIX = "@@official_runner "
 
 
 def times_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
@@ -51,7 +56,46 @@ def parser(description: str, *, variant: str, image_size: int, infer_batch: int,
     for name, default in extra_ints.items():
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--out", required=out_required, default="", help="where to write the json of timings")
+    p.add_argument("--serve", action="store_true",
+                   help="answer timing requests on stdin (`serve`) instead of measuring everything once")
     return p
+
+
+def _say(outfile, message: dict) -> None:
+    outfile.write(SERVE_PREFIX + json.dumps(message) + "\n")
+    outfile.flush()
+
+
+def serve(calls: dict[str, Callable[[], Any]], infile=None, outfile=None) -> None:
+    """Times `calls` on request, one line each way, until `quit` or the end of input: the harness then calls the
+    official step and ours in turn, each process idle while the other runs (`research.benchmark.TorchServer`).
+
+    Protocol (every answer is one line `SERVE_PREFIX` + json on `outfile`, default stdout):
+      first, unasked: {"ready": [names], "torch_version"?: str}
+      request `NAME N` (N calls, default 1): {"name": NAME, "times_ms": [N wall times, ms]}
+      an unknown name or a malformed line: {"error": "..."}; the runner keeps serving.
+    """
+    infile = infile or sys.stdin
+    outfile = outfile or sys.stdout
+    ready: dict[str, Any] = {"ready": sorted(calls)}
+    if "torch" in sys.modules:
+        ready["torch_version"] = sys.modules["torch"].__version__
+    _say(outfile, ready)
+    for line in infile:
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "quit":
+            break
+        try:
+            n = int(words[1]) if len(words) > 1 else 1
+        except ValueError:
+            _say(outfile, {"error": f"bad request {line.strip()!r}: expected 'NAME N'"})
+            continue
+        if words[0] not in calls:
+            _say(outfile, {"error": f"unknown call {words[0]!r}: this runner serves {sorted(calls)}"})
+            continue
+        _say(outfile, {"name": words[0], "times_ms": times_ms(calls[words[0]], max(n, 1), 0)})
 
 
 def write(path: str, result: dict) -> None:

@@ -15,6 +15,9 @@
                (it needs the `munkres` package, listed in the official requirements.txt); otherwise left out and named
                in `notes` (a string: every list in the json is read as timings)
 
+With `--serve` the runner builds the train step only and times it on request (`official_runner.serve`), for the
+harness's alternated train-step timing.
+
 The official modules are loaded from the checkout by file path (`lib/models/pose_higher_hrnet.py`, `lib/core/loss.py`
 import only torch; `lib/core/group.py` torch, numpy and munkres), never copied into this project. The configuration is
 the official experiment yaml (`experiments/coco/higher_hrnet/<variant>_adam_lr1e-3.yaml`, read with PyYAML) over the
@@ -86,21 +89,24 @@ def _load(repo: str, rel: str, name: str):
     return mod
 
 
-def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train_batch: int, repeats: int,
-            warmup: int = 1) -> dict[str, Any]:
-    """Times the official model, loss + Adam step and grouping (see the module docstring); ms per call."""
+def official_model(repo: str, variant: str):
+    """(cfg, the official `PoseHigherResolutionNet` of `variant` with torch's default initialisation, seed 0)."""
+    import torch
+
+    repo = os.path.abspath(os.path.expanduser(repo))
+    cfg = official_cfg(repo, variant)
+    torch.manual_seed(0)
+    return cfg, _load(repo, "lib/models/pose_higher_hrnet.py", "official_pose_higher_hrnet").get_pose_net(cfg, False)
+
+
+def train_step_fn(repo: str, cfg: Node, model, image_size: int, train_batch: int):
+    """A no-argument callable doing one official training step as `lib/core/trainer.py do_train` does: forward,
+    `MultiLossFactory` on the batch of `bench_inputs.train_batch` (the planted-people targets ours gets), the sum over
+    outputs of the batch means, zero_grad, backward, Adam (lr `TRAIN.LR`) step. Puts `model` in train mode."""
     import torch
 
     from research.higherhrnet import bench_inputs
     repo = os.path.abspath(os.path.expanduser(repo))
-    cfg = official_cfg(repo, variant)
-    torch.manual_seed(0)
-    model = _load(repo, "lib/models/pose_higher_hrnet.py", "official_pose_higher_hrnet").get_pose_net(cfg, False)
-    out: dict[str, Any] = {"torch_version": torch.__version__, "threads": torch.get_num_threads(), "notes": "",
-                           "batches": {"grouping": 1},
-                           "params": int(sum(p.numel() for p in model.parameters()))}
-
-    # train step as do_train: loss = sum over stages of the batch means; zero_grad, backward, Adam step
     loss_factory = _load(repo, "lib/core/loss.py", "official_loss").MultiLossFactory(cfg)
     b = bench_inputs.train_batch(train_batch, image_size, int(cfg.MODEL.NUM_JOINTS))
     rs = np.random.RandomState(1)
@@ -123,6 +129,23 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         loss.backward()
         opt.step()
 
+    return step
+
+
+def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train_batch: int, repeats: int,
+            warmup: int = 1) -> dict[str, Any]:
+    """Times the official model, loss + Adam step and grouping (see the module docstring); ms per call."""
+    import torch
+
+    from research.higherhrnet import bench_inputs
+    repo = os.path.abspath(os.path.expanduser(repo))
+    cfg, model = official_model(repo, variant)
+    out: dict[str, Any] = {"torch_version": torch.__version__, "threads": torch.get_num_threads(), "notes": "",
+                           "batches": {"grouping": 1},
+                           "params": int(sum(p.numel() for p in model.parameters()))}
+    step = train_step_fn(repo, cfg, model, image_size, train_batch)
+    rs = np.random.RandomState(1)
+    rs.rand(train_batch, 3, image_size, image_size)  # the training images' draw: the inference input follows it
     out["train_step"] = official_runner.times_ms(step, repeats, warmup)
 
     model.eval()
@@ -161,6 +184,10 @@ def main(argv=None) -> None:
     p = official_runner.parser(__doc__.splitlines()[0],
                                variant="w32_512", image_size=512, infer_batch=1, train_batch=2, repeats=5)
     a = p.parse_args(argv)
+    if a.serve:  # the harness calls the official train step and ours in turn (`official_runner.serve`)
+        cfg, model = official_model(a.repo, a.variant)
+        official_runner.serve({"train_step": train_step_fn(a.repo, cfg, model, a.image_size, a.train_batch)})
+        return
     res = measure(a.repo, variant=a.variant, image_size=a.image_size, infer_batch=a.infer_batch,
                   train_batch=a.train_batch, repeats=a.repeats)
     official_runner.write(a.out, res)

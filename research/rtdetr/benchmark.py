@@ -152,7 +152,8 @@ def benchmark_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Be
         infer_fn=infer_fn, export_fn=export_fn, make_batch=make_batch, loss_fn=task.loss_fn,
         tx=task.make_optimizer(variables["params"], steps), ema_decay=task.ema_decay if task.use_ema else None,
         use_ema=task.use_ema, onnx_output_names=["labels", "boxes", "scores"],
-        torch_reference_module="research.rtdetr.official_torch", reference=REFERENCE, info=info,
+        torch_reference_module="research.rtdetr.official_torch", torch_serves=("train_step",), reference=REFERENCE,
+        info=info,
         extra_stages=matcher_stages,
         measured_pairs=(("matcher_per_train_step", "train_step"), ("matcher", "torch_matcher")))
 

@@ -111,7 +111,7 @@ def _targets(torch, rs: np.random.RandomState, batch: int, nc: int = 80, boxes_p
 
 
 def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train_batch: int, repeats: int,
-            warmup: int = 2) -> dict[str, Any]:
+            warmup: int = 2, serve: bool = False) -> dict[str, Any]:
     """Times the official model built by the official `YAMLConfig` (backbone not pretrained, eval size S):
 
     * `train_step`: what `src/solver/det_engine.py` `train_one_epoch` does per batch: forward with targets
@@ -125,6 +125,8 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
       that remap and `notes` says so;
     * `onnx_infer`: that deploy graph (`images`, `orig_target_sizes` -> `labels`, `boxes`, `scores`, opset 16)
       exported as `tools/export_onnx.py` exports it, in ONNX Runtime.
+
+    With `serve`, times nothing and returns {'train_step': the step} for `official_runner.serve`.
 
     Raises:
       OfficialImportError / FileNotFoundError: see `import_official`; KeyError: unknown variant.
@@ -167,6 +169,8 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         if ema is not None:  # `use_ema: True` in include/optimizer.yml
             ema.update(model)
 
+    if serve:
+        return {"train_step": step}
     out["train_step"] = official_runner.times_ms(step, repeats, max(warmup - 1, 1))
     with torch.no_grad():
         outputs = model(images, targets)
@@ -225,6 +229,10 @@ def main(argv=None) -> None:
         except OfficialImportError as e:
             print(f"official RT-DETR not importable: {e}", file=sys.stderr)
             sys.exit(3)
+        return
+    if a.serve:  # the harness calls the official train step and ours in turn
+        official_runner.serve(measure(a.repo, variant=a.variant, image_size=a.image_size, infer_batch=a.infer_batch,
+                                      train_batch=a.train_batch, repeats=a.repeats, serve=True))
         return
     if not a.out:
         p.error("--out is required")

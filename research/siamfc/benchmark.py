@@ -159,6 +159,7 @@ def benchmark_spec(config, *, variant: str, image_size: int) -> BenchSpec:
     return BenchSpec(
         name="siamfc", variant=variant, image_size=int(image_size), variables=variables, make_inputs=make_inputs,
         infer_fn=infer_fn, export_fn=export_fn, torch_reference_module="research.siamfc.official_torch",
+        torch_serves=("train_step",),
         torch_args=(f"--tracker_frames={int(b.tracker_frames)}",),
         make_batch=make_batch, loss_fn=task.loss_fn, tx=task.make_optimizer(variables["params"], steps),
         ema_decay=None, use_ema=False, accumulates=False, onnx_output_names=["response"],

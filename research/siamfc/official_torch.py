@@ -49,8 +49,10 @@ def import_official(repo: str):
 
 
 def measure(repo: str, *, variant: str = "alexnet_v1", image_size: int = 255, infer_batch: int = 3,
-            train_batch: int = 8, repeats: int = 10, warmup: int = 2, tracker_frames: int = 24) -> dict[str, Any]:
-    """Times the official network, train step and tracker (module docstring); ms per call.
+            train_batch: int = 8, repeats: int = 10, warmup: int = 2, tracker_frames: int = 24,
+            serve: bool = False) -> dict[str, Any]:
+    """Times the official network, train step and tracker (module docstring); ms per call. With `serve`, times
+    nothing and returns {'train_step': that step} for `official_runner.serve`.
 
     Raises:
       ValueError: a variant other than the official `alexnet_v1`.
@@ -74,6 +76,8 @@ def measure(repo: str, *, variant: str = "alexnet_v1", image_size: int = 255, in
     train_x = image_size - 16
     batch = (torch.from_numpy(rs.randint(0, 256, (train_batch, 3, 127, 127)).astype(np.float32)),
              torch.from_numpy(rs.randint(0, 256, (train_batch, 3, train_x, train_x)).astype(np.float32)))
+    if serve:
+        return {"train_step": lambda: tracker.train_step(batch, backward=True)}
     out["train_step"] = official_runner.times_ms(lambda: tracker.train_step(batch, backward=True), repeats, max(warmup - 1, 1))
 
     net.eval()
@@ -107,7 +111,10 @@ def main(argv=None) -> None:
                                variant="alexnet_v1", image_size=255, infer_batch=3, train_batch=8, repeats=10, tracker_frames=24)
     a = p.parse_args(argv)
     res = measure(a.repo, variant=a.variant, image_size=a.image_size, infer_batch=a.infer_batch,
-                  train_batch=a.train_batch, repeats=a.repeats, tracker_frames=a.tracker_frames)
+                  train_batch=a.train_batch, repeats=a.repeats, tracker_frames=a.tracker_frames, serve=a.serve)
+    if a.serve:  # the harness calls the official train step and ours in turn
+        official_runner.serve(res)
+        return
     official_runner.write(a.out, res)
 
 

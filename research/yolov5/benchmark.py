@@ -71,6 +71,7 @@ def benchmark_spec(config, *, variant: str, image_size: int, nc: int = 80) -> Be
     return BenchSpec(
         name="yolov5", variant=variant, image_size=image_size, variables=variables, make_inputs=make_inputs,
         infer_fn=infer_fn, export_fn=export_fn, torch_reference_module="research.yolov5.official_torch",
+        torch_serves=("train_step",),
         make_batch=make_batch, loss_fn=task.loss_fn, tx=task.make_optimizer(variables["params"], steps),
         ema_decay=task.ema_decay if task.use_ema else None, use_ema=task.use_ema, accumulates=task.accumulates,
         onnx_output_names=["pred"], reference=REFERENCE,

@@ -44,11 +44,12 @@ def official_model(repo: str, cfg: dict):
 
 
 def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train_batch: int,
-            repeats: int, warmup: int = 2, hyp: dict | None = None) -> dict[str, Any]:
+            repeats: int, warmup: int = 2, hyp: dict | None = None, serve: bool = False) -> dict[str, Any]:
     """Times the official model: inference (eval mode; also with Conv+BN fused, as the official
     detect.py runs it; `onnx_infer`: the fused model exported as export.py exports it, in ONNX Runtime)
     and a training step as the official train.py takes it (forward,
-    ComputeLoss, backward, gradient clipping at 10, nesterov SGD step, ModelEMA update)."""
+    ComputeLoss, backward, gradient clipping at 10, nesterov SGD step, ModelEMA update). With `serve`, times
+    nothing and returns {'train_step': that step} for `official_runner.serve`."""
     import torch
 
     from research.yolov5.hyp import HYP_SCRATCH_LOW
@@ -79,6 +80,8 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         opt.zero_grad()
         ema.update(model)
 
+    if serve:
+        return {"train_step": step}
     out["train_step"] = official_runner.times_ms(step, repeats, max(warmup - 1, 1))
 
     model.eval()
@@ -102,7 +105,10 @@ def main(argv=None) -> None:
                                variant="s", image_size=640, infer_batch=1, train_batch=2, repeats=10)
     a = p.parse_args(argv)
     res = measure(a.repo, variant=a.variant, image_size=a.image_size, infer_batch=a.infer_batch,
-                  train_batch=a.train_batch, repeats=a.repeats)
+                  train_batch=a.train_batch, repeats=a.repeats, serve=a.serve)
+    if a.serve:  # the harness calls the official train step and ours in turn
+        official_runner.serve(res)
+        return
     official_runner.write(a.out, res)
 
 
