@@ -613,3 +613,43 @@ def test_layer_norm_exports_as_one_layernormalization(tmp_path, opset, native):
     got = OnnxRunner(path)(images=np.concatenate([x, x[:1] * 2]))[0]
     ref = m.apply(variables, np.concatenate([x, x[:1] * 2]))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5 * float(np.abs(ref).max()))
+
+
+def test_fast_optimizer_lookups_give_the_original_answers_and_graph(tmp_path):
+    """The bridge's producer / consumer lookups in jax2onnx's graph optimiser (which made exporting W32 take 6 min:
+    a full node-id set rebuilt per lookup) answer as the originals on every value of a graph, and an export with
+    the originals restored is byte-identical."""
+    import importlib
+
+    import onnx_ir as ir
+
+    from research.bridge import onnx_plugins as P
+    ogu = importlib.import_module("jax2onnx.converter.optimizer_graph_utils")
+    assert all(getattr(importlib.import_module(m), "_producer_node") is P._producer_node
+               for m in P._GRAPH_UTIL_MODULES)
+    x = np.random.RandomState(0).randn(1, 16, 16, 16).astype(np.float32)
+    model = _FuseBlock()
+    fn = functools.partial(model.apply, model.init(jax.random.PRNGKey(0), x))
+    (tmp_path / "fast").mkdir()
+    (tmp_path / "slow").mkdir()
+    fast = export_onnx(fn, x, str(tmp_path / "fast" / "fuse.onnx"))
+    graph = ir.load(fast).graph
+    nodes = list(graph)
+    values = [v for n in nodes for v in (*n.inputs, *n.outputs) if v is not None]
+    assert len(values) > 20
+    for v in values:
+        assert P._producer_node(nodes, v) is P._ORIGINAL_LOOKUPS["_producer_node"](nodes, v)
+        assert P._consumer_nodes(nodes, v) == P._ORIGINAL_LOOKUPS["_consumer_nodes"](nodes, v)
+    saved = {m: {k: getattr(importlib.import_module(m), k) for k in P._ORIGINAL_LOOKUPS
+                 if hasattr(importlib.import_module(m), k)} for m in P._GRAPH_UTIL_MODULES}
+    try:
+        for m, fs in saved.items():
+            for k in fs:
+                setattr(importlib.import_module(m), k, P._ORIGINAL_LOOKUPS[k])
+        assert ogu._producer_node is P._ORIGINAL_LOOKUPS["_producer_node"]
+        slow = export_onnx(fn, x, str(tmp_path / "slow" / "fuse.onnx"))
+    finally:
+        for m, fs in saved.items():
+            for k, f in fs.items():
+                setattr(importlib.import_module(m), k, f)
+    assert onnx.load(fast).graph.SerializeToString() == onnx.load(slow).graph.SerializeToString()
