@@ -95,7 +95,7 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
         if type(m).__name__ == "Detect":
             m.export = True
     official_runner.add_onnx(out, "onnx_infer", official_runner.onnx_times_ms(
-        fused, (x,), ["images"], ["output0"], repeats=repeats, warmup=warmup, opset=17))
+        fused, (x,), ["images"], ["output0"], repeats=repeats, warmup=warmup, opset=17, keep_as="onnx_infer"))
     out.setdefault("batches", {})["onnx_infer"] = infer_batch
     return out
 
