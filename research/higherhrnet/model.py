@@ -294,8 +294,20 @@ def folded_kernel(parent: nn.Module, conv_name: str, bn_name: str, eps: float) -
     return w * a, b
 
 
+ONNX_CHANNEL_BLOCK = 16  # onnxruntime's NCHWc block on AVX-512 (8 on AVX2, which divides it)
+
+
+def identity_conv(x: jax.Array) -> jax.Array:
+    """x [B, H, W, C] through a 1x1 convolution with the identity kernel: the same values (x * 1 plus zeros, exact
+    for finite x), as one ONNX `Conv` in an export, which onnxruntime runs in its blocked layout (see
+    `HigherHRNet.onnx_form`)."""
+    c = x.shape[-1]
+    return jax.lax.conv_general_dilated(x, jnp.eye(c, dtype=x.dtype)[None, None], (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def phase_conv_transpose(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]],
-                         impl: str = "lax") -> jax.Array:
+                         impl: str = "lax", epilogue: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """`nn.ConvTranspose(strides=(2, 2), padding=padding)` (kernel [kh, kw, in, out] applied without flip over the
     zero-dilated input) as four small convolutions of x, one per output phase, interleaved.
 
@@ -306,7 +318,12 @@ def phase_conv_transpose(x: jax.Array, kernel: jax.Array, padding: Sequence[tupl
 
     Args:
       x: [B, H, W, Cin]; kernel: [kh, kw, Cin, Cout]; padding: ((lo_h, hi_h), (lo_w, hi_w)) of the dilated input.
-      impl: `research.cpu.conv.conv2d` implementation of the phase convolutions.
+      impl: `research.cpu.conv.conv2d` implementation of the phase convolutions, or "nchw": each phase as one
+        channels-first `lax.conv_general_dilated` (what the ONNX export form uses: one plain `Conv` per phase whose
+        bias and ReLU onnxruntime fuses into it).
+      epilogue: elementwise per-channel function applied to each phase before the interleave (a bias and ReLU:
+        `epilogue(interleave(p)) == interleave(epilogue(p))` for such functions), on [B, Ho/2, Wo/2, Cout] or, with
+        `impl="nchw"`, on [B, Cout, Ho/2, Wo/2].
 
     Returns:
       [B, Ho, Wo, Cout], Ho = 2H - 1 + lo_h + hi_h - kh + 1 (and W alike).
@@ -330,17 +347,24 @@ def phase_conv_transpose(x: jax.Array, kernel: jax.Array, padding: Sequence[tupl
             pad_hi = out // 2 - size - pad_lo + (max(offsets) - min(offsets))
             phases.append((taps, pad_lo, pad_hi))
         per_axis.append(phases)
+    epilogue = epilogue or (lambda p: p)
+    x_nchw = jnp.transpose(x, (0, 3, 1, 2)) if impl == "nchw" else None
     rows = []
     for taps_h, lo_h, hi_h in per_axis[0]:
         cols = []
         for taps_w, lo_w, hi_w in per_axis[1]:
             kw = kernel[np.array(taps_h)][:, np.array(taps_w)]
+            if impl == "nchw":
+                p = jax.lax.conv_general_dilated(x_nchw, kw, (1, 1), ((lo_h, hi_h), (lo_w, hi_w)),
+                                                 dimension_numbers=("NCHW", "HWIO", "NCHW"))
+                cols.append(jnp.transpose(epilogue(p), (0, 2, 3, 1)))
+                continue
             if impl == "lax":  # the padding in the convolution: one ONNX Conv per phase in an export
-                cols.append(jax.lax.conv_general_dilated(x, kw, (1, 1), ((lo_h, hi_h), (lo_w, hi_w)),
-                                                         dimension_numbers=("NHWC", "HWIO", "NHWC")))
+                cols.append(epilogue(jax.lax.conv_general_dilated(x, kw, (1, 1), ((lo_h, hi_h), (lo_w, hi_w)),
+                                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))))
                 continue
             xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0)))
-            cols.append(conv_lib.conv2d(xp, kw, 1, 0, 1, impl))
+            cols.append(epilogue(conv_lib.conv2d(xp, kw, 1, 0, 1, impl)))
         rows.append(jnp.stack(cols, axis=3))  # [B, Ho/2, Wo/2, 2 (column phase), Cout]
     y = jnp.stack(rows, axis=2)  # [B, Ho/2, 2 (row phase), Wo/2, 2, Cout]
     return y.reshape(b, y.shape[1] * 2, y.shape[3] * 2, kernel.shape[-1])
@@ -431,6 +455,10 @@ class HighResolutionModule(nn.Module):
       num_blocks: BasicBlocks per branch.
       num_channels: channels per branch (branch i has stride 4 * 2**i).
       multi_scale_output: fuse into every branch (True) or into branch 0 only (last module of the last stage).
+      nested_upsampling: sum the upsampled terms of a fuse nested, coarsest first (x_i + up2(c_i+1 + up2(c_i+2 +
+        ...))) instead of each upsampled to branch i (x_i + up2(c_i+1) + up4(c_i+2) + ...): the same sum (nearest
+        upsampling is linear and up4 = up2 o up2; float rounding differs by the order of the additions), with one
+        full-resolution add and upsampling instead of one per term (the ONNX form, `HigherHRNet.onnx_form`).
     """
 
     num_blocks: tuple[int, ...]
@@ -439,6 +467,7 @@ class HighResolutionModule(nn.Module):
     norm: ModuleDef
     multi_scale_output: bool = True
     fold: Fold | None = None
+    nested_upsampling: bool = False
 
     @nn.compact
     def __call__(self, xs: Sequence[jax.Array]) -> list[jax.Array]:
@@ -458,24 +487,33 @@ class HighResolutionModule(nn.Module):
             # sum over j of branch j brought to branch i, then ReLU: the identity and upsampled terms first, then
             # each downsampling chain (j < i), whose last conv + BatchNorm adds the sum so far as its residual (and
             # the last one applies the ReLU): one oneDNN call each on the fused inference path
-            y = None
-            for j in range(i, n):
-                t = xs[j] if j == i else self._fuse(xs[j], i, j)
-                y = t if y is None else y + t
+            if self.nested_upsampling and i + 1 < n:
+                acc = None
+                for j in range(n - 1, i, -1):
+                    t = self._fuse(xs[j], i, j, upsample=False)
+                    acc = t if acc is None else t + upsample_nearest(acc, 2)
+                y = xs[i] + upsample_nearest(acc, 2)
+            else:
+                y = None
+                for j in range(i, n):
+                    t = xs[j] if j == i else self._fuse(xs[j], i, j)
+                    y = t if y is None else y + t
             for j in range(i):
                 y = self._fuse(xs[j], i, j, residual=y, relu=j == i - 1)
             fused.append(y if i > 0 else nn.relu(y))
         return fused
 
-    def _fuse(self, x: jax.Array, i: int, j: int, residual: jax.Array | None = None, relu: bool = False) -> jax.Array:
+    def _fuse(self, x: jax.Array, i: int, j: int, residual: jax.Array | None = None, relu: bool = False,
+              upsample: bool = True) -> jax.Array:
         """Brings branch j's map to branch i's resolution and width (`fuse_layers.i.j`); for j < i (a chain ending in
-        conv + BatchNorm) `residual` is added and ReLU applied after the chain's last BatchNorm if given."""
+        conv + BatchNorm) `residual` is added and ReLU applied after the chain's last BatchNorm if given; for j > i
+        without `upsample`, branch i's width at branch j's resolution."""
         c_i, c_j = self.num_channels[i], self.num_channels[j]
         name = f"fuse_layers.{i}.{j}"
         cb = functools.partial(conv_bn, self, conv=self.conv, norm=self.norm, fold=self.fold)
         if j > i:
             x = cb(x, c_i, 1, 1, 0, conv_name=f"{name}.0", bn_name=f"{name}.1")
-            return upsample_nearest(x, 2 ** (j - i))
+            return upsample_nearest(x, 2 ** (j - i)) if upsample else x
         for k in range(i - j):
             last = k == i - j - 1
             x = cb(x, c_i if last else c_j, 3, 2, 1, conv_name=f"{name}.{k}.0", bn_name=f"{name}.{k}.1",
@@ -501,6 +539,15 @@ class HigherHRNet(nn.Module):
         transposed convolution is then computed by `phase_conv_transpose`); same variables, same outputs to float
         rounding.
       fold_impl: implementation of the folded convolutions (`Fold.impl`).
+      onnx_form: in inference, the head in the form the ONNX export ships (same variables, same outputs to float
+        rounding; what onnxruntime's blocked-layout (NCHWc) CPU kernels run fastest): each final layer that feeds a
+        deconv computes zero-padded extra channels so that the concatenated deconv input is a whole number of
+        16-channel blocks (66 -> 80 for W32; the padded kernel rows are zero, output 0 is its first channels); the
+        deconv's BatchNorm is folded into its four phase convolutions, each with its bias and ReLU before the
+        interleave; and an identity 1x1 convolution after the interleave (`identity_conv`) starts the BasicBlocks in
+        the blocked layout, so that onnxruntime fuses their residual adds into the convolutions as it does in the
+        stages. The official export runs that region channels-first: per block a reorder out, an Add, a ReLU and a
+        reorder in over [256, 256, 32] maps (docs/higherhrnet.md, Export).
     """
 
     config: HigherHRNetConfig = W32
@@ -512,6 +559,7 @@ class HigherHRNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     fold_bn: bool = False
     fold_impl: str = "lax"
+    onnx_form: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -544,6 +592,7 @@ class HigherHRNet(nn.Module):
         x = x.astype(self.dtype)
         fold = Fold(self.fold_impl, cfg.bn_eps) if self.fold_bn and not train else None
         cb = functools.partial(conv_bn, self, conv=conv, norm=norm, fold=fold)
+        onnx_form = self.onnx_form and not train and not self.is_initializing()
 
         c = cfg.stem_channels
         x = cb(x, c, 3, 2, 1, conv_name="conv1", bn_name="bn1", relu=True)
@@ -559,7 +608,7 @@ class HigherHRNet(nn.Module):
             for m in range(stage.num_modules):
                 multi = not (last_stage and m == stage.num_modules - 1)
                 xs = HighResolutionModule(stage.num_blocks, stage.num_channels, conv, norm, multi_scale_output=multi,
-                                          fold=fold, name=f"stage{s + 2}.{m}")(xs)
+                                          fold=fold, nested_upsampling=onnx_form, name=f"stage{s + 2}.{m}")(xs)
             ys = xs
 
         x = ys[0]
@@ -567,17 +616,42 @@ class HigherHRNet(nn.Module):
                                   param_dtype=self.param_dtype)
         k = cfg.final_conv_kernel
         pad = 1 if k == 3 else 0
-        y = final(cfg.output_channels(0), (k, k), padding=pad, name="final_layers.0")(x)
-        outputs = [y]
         d = cfg.deconv
+
+        def final_layer(x: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
+            """Output i [B, h, w, C] and what the next deconv concatenates (the same; in `onnx_form`, channels-first
+            and padded with zero channels to a whole number of onnxruntime blocks with x's)."""
+            name = f"final_layers.{i}"
+            if not onnx_form:
+                y = final(cfg.output_channels(i), (k, k), padding=pad, name=name)(x)
+                return y, y
+            cat_next = i < d.num_deconvs and d.cat_output[i]
+            w, b = self.variables["params"][name]["kernel"], self.variables["params"][name]["bias"]
+            c = w.shape[-1]
+            extra = (-(x.shape[-1] + c)) % ONNX_CHANNEL_BLOCK if cat_next else 0
+            w = jnp.pad(w.astype(x.dtype), ((0, 0), (0, 0), (0, 0), (0, extra)))
+            b = jnp.pad(b.astype(x.dtype), (0, extra))
+            y = jax.lax.conv_general_dilated(jnp.transpose(x, (0, 3, 1, 2)), w, (1, 1), ((pad, pad), (pad, pad)),
+                                             dimension_numbers=("NCHW", "HWIO", "NCHW")) + b[:, None, None]
+            return jnp.transpose(y[:, :c], (0, 2, 3, 1)), jnp.transpose(y, (0, 2, 3, 1))
+
+        y, y_cat = final_layer(x, 0)
+        outputs = [y]
         for i in range(d.num_deconvs):
             if d.cat_output[i]:
-                x = jnp.concatenate([x, y], axis=-1)
+                x = jnp.concatenate([x, y_cat], axis=-1)
             kernel = d.kernel_size[i]
             p, op = deconv_cfg(kernel)
             padding = (torch_deconv_padding(kernel, p, op),) * 2
             dname, bname = f"deconv_layers.{i}.0.0", f"deconv_layers.{i}.0.1"
-            if fold is None or self.is_initializing():
+            if onnx_form:
+                w, bias = folded_kernel(self, dname, bname, cfg.bn_eps)
+                w = jnp.pad(w.astype(x.dtype), ((0, 0), (0, 0), (0, x.shape[-1] - w.shape[2]), (0, 0)))
+                bias = bias.astype(x.dtype)[:, None, None]
+                x = phase_conv_transpose(x, w, padding, "nchw", epilogue=lambda q: nn.relu(q + bias))
+                if d.num_basic_blocks:
+                    x = identity_conv(x)
+            elif fold is None or self.is_initializing():
                 x = self.conv_transpose(d.num_channels[i], (kernel, kernel), (2, 2), padding=padding, use_bias=False,
                                         kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
                                         name=dname)(x)
@@ -588,7 +662,7 @@ class HigherHRNet(nn.Module):
                             + bias.astype(x.dtype))
             for b in range(d.num_basic_blocks):
                 x = BasicBlock(d.num_channels[i], conv, norm, fold=fold, name=f"deconv_layers.{i}.{b + 1}.0")(x)
-            y = final(cfg.output_channels(i + 1), (k, k), padding=pad, name=f"final_layers.{i + 1}")(x)
+            y, y_cat = final_layer(x, i + 1)
             outputs.append(y)
 
         outputs = [o.astype(jnp.float32) for o in outputs]

@@ -129,9 +129,10 @@ class Task(tasks.Task):
         fold_impl = "onednn_fused" if self.layers.conv_impl == "onednn" else self.layers.conv_impl
         self.model = build_model(self.model_cfg, conv=self.layers.nn_conv, norm=self.layers.nn_batch_norm,
                                  conv_transpose=PhaseConvTranspose, fold_bn=True, fold_impl=fold_impl)
-        # flax's plain layers and the phase-split transposed convolution (four ONNX Convs; jax2onnx's
-        # nn.ConvTranspose lowering fails on explicit padding with JAX >= 0.7), BatchNorm unfolded (onnxslim folds it)
-        self.export_model = build_model(self.model_cfg, conv_transpose=PhaseConvTranspose)
+        # flax's plain layers (BatchNorm unfolded: onnxslim folds it) and the head in its ONNX form (`HigherHRNet.
+        # onnx_form`: the transposed convolution as four phase Convs with the BatchNorm folded in, padded channels;
+        # jax2onnx's nn.ConvTranspose lowering fails on explicit padding with JAX >= 0.7)
+        self.export_model = build_model(self.model_cfg, conv_transpose=PhaseConvTranspose, onnx_form=True)
         lc = config.loss
         self.loss_cfg = LossConfig(num_joints=int(config.data.num_joints), with_heatmaps_loss=(True, True),
                                    heatmaps_loss_factor=tuple(lc.heatmaps_loss_factor),

@@ -354,3 +354,33 @@ def test_fold_bn_and_phase_deconv_match_plain(tiny, fold_impl):
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree_util.tree_leaves(gb)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()) + 1e-12,
                                        err_msg=jax.tree_util.keystr(path))
+
+
+def test_onnx_form_matches_plain(tiny):
+    """The head in its ONNX form (`onnx_form`: final layer 0 padded with zero channels so that the deconv input is
+    whole 16-channel blocks, the deconv BatchNorm folded into the phase convolutions with bias and ReLU before the
+    interleave, an identity 1x1 convolution before the BasicBlocks) gives the plain model's outputs on the same
+    variables (random BatchNorm statistics), and training mode is untouched."""
+    model, x, variables = tiny
+    form = build_model("tiny", conv_transpose=PhaseConvTranspose, onnx_form=True)
+    want, got = _apply(model, variables, x), _apply(form, variables, x)
+    for a, b in zip(got["outputs"], want["outputs"]):
+        assert a.shape == b.shape
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(b)).max()
+        assert np.abs(np.asarray(b)).max() > 0.1
+    # the form itself: TINY's deconv input is 8 features + 34 output channels, padded to 48; one identity conv
+    def convs_of(m):
+        return [e for e in jax.make_jaxpr(lambda v: m.apply(v, x))(variables).jaxpr.eqns
+                if e.primitive.name == "conv_general_dilated"]
+
+    convs = convs_of(form)
+    lhs = [(e.invars[0].aval.shape, e.params["dimension_numbers"].lhs_spec) for e in convs]
+    phase_in = [s[spec[1]] for s, spec in lhs if s[spec[2]] == x.shape[1] // 4 and s[spec[1]] > 34]
+    assert phase_in == [48] * 4, lhs
+    ones = [[e.invars[1].aval.shape for e in c].count((1, 1, 8, 8)) for c in (convs, convs_of(model))]
+    assert ones[0] == ones[1] + 1
+    # train mode ignores the form (no folded statistics in training)
+    a, _ = _apply(form, variables, x, train=True)
+    b, _ = _apply(model, variables, x, train=True)
+    for p, q in zip(a["outputs"], b["outputs"]):
+        np.testing.assert_allclose(p, q, rtol=0, atol=1e-5 * float(np.abs(q).max()))

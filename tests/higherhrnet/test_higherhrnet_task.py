@@ -252,6 +252,8 @@ def test_smoke_mode_all(tmp_path):
     ref = [np.asarray(o) for o in task.forward_fn(variables)(x)]
     got = OnnxRunner(results["onnx"])(images=x)
     assert [g.shape for g in got] == [(2, 16, 16, 34), (2, 32, 32, 17)]
+    import onnx  # the head's ONNX form (model.HigherHRNet.onnx_form): every BatchNorm folded into a convolution
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(results["onnx"]).graph.node}
     for r, g in zip(ref, got):
         assert np.abs(r - g).max() <= 1e-4 * np.abs(r).max()
     assert "deconv_layers.0.0.0.weight" in task.to_torch(variables)
