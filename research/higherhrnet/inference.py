@@ -299,7 +299,14 @@ def multi_scale_inference(network: Callable[[Array], Sequence[Array]], inputs: S
     return aggregate_outputs(per_scale, settings, None if base_size is None else tuple(int(v) for v in base_size))
 
 
-_top_k_jit = jax.jit(group.top_k, static_argnames=("settings",))
+_nms_jit = jax.jit(group.nms, static_argnames=("kernel", "padding"))
+_top_k_of_nms_jit = jax.jit(group.top_k_of_nms, static_argnames=("settings",))
+
+
+def _top_k_jit(heatmaps: Array, tags: Array, settings: PostprocessSettings) -> Dict[str, Array]:
+    """`group.top_k` as two jitted stages, the NMS and the rest (`group.top_k_of_nms` says why)."""
+    det = _nms_jit(heatmaps, kernel=settings.nms_kernel, padding=settings.nms_padding)
+    return _top_k_of_nms_jit(det, tags, settings=settings)
 
 
 def people_from_maps(heatmaps: Array, tags: Array, center: Sequence[float], scale: Sequence[float],

@@ -400,3 +400,20 @@ def test_refine_pruned_equals_refine(tag_dim, shared_tag):
 
     with pytest.raises(ValueError, match="RefineCandidates"):
         group.RefineCandidates(det, tags[:, :-1])
+
+
+@pytest.mark.parametrize("kernel,padding", [(5, 2), (3, 1), (1, 0)])
+def test_nms_equals_one_max_pool_window(kernel, padding):
+    """The separable maximum of `group.nms` keeps exactly the pixels torch's max_pool2d (one k x k reduce_window with
+    -inf padding) keeps, signed zeros and plateaus included, on coarse values with many ties."""
+    import jax
+    import jax.numpy as jnp
+    x = np.round(np.random.default_rng(3).normal(size=(2, 37, 29, 5)), 1).astype(np.float32)
+    x[0, :6, :6, 0] = 0.7  # a plateau in a corner
+    pooled = jax.lax.reduce_window(jnp.asarray(x), -jnp.inf, jax.lax.max, (1, kernel, kernel, 1), (1, 1, 1, 1),
+                                   ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    want = x * (np.asarray(pooled) == x)
+    got = np.asarray(group.nms(x, kernel, padding))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    assert 0 < np.count_nonzero(got) < got.size
