@@ -33,8 +33,8 @@ once for that model on the same 2-core CPU) give the `*_over_torch_reference` ra
 benchmark is at their setting. A runner that keeps its ONNX exports (`official_runner.onnx_times_ms(keep_as=)`)
 also gets them timed in turn with our exported graph in one ONNX Runtime process (`alternate_onnx`; records
 `alternated_*`, ratios `onnx_infer_over_torch_<name>_alternated`): the ONNX comparison least moved by the
-machine's drift. A spec whose runner serves its train step (`torch_serves`, `official_runner.serve`) also gets our
-step and the official one called in turn, each process idle while the other runs (`TorchServer`,
+machine's drift. A spec whose runner serves its train step (`torch_serves`, `official_runner.serve`; and its
+inference, where it serves `infer`) also gets our step and the official one called in turn, each process idle while the other runs (`TorchServer`,
 `alternate_with_official`; records `alternated_train_step` / `alternated_torch_train_step`, ratio
 `train_step_over_torch_train_step_alternated`): the train-step comparison to quote, where the before / after
 timings of two processes minutes apart moved by +-10% on a shared 2-core machine. Each alternated ratio also comes
@@ -100,7 +100,8 @@ class BenchSpec:
     measured_pairs: more (ours, theirs) record names whose same-run time ratio is reported as
       `<ours>_over_<theirs>_measured` (e.g. ('tracker_frame', 'torch_tracker_frame')).
     torch_serves: the steps the official runner also serves with `--serve` (`official_runner.serve`), timed in turn
-      with ours (`alternate_with_official`): so far 'train_step'.
+      with ours (`alternate_with_official`): 'train_step' (our trainer step), 'infer' (our jitted `infer_fn`, the
+      runner's eval forward at `infer_batch`; records `alternated_infer` / `alternated_torch_infer`).
     """
 
     name: str
@@ -380,7 +381,9 @@ def _aot(jitted, *args) -> tuple[Any, float, float, bool]:
     return compiled, t1 - t0, t2 - t0, _CACHE_HITS["n"] > hits
 
 
-def measure_infer(spec: BenchSpec, batch: int, repeats: int, warmup: int, counter: CompileCounter) -> dict:
+def measure_infer(spec: BenchSpec, batch: int, repeats: int, warmup: int, counter: CompileCounter,
+                  keep: dict | None = None) -> dict:
+    """Our jitted `infer_fn`; `keep`, when given, receives it as `keep['call'](i)` for later timings."""
     import jax
     import jax.numpy as jnp
 
@@ -404,6 +407,8 @@ def measure_infer(spec: BenchSpec, batch: int, repeats: int, warmup: int, counte
                             "ok": size_end == size_first == 1 and n_compiles == 0}
     out = jax.tree_util.tree_leaves(fwd(variables, inputs))
     rec["_output"] = np.asarray(out[0])  # for the ONNX check, dropped from the json
+    if keep is not None:
+        keep["call"] = lambda i: fwd(variables, inputs)
     return rec
 
 
@@ -688,19 +693,22 @@ def alternate_with_official(server: TorchServer, ours: dict[str, Callable[[int],
     return out
 
 
-def _alternated_train(spec: BenchSpec, repo: str, python: str, call: Callable[[int], Any], infer_batch: int,
-                      train_batch: int, rounds: int) -> list[dict]:
-    """Records `alternated_train_step` / `alternated_torch_train_step`: our step and the official runner's served one
-    in turn (`alternate_with_official`)."""
+def _alternated_train(spec: BenchSpec, repo: str, python: str, calls: dict[str, tuple[Callable[[int], Any], int]],
+                      infer_batch: int, train_batch: int) -> list[dict]:
+    """Records `alternated_<name>` / `alternated_torch_<name>` for each served name in `calls` (name -> (our call,
+    rounds); `train_step`, and `infer` where the runner serves it): ours and the official runner's served call in
+    turn (`alternate_with_official`), one runner process for all of them."""
     cmd, env = _torch_command(spec, repo, infer_batch, train_batch, 1, python, out="", serve=True)
-    with TorchServer(cmd, env) as server:
-        alt = alternate_with_official(server, {"train_step": call}, rounds)
-        version = server.ready.get("torch_version", "?")
     recs = []
-    for side, what in (("ours", "alternated_train_step"), ("official", "alternated_torch_train_step")):
-        r = record(what, train_batch, spec.image_size, alt["train_step"][side])
-        r["note"] = alt["note"] + ("" if side == "ours" else f"; official PyTorch {version} from {repo}")
-        recs.append(r)
+    with TorchServer(cmd, env) as server:
+        for name, (call, rounds) in calls.items():
+            alt = alternate_with_official(server, {name: call}, rounds)
+            version = server.ready.get("torch_version", "?")
+            batch = infer_batch if name.startswith("infer") else train_batch
+            for side, what in (("ours", f"alternated_{name}"), ("official", f"alternated_torch_{name}")):
+                r = record(what, batch, spec.image_size, alt[name][side])
+                r["note"] = alt["note"] + ("" if side == "ours" else f"; official PyTorch {version} from {repo}")
+                recs.append(r)
     return recs
 
 
@@ -868,8 +876,11 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
             print(f"  official PyTorch not timed: {torch_before['skipped']}", file=sys.stderr)
     try:
         ref_out, infer_flops = None, None
+        infer_keep: dict = {}
+        serving = bool(torch_repo) and not (torch_before or {}).get("skipped")
         if "infer" in stages:
-            rec = measure_infer(spec, infer_batch, repeats, warmup, counter)
+            rec = measure_infer(spec, infer_batch, repeats, warmup, counter,
+                                infer_keep if serving and "infer" in spec.torch_serves else None)
             ref_out = rec.pop("_output")
             infer_flops = rec["flops"]
             records.append(rec)
@@ -881,10 +892,15 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
         if "train" in stages:
             keep: dict = {}
             records.extend(measure_train_step(spec, train_batch, repeats, warmup, counter, keep))
-            if torch_repo and "train_step" in spec.torch_serves and not torch_before.get("skipped"):
-                records.extend(_alternated_train(spec, torch_repo, torch_python, keep["call"], infer_batch,
-                                                 train_batch, rounds=max(2 * repeats, 8)))
+            calls = {}
+            if serving and "train_step" in spec.torch_serves:
+                calls["train_step"] = (keep["call"], max(2 * repeats, 8))
+            if "call" in infer_keep:  # the runner serves its eval forward too
+                calls["infer"] = (infer_keep["call"], max(4 * repeats, 20))
+            if calls:
+                records.extend(_alternated_train(spec, torch_repo, torch_python, calls, infer_batch, train_batch))
             keep.clear()
+            infer_keep.clear()
         if "extra" in stages and spec.extra_stages is not None:
             records.extend(spec.extra_stages(repeats, warmup))
         if torch_repo and not torch_before.get("skipped"):

@@ -106,7 +106,7 @@ def benchmark_spec(config, *, variant: str, image_size: int) -> BenchSpec:
         infer_fn=infer_fn, export_fn=export_fn, make_batch=make_batch, loss_fn=task.loss_fn,
         tx=task.make_optimizer(variables["params"], steps), ema_decay=None, use_ema=False, accumulates=False,
         onnx_output_names=["output_0", "output_1"], torch_reference_module="research.higherhrnet.official_torch",
-        torch_serves=("train_step",),
+        torch_serves=("train_step", "infer"),
         reference=REFERENCE if variant == "w32_512" else None, info=info, extra_stages=extra_stages,
         measured_pairs=(("grouping", "torch_grouping"), ("onnx_infer", "torch_onnx_infer_dynamic")))
 

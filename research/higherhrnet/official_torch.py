@@ -15,8 +15,8 @@
                (it needs the `munkres` package, listed in the official requirements.txt); otherwise left out and named
                in `notes` (a string: every list in the json is read as timings)
 
-With `--serve` the runner builds the train step only and times it on request (`official_runner.serve`), for the
-harness's alternated train-step timing.
+With `--serve` the runner builds the train step and the eval forward only and times them on request
+(`official_runner.serve`), for the harness's alternated train-step and inference timings.
 
 The official modules are loaded from the checkout by file path (`lib/models/pose_higher_hrnet.py`, `lib/core/loss.py`
 import only torch; `lib/core/group.py` torch, numpy and munkres), never copied into this project. The configuration is
@@ -132,6 +132,24 @@ def train_step_fn(repo: str, cfg: Node, model, image_size: int, train_batch: int
     return step
 
 
+def infer_fn(repo: str, variant: str, image_size: int, infer_batch: int, train_batch: int):
+    """The eval model's forward on `measure`'s inference input (a model of its own, so the served train step's
+    updates leave it alone), as a no-argument call under `torch.inference_mode`."""
+    import torch
+
+    _, model = official_model(repo, variant)
+    model.eval()
+    rs = np.random.RandomState(1)
+    rs.rand(train_batch, 3, image_size, image_size)  # as in `measure`: the inference input follows this draw
+    x = torch.from_numpy(rs.rand(infer_batch, 3, image_size, image_size).astype(np.float32))
+
+    def forward():
+        with torch.inference_mode():
+            return model(x)
+
+    return forward
+
+
 def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train_batch: int, repeats: int,
             warmup: int = 1) -> dict[str, Any]:
     """Times the official model, loss + Adam step and grouping (see the module docstring); ms per call."""
@@ -184,9 +202,10 @@ def main(argv=None) -> None:
     p = official_runner.parser(__doc__.splitlines()[0],
                                variant="w32_512", image_size=512, infer_batch=1, train_batch=2, repeats=5)
     a = p.parse_args(argv)
-    if a.serve:  # the harness calls the official train step and ours in turn (`official_runner.serve`)
+    if a.serve:  # the harness calls the official train step / forward and ours in turn (`official_runner.serve`)
         cfg, model = official_model(a.repo, a.variant)
-        official_runner.serve({"train_step": train_step_fn(a.repo, cfg, model, a.image_size, a.train_batch)})
+        official_runner.serve({"train_step": train_step_fn(a.repo, cfg, model, a.image_size, a.train_batch),
+                               "infer": infer_fn(a.repo, a.variant, a.image_size, a.infer_batch, a.train_batch)})
         return
     res = measure(a.repo, variant=a.variant, image_size=a.image_size, infer_batch=a.infer_batch,
                   train_batch=a.train_batch, repeats=a.repeats)
