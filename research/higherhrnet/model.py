@@ -539,8 +539,9 @@ class HigherHRNet(nn.Module):
         transposed convolution is then computed by `phase_conv_transpose`); same variables, same outputs to float
         rounding.
       fold_impl: implementation of the folded convolutions (`Fold.impl`).
-      onnx_form: in inference, the head in the form the ONNX export ships (same variables, same outputs to float
-        rounding; what onnxruntime's blocked-layout (NCHWc) CPU kernels run fastest): each final layer that feeds a
+      onnx_form: in inference, the network in the form the ONNX export ships (same variables, same outputs to float
+        rounding; what onnxruntime's blocked-layout (NCHWc) CPU kernels run fastest): every fuse layer sums its
+        upsampled terms nested (`HighResolutionModule.nested_upsampling`); each final layer that feeds a
         deconv computes zero-padded extra channels so that the concatenated deconv input is a whole number of
         16-channel blocks (66 -> 80 for W32; the padded kernel rows are zero, output 0 is its first channels); the
         deconv's BatchNorm is folded into its four phase convolutions, each with its bias and ReLU before the
