@@ -34,9 +34,10 @@ benchmark is at their setting. A runner that keeps its ONNX exports (`official_r
 also gets them timed in turn with our exported graph in one ONNX Runtime process (`alternate_onnx`; records
 `alternated_*`, ratios `onnx_infer_over_torch_<name>_alternated`): the ONNX comparison least moved by the
 machine's drift. A spec whose runner serves its train step (`torch_serves`, `official_runner.serve`; and its
-inference, where it serves `infer`) also gets our step and the official one called in turn, each process idle while the other runs (`TorchServer`,
-`alternate_with_official`; records `alternated_train_step` / `alternated_torch_train_step`, ratio
-`train_step_over_torch_train_step_alternated`): the train-step comparison to quote, where the before / after
+inference, where it serves `infer`) also gets our step and the official one called in turn, each process idle
+while the other runs (`TorchServer`, `alternate_with_official`; records `alternated_train_step` /
+`alternated_torch_train_step`, ratio `train_step_over_torch_train_step_alternated`, and `alternated_infer` /
+`alternated_torch_infer` alike): the comparison to quote, where the before / after
 timings of two processes minutes apart moved by +-10% on a shared 2-core machine. Each alternated ratio also comes
 as `..._alternated_paired`, the median over rounds of that round's ours / official (a slow drift cancels within a
 round). The XLA:CPU flags study that chose our defaults is `tools/xla_flags_study.py`.
@@ -693,7 +694,7 @@ def alternate_with_official(server: TorchServer, ours: dict[str, Callable[[int],
     return out
 
 
-def _alternated_train(spec: BenchSpec, repo: str, python: str, calls: dict[str, tuple[Callable[[int], Any], int]],
+def _alternated_official(spec: BenchSpec, repo: str, python: str, calls: dict[str, tuple[Callable[[int], Any], int]],
                       infer_batch: int, train_batch: int) -> list[dict]:
     """Records `alternated_<name>` / `alternated_torch_<name>` for each served name in `calls` (name -> (our call,
     rounds); `train_step`, and `infer` where the runner serves it): ours and the official runner's served call in
@@ -701,9 +702,9 @@ def _alternated_train(spec: BenchSpec, repo: str, python: str, calls: dict[str, 
     cmd, env = _torch_command(spec, repo, infer_batch, train_batch, 1, python, out="", serve=True)
     recs = []
     with TorchServer(cmd, env) as server:
+        version = server.ready.get("torch_version", "?")
         for name, (call, rounds) in calls.items():
             alt = alternate_with_official(server, {name: call}, rounds)
-            version = server.ready.get("torch_version", "?")
             batch = infer_batch if name.startswith("infer") else train_batch
             for side, what in (("ours", f"alternated_{name}"), ("official", f"alternated_torch_{name}")):
                 r = record(what, batch, spec.image_size, alt[name][side])
@@ -898,7 +899,7 @@ def benchmark(spec: BenchSpec, *, infer_batch: int, train_batch: int, repeats: i
             if "call" in infer_keep:  # the runner serves its eval forward too
                 calls["infer"] = (infer_keep["call"], max(4 * repeats, 20))
             if calls:
-                records.extend(_alternated_train(spec, torch_repo, torch_python, calls, infer_batch, train_batch))
+                records.extend(_alternated_official(spec, torch_repo, torch_python, calls, infer_batch, train_batch))
             keep.clear()
             infer_keep.clear()
         if "extra" in stages and spec.extra_stages is not None:

@@ -132,6 +132,16 @@ def train_step_fn(repo: str, cfg: Node, model, image_size: int, train_batch: int
     return step
 
 
+def _infer_input(image_size: int, infer_batch: int, train_batch: int):
+    """The inference input [infer_batch, 3, S, S] float32 in [0, 1): RandomState(1)'s draw after the training
+    images' draw (the value `measure` has always used)."""
+    import torch
+
+    rs = np.random.RandomState(1)
+    rs.rand(train_batch, 3, image_size, image_size)
+    return torch.from_numpy(rs.rand(infer_batch, 3, image_size, image_size).astype(np.float32))
+
+
 def infer_fn(repo: str, variant: str, image_size: int, infer_batch: int, train_batch: int):
     """The eval model's forward on `measure`'s inference input (a model of its own, so the served train step's
     updates leave it alone), as a no-argument call under `torch.inference_mode`."""
@@ -139,9 +149,7 @@ def infer_fn(repo: str, variant: str, image_size: int, infer_batch: int, train_b
 
     _, model = official_model(repo, variant)
     model.eval()
-    rs = np.random.RandomState(1)
-    rs.rand(train_batch, 3, image_size, image_size)  # as in `measure`: the inference input follows this draw
-    x = torch.from_numpy(rs.rand(infer_batch, 3, image_size, image_size).astype(np.float32))
+    x = _infer_input(image_size, infer_batch, train_batch)
 
     def forward():
         with torch.inference_mode():
@@ -162,12 +170,10 @@ def measure(repo: str, *, variant: str, image_size: int, infer_batch: int, train
                            "batches": {"grouping": 1},
                            "params": int(sum(p.numel() for p in model.parameters()))}
     step = train_step_fn(repo, cfg, model, image_size, train_batch)
-    rs = np.random.RandomState(1)
-    rs.rand(train_batch, 3, image_size, image_size)  # the training images' draw: the inference input follows it
     out["train_step"] = official_runner.times_ms(step, repeats, warmup)
 
     model.eval()
-    x = torch.from_numpy(rs.rand(infer_batch, 3, image_size, image_size).astype(np.float32))
+    x = _infer_input(image_size, infer_batch, train_batch)
     with torch.inference_mode():
         out["infer"] = official_runner.times_ms(lambda: model(x), repeats, warmup)
     # the official code has no export script: torch.onnx.export of the eval model, both outputs in order
