@@ -10,6 +10,7 @@ from configs.higherhrnet import get_config
 from research.cpu import layers as cpu_layers
 from research.higherhrnet import bench_inputs
 from research.higherhrnet import task as task_lib
+from research.higherhrnet.model import PhaseConvTranspose
 
 
 def _task(conv_impl: str):
@@ -48,5 +49,8 @@ def test_export_graph_stays_plain():
     t = _task("auto")
     assert t.model.conv.func is cpu_layers.FlaxConv and t.model.norm is cpu_layers.FlaxBatchNorm
     assert t.export_model.conv is nn.Conv and t.export_model.norm is nn.BatchNorm
+    # the transposed convolution's phase convolutions: the speed layer's in training, flax's plain ones in the export
+    assert t.model.conv_transpose.keywords == {"impl": t.layers.conv_impl}
+    assert t.export_model.conv_transpose is PhaseConvTranspose
     with pytest.raises(ValueError, match="conv_impl"):
         _task("fast")
