@@ -163,8 +163,9 @@ std::shared_ptr<Entry> BwdWEntry(const Geo& g) {
   return Get(g.key('w'), [&] {
     // x and dy as XLA holds them (NHWC): on a 2-core AVX-512 CPU this measured as fast as oneDNN's blocked layout
     // for 3x3 layers of 16-256 channels and the 3-channel stems, and the step is spared two reorders per layer
-    // (HigherHRNet W32 train step -9 %, YOLOv5s -4 %, RT-DETR R18 -6 %; docs/architecture.md). Where oneDNN has
-    // only its reference kernel for NHWC, x and dy are reordered into the layout it picks instead.
+    // (HigherHRNet W32 train step -9 %, YOLOv5s -4 %, RT-DETR R18 -6 %; docs/yolov5.md "Kernel gradients on NHWC
+    // activations"). Where oneDNN has only its reference kernel for NHWC, x and dy are reordered into the layout it
+    // picks instead.
     auto pd = BwdWPd(g, tag::nhwc);
     if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0) pd = BwdWPd(g, tag::any);
     auto e = std::make_shared<Entry>();
