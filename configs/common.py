@@ -54,6 +54,8 @@ def add_shared_fields(c: ml_collections.ConfigDict, *, log_every_steps: int, eva
       (resume a workdir whose recorded config differs in a field that changes the run: off, so
       such a resume is refused with the diff);
       export.onnx / export.torch: what --mode=export writes besides nothing else;
+      export.channels_first: the ONNX graphs take images NCHW [B, C, H, W], as the official exports do
+      (default False: NHWC [B, H, W, C], as the JAX model; ONNX evaluation accepts either);
       benchmark.*: --mode=benchmark's setting; `torch_repo` a local clone of the official code
       (timed in the same run), `torch_python` the interpreter that runs it ("" = this one);
       distributed.*: multi-host (`jax.distributed.initialize`; empty = single process or what JAX
@@ -65,7 +67,7 @@ def add_shared_fields(c: ml_collections.ConfigDict, *, log_every_steps: int, eva
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.resume_changes = False
-    c.export = ml_collections.ConfigDict(dict(onnx=True, torch=True))
+    c.export = ml_collections.ConfigDict(dict(onnx=True, torch=True, channels_first=False))
     c.benchmark = ml_collections.ConfigDict(dict(
         image_size=benchmark_image_size, batch_size=benchmark_batch_size,
         train_batch_size=benchmark_train_batch_size, variant=benchmark_variant, repeats=10,

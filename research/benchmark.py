@@ -100,6 +100,7 @@ class BenchSpec:
       time the same work).
     measured_pairs: more (ours, theirs) record names whose same-run time ratio is reported as
       `<ours>_over_<theirs>_measured` (e.g. ('tracker_frame', 'torch_tracker_frame')).
+    onnx_channels_first: the ONNX stage exports NCHW images (`config.export.channels_first`, set by `make_spec`).
     torch_serves: the steps the official runner also serves with `--serve` (`official_runner.serve`), timed in turn
       with ours (`alternate_with_official`): 'train_step' (our trainer step), 'infer' (our jitted `infer_fn`, the
       runner's eval forward at `infer_batch`; records `alternated_infer` / `alternated_torch_infer`).
@@ -126,6 +127,7 @@ class BenchSpec:
     measured_pairs: tuple[tuple[str, str], ...] = ()
     torch_args: tuple[str, ...] = ()
     torch_serves: tuple[str, ...] = ()
+    onnx_channels_first: bool = False
 
 
 def host_init(shapes: Any, seed: int = 0) -> dict:
@@ -163,7 +165,8 @@ def make_spec(config, *, variant: str | None = None, image_size: int | None = No
     from research import tasks
     variant = variant or config.benchmark.variant
     image_size = int(image_size or config.benchmark.image_size)
-    return tasks.task_class(config.network).benchmark_spec(config, variant=variant, image_size=image_size)
+    spec = tasks.task_class(config.network).benchmark_spec(config, variant=variant, image_size=image_size)
+    return dataclasses.replace(spec, onnx_channels_first=bool(config.export.channels_first))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +477,8 @@ def measure_train_step(spec: BenchSpec, batch: int, repeats: int, warmup: int,
 
 def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir: str,
                  reference: np.ndarray | None, flops: float | None) -> dict:
-    """Exports `export_fn` (dynamic batch, as `--mode=export`) and times ONNX Runtime's CPU session."""
+    """Exports `export_fn` (dynamic batch and, with `spec.onnx_channels_first`, NCHW images, as `--mode=export`)
+    and times ONNX Runtime's CPU session (inputs put in the graph's layout before the timed calls)."""
     import jax
 
     from research.bridge.onnx_export import OnnxRunner, export_onnx
@@ -486,11 +490,13 @@ def measure_onnx(spec: BenchSpec, batch: int, repeats: int, warmup: int, out_dir
         fn = spec.export_fn or spec.infer_fn
         inputs = spec.make_inputs(batch)
         export_onnx(lambda **kw: fn(variables, **kw), {k: np.zeros((1,) + v.shape[1:], v.dtype) for k, v in inputs.items()},
-                    path, dynamic_batch=True, output_names=spec.onnx_output_names)
+                    path, dynamic_batch=True, output_names=spec.onnx_output_names,
+                    channels_first=spec.onnx_channels_first)
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         runner = OnnxRunner(path)
         session_s = time.perf_counter() - t0
+        inputs = _feed(runner.session, inputs)
         times, cpu_ms = time_calls(lambda i: runner(**inputs), repeats, warmup)
     rec = record("onnx_infer", batch, s, times, cpu_ms, compile_s=session_s, flops=flops, **rss.record())
     rec["export_s"] = export_s
@@ -734,24 +740,39 @@ def torch_records(spec: BenchSpec, repo: str, before: dict, after: dict, infer_b
 
 
 def _feed(session, inputs: dict) -> dict:
-    """`inputs` (ours: NHWC images and the like) for an ONNX session, by input name; a 4-D array whose last axis
-    is the session's axis 1 (the official graphs take NCHW images) is transposed to it."""
+    """`inputs` (ours: NHWC images and the like) for an ONNX session, by input name; a 4-D NHWC array is
+    transposed where the graph takes NCHW (the official graphs, a channels-first export: `to_graph_layout`)."""
+    from research.bridge.onnx_export import to_graph_layout
     feed = {}
     for i in session.get_inputs():
         if i.name not in inputs:
             raise ValueError(f"the graph's input {i.name!r} is not among ours ({sorted(inputs)})")
-        x = np.asarray(inputs[i.name])
-        if x.ndim == 4 and len(i.shape) == 4 and i.shape[1] == x.shape[3] and i.shape[3] != x.shape[3]:
-            x = x.transpose(0, 3, 1, 2)
+        x = to_graph_layout(np.asarray(inputs[i.name]), list(i.shape))
         feed[i.name] = np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float64 else x.dtype)
     return feed
 
 
+def alternation_session_options():
+    """ONNX Runtime session options for graphs called in turn in one process: the defaults, but intra-op threads
+    that do not spin once a call ends.
+
+    Each session has its own intra-op thread pool, whose threads spin for a while after a call by default: the
+    graph called next then shares the cores with the previous graph's spinning threads. On the 2-core machine this
+    put both graphs' medians ~50% above their timed-apart figures, the fastest calls unchanged, and the ratio
+    swung 1.00-1.13x between three runs of the same two YOLOv5s graphs; without spinning each call had the cores to
+    itself (medians within 5% of the fastest calls, the ratio 1.02-1.04x in three runs).
+    """
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def alternate_onnx(ours: str, theirs: dict[str, str], inputs: dict, rounds: int, warmup: int = 2) -> dict:
     """Our exported graph and the official exports timed in turn in one ONNX Runtime process (default session
-    settings for all), the order rotating every round: a drift of a shared machine then touches each graph
-    alike, which timing them minutes apart in two processes does not guarantee (same graph, +-10% between
-    such runs here).
+    settings for all, except that idle intra-op threads do not spin: `alternation_session_options`), the order
+    rotating every round: a drift of a shared machine then touches each graph alike, which timing them minutes
+    apart in two processes does not guarantee (same graph, +-10% between such runs here).
 
     Args:
       ours: our .onnx; theirs: name -> an official .onnx (e.g. 'onnx_infer', 'onnx_infer_dynamic').
@@ -763,7 +784,8 @@ def alternate_onnx(ours: str, theirs: dict[str, str], inputs: dict, rounds: int,
     """
     import onnxruntime as ort
     paths = {"ours": ours, **theirs}
-    sessions = {k: ort.InferenceSession(p, sess_options=ort.SessionOptions(), providers=["CPUExecutionProvider"])
+    options = alternation_session_options()
+    sessions = {k: ort.InferenceSession(p, sess_options=options, providers=["CPUExecutionProvider"])
                 for k, p in paths.items()}
     feeds = {k: _feed(s, inputs) for k, s in sessions.items()}
     for k, s in sessions.items():
@@ -779,7 +801,8 @@ def alternate_onnx(ours: str, theirs: dict[str, str], inputs: dict, rounds: int,
     out: dict[str, Any] = {k: {"median_ms": float(statistics.median(v)), "min_ms": float(min(v)), "times_ms": v}
                            for k, v in times.items()}
     out["rounds"] = rounds
-    out["note"] = "one ONNX Runtime process, default session options, graphs called in turn (rotating order)"
+    out["note"] = ("one ONNX Runtime process, default session options but intra-op threads not spinning between "
+                   "calls, graphs called in turn (rotating order)")
     return out
 
 

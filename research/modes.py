@@ -109,7 +109,8 @@ def export(task: Task, workdir: str) -> dict:
         from research.bridge.onnx_export import export_onnx
         spec = task.export_spec(variables)
         results["onnx"] = export_onnx(spec.apply_fn, spec.inputs, os.path.join(out_dir, "model.onnx"),
-                                      dynamic_batch=spec.dynamic_batch, output_names=spec.output_names)
+                                      dynamic_batch=spec.dynamic_batch, output_names=spec.output_names,
+                                      channels_first=bool(config.export.channels_first))
         results.update(task.extra_exports(variables, out_dir))
     return results
 

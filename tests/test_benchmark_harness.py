@@ -30,6 +30,9 @@ def test_alternate_onnx_times_both_graphs_in_turn_and_gives_ratios(tmp_path):
     inputs = {"images": np.random.RandomState(1).rand(1, size, size, 3).astype(np.float32)}
     alt = benchmark.alternate_onnx(ours, {"onnx_infer": theirs}, inputs, rounds=5, warmup=1)
     assert alt["rounds"] == 5 and set(alt) >= {"ours", "onnx_infer"}
+    # graphs called in turn: no session's idle threads spin into the next graph's call
+    assert benchmark.alternation_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert "not spinning" in alt["note"]
     for key in ("ours", "onnx_infer"):
         assert len(alt[key]["times_ms"]) == 5 and alt[key]["min_ms"] > 0
         assert alt[key]["median_ms"] == pytest.approx(float(np.median(alt[key]["times_ms"])))

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from research.bridge import onnx_plugins
-from research.bridge.onnx_export import ACCEPT_RTOL, OnnxRunner, check_onnx, export_onnx
+from research.bridge.onnx_export import ACCEPT_RTOL, OnnxRunner, check_onnx, export_onnx, to_graph_layout
 
 # --------------------------------------------------------------------------------------
 # a small YOLOv5-like model
@@ -400,6 +400,38 @@ def test_static_batch_and_pytree_outputs(tmp_path):
     # check_onnx flags a mismatch
     bad = check_onnx(lambda v: {"b": v.sum(axis=(1, 2)) + 1.0, "a": [jax.nn.sigmoid(v), v ** 2]}, path, [x])
     assert not bad["ok"] and not bad["outputs"]["b"]["ok"] and bad["outputs"]["a_0"]["ok"]
+
+
+def test_channels_first_export_takes_nchw_images_and_the_runner_takes_either(tmp_path):
+    model = TinyYolo(upsample="resize")
+    apply_fn = functools.partial(model.apply, _init_variables(model))
+    nhwc, nchw = str(tmp_path / "nhwc.onnx"), str(tmp_path / "nchw.onnx")
+    export_onnx(apply_fn, _images(1, 0), nhwc, output_names=["heads_0", "heads_1", "pred"])
+    export_onnx(apply_fn, _images(1, 0), nchw, output_names=["heads_0", "heads_1", "pred"], channels_first=True)
+    assert OnnxRunner(nchw).input_shape == ["B", 3, IMG, IMG] and OnnxRunner(nhwc).input_shape == ["B", IMG, IMG, 3]
+    g = onnx.load(nchw).graph
+    assert [n.op_type for n in g.node if "images" in n.input] == ["Conv"]  # no transpose in front of it
+    x = _images(2, 3)
+    ref = [np.asarray(a) for a in jax.jit(apply_fn)(x)]
+    for feed in (x, x.transpose(0, 3, 1, 2)):  # NHWC arrays are transposed for an NCHW graph, NCHW ones kept
+        for r, o in zip(ref, OnnxRunner(nchw)(feed)):
+            assert np.abs(r - o).max() <= ACCEPT_RTOL * np.abs(r).max()
+    # a 2-D input is not touched; the other inputs of a mapping keep their layout
+    two = str(tmp_path / "two.onnx")
+    export_onnx(lambda images, sizes: images.mean(axis=(1, 2)) * sizes, {"images": x[:1], "sizes": np.ones((1, 3))},
+                two, channels_first=True)
+    r = OnnxRunner(two)
+    assert r._shapes == {"images": ["B", 3, IMG, IMG], "sizes": ["B", 3]}
+    np.testing.assert_allclose(r(images=x, sizes=np.full((2, 3), 2.0))[0], 2 * x.mean(axis=(1, 2)), rtol=1e-5)
+
+
+def test_to_graph_layout():
+    x = np.arange(2 * 5 * 6 * 3, dtype=np.float32).reshape(2, 5, 6, 3)
+    np.testing.assert_array_equal(to_graph_layout(x, ["B", 3, 5, 6]), x.transpose(0, 3, 1, 2))
+    assert to_graph_layout(x, ["B", 5, 6, 3]) is not None and to_graph_layout(x, ["B", 5, 6, 3]).shape == x.shape
+    assert to_graph_layout(x, [None, None, None, None]).shape == x.shape  # fully symbolic: as given
+    assert to_graph_layout(x, [2, 3, 6, 5]).shape == x.shape  # fits neither layout: left to ONNX Runtime's error
+    assert to_graph_layout(x[0], [3, 5, 6]).shape == (5, 6, 3)
 
 
 # --------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def _named_inputs(example_inputs: Mapping[str, Any] | np.ndarray, input_name: st
 def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] | np.ndarray, path: str, *,
                 dynamic_batch: bool | Sequence[str] = True, input_name: str = "images",
                 output_names: Sequence[str] | None = None, opset: int | None = None,
-                simplify: bool = True) -> str:
+                simplify: bool = True, channels_first: bool = False) -> str:
     """Exports `apply_fn` to the ONNX file `path`, atomically; returns `path`.
 
     Args:
@@ -118,6 +118,10 @@ def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] 
         does (constant folding, dead nodes removed), then fold BatchNorm arithmetic into the convolutions. The
         function is traced inside `research.vision.upsample.export_forms()` either way (nearest upsampling
         as one `Resize`).
+      channels_first: the graph takes every 4-D input (our NHWC images, `[B, H, W, C]`) as NCHW `[B, C, H, W]`,
+        as the official PyTorch exports do: the traced function transposes it back first, a transpose that
+        cancels against the NCHW convolution jax2onnx writes for the first layer, so ONNX Runtime runs no input
+        transpose (`OnnxRunner` still accepts NHWC arrays for such a graph: `to_graph_layout`).
 
     Raises:
       ValueError: a name in `dynamic_batch` is not an input, the output count differs from
@@ -136,6 +140,9 @@ def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] 
         if dyn - set(named):
             raise ValueError(f"dynamic_batch names {sorted(dyn - set(named))}, not inputs {sorted(named)}")
     names = list(named)
+    nchw = {n for n in names if channels_first and np.ndim(named[n]) == 4}
+    for n in nchw:
+        named[n] = np.asarray(named[n]).transpose(0, 3, 1, 2)
     specs = []
     for n in names:
         x = named[n]
@@ -149,6 +156,7 @@ def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] 
         specs.append(jax.ShapeDtypeStruct(shape, x.dtype) if n not in dyn else _SymbolicSpec(shape, x.dtype))
 
     def call(*xs):
+        xs = [x.transpose(0, 2, 3, 1) if n in nchw else x for n, x in zip(names, xs)]
         return apply_fn(**dict(zip(names, xs))) if keywords else apply_fn(xs[0])
 
     if output_names is None:
@@ -274,6 +282,23 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tenso
                "tensor(float16)": np.float16}
 
 
+def to_graph_layout(x: np.ndarray, graph_shape: Sequence[Any]) -> np.ndarray:
+    """`x` as a graph input of `graph_shape` takes it: a 4-D NHWC array `[B, H, W, C]` for an NCHW input
+    `[B, C, H, W]` (a channels-first export, `export_onnx(channels_first=True)`, or an official graph) is
+    transposed; anything else is returned as is. Symbolic dimensions (strings, None) match anything.
+    """
+    x = np.asarray(x)
+    if x.ndim != 4 or len(graph_shape) != 4:
+        return x
+
+    def fits(shape):
+        return all(not isinstance(g, int) or g == d for g, d in zip(graph_shape, shape))
+
+    if not fits(x.shape) and fits((x.shape[0], x.shape[3], x.shape[1], x.shape[2])):
+        return x.transpose(0, 3, 1, 2)
+    return x
+
+
 class OnnxRunner:
     """onnxruntime CPU session over an exported model: `runner(x) -> list[np.ndarray]`."""
 
@@ -291,10 +316,12 @@ class OnnxRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_name = self.input_names[0]
         self.input_shape = list(inputs[0].shape)
+        self._shapes = {i.name: list(i.shape) for i in inputs}
         self._dtypes = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in inputs}
 
     def __call__(self, x: np.ndarray | None = None, **named: np.ndarray) -> list[np.ndarray]:
-        """Outputs (one array per ONNX output) for one positional input or inputs by name.
+        """Outputs (one array per ONNX output) for one positional input or inputs by name. Images may be
+        given NHWC `[B, H, W, C]` to a graph that takes NCHW (`to_graph_layout`).
 
         Raises:
           ValueError: the inputs given are not exactly the model's.
@@ -305,7 +332,8 @@ class OnnxRunner:
             named = {self.input_name: x}
         if set(named) != set(self.input_names):
             raise ValueError(f"the model takes inputs {self.input_names}, got {sorted(named)}")
-        feed = {k: np.ascontiguousarray(v, dtype=self._dtypes[k]) for k, v in named.items()}
+        feed = {k: np.ascontiguousarray(to_graph_layout(v, self._shapes[k]), dtype=self._dtypes[k])
+                for k, v in named.items()}
         return self.session.run(None, feed)
 
     def __repr__(self) -> str:

@@ -373,7 +373,8 @@ class Task(DetectionDataMixin, tasks.Task):
 
     def extra_exports(self, variables: dict, out_dir: str) -> dict:
         """`deploy.onnx`, the official deploy graph (`tools/export_onnx.py`: `model.deploy()` +
-        `postprocessor.deploy()`): inputs `images` [B, S, S, 3] float32 0-1 (NHWC here) and `orig_target_sizes`
+        `postprocessor.deploy()`): inputs `images` [B, S, S, 3] float32 0-1 (NHWC here; NCHW with
+        `config.export.channels_first`, as `model.onnx`) and `orig_target_sizes`
         [B, 2] float32 (w, h) -> `labels` [B, K] int32, `boxes` [B, K, 4] (xyxy, pixels of the original image),
         `scores` [B, K]. Both graphs are then checked against JAX in ONNX Runtime on two random images (raw outputs
         within `ACCEPT_RTOL` of their range; the deploy graph's scores, sorted, likewise); returns the path and the
@@ -388,7 +389,8 @@ class Task(DetectionDataMixin, tasks.Task):
                            {"images": np.zeros((1, s, s, 3), np.float32),
                             "orig_target_sizes": np.full((1, 2), s, np.float32)},
                            os.path.join(out_dir, DEPLOY_ONNX), dynamic_batch=("images", "orig_target_sizes"),
-                           output_names=("labels", "boxes", "scores"))
+                           output_names=("labels", "boxes", "scores"),
+                           channels_first=bool(self.config.export.channels_first))
         rs = np.random.default_rng(0)
         images = rs.uniform(0, 1, (2, s, s, 3)).astype(np.float32)
         sizes = np.array([[s, s], [2 * s, s]], np.float32)

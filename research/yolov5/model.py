@@ -252,9 +252,12 @@ class Detect(nn.Module):
                        bias_init=self._bias_init(self.strides[i], x.shape[-1]),
                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"m.{i}")(x)
             b, ny, nx, _ = y.shape
-            y = y.astype(jnp.float32).reshape(b, ny, nx, na, no)
-            heads_nhwc.append(y)
-            y = y.transpose(0, 3, 1, 2, 4)
+            y = y.astype(jnp.float32)
+            heads_nhwc.append(y.reshape(b, ny, nx, na, no))
+            # the official layout through channels-first, as the official Detect does: in an ONNX export the first
+            # transpose cancels against the convolution's own NCHW output, so the graph reads its output
+            # channels-first (cheaper for ONNX Runtime than a channels-last reorder plus a 5-D transpose)
+            y = y.transpose(0, 3, 1, 2).reshape(b, na, no, ny, nx).transpose(0, 1, 3, 4, 2)
             heads.append(y)
             if decode:
                 decoded.append(self._decode(y, i))
@@ -269,7 +272,10 @@ class Detect(nn.Module):
         gx = np.arange(nx, dtype=np.float32)
         gy = np.arange(ny, dtype=np.float32)
         grid = np.stack(np.meshgrid(gx, gy, indexing="xy"), -1)[None, None] - 0.5  # [1,1,ny,nx,2]
-        anchor_grid = np.asarray(self.anchors[i], np.float32).reshape(1, na, 1, 1, 2)
+        # full [1, na, ny, nx, 2] like the official anchor_grid: ONNX Runtime multiplies equal shapes fast, a
+        # broadcast over ny and nx with 2 innermost elements slowly
+        anchor_grid = np.ascontiguousarray(np.broadcast_to(
+            np.asarray(self.anchors[i], np.float32).reshape(1, na, 1, 1, 2), (1, na, ny, nx, 2)))
         s = jax.nn.sigmoid(y)
         xy = (s[..., 0:2] * 2 + grid) * stride
         wh = (s[..., 2:4] * 2) ** 2 * anchor_grid
