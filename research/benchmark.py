@@ -166,7 +166,7 @@ def make_spec(config, *, variant: str | None = None, image_size: int | None = No
     variant = variant or config.benchmark.variant
     image_size = int(image_size or config.benchmark.image_size)
     spec = tasks.task_class(config.network).benchmark_spec(config, variant=variant, image_size=image_size)
-    return dataclasses.replace(spec, onnx_channels_first=bool(config.export.channels_first))
+    return dataclasses.replace(spec, onnx_channels_first=bool(config.export.get("channels_first", False)))
 
 
 # ---------------------------------------------------------------------------------------------

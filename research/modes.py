@@ -110,7 +110,7 @@ def export(task: Task, workdir: str) -> dict:
         spec = task.export_spec(variables)
         results["onnx"] = export_onnx(spec.apply_fn, spec.inputs, os.path.join(out_dir, "model.onnx"),
                                       dynamic_batch=spec.dynamic_batch, output_names=spec.output_names,
-                                      channels_first=bool(config.export.channels_first))
+                                      channels_first=bool(config.export.get("channels_first", False)))
         results.update(task.extra_exports(variables, out_dir))
     return results
 
