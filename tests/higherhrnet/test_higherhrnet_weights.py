@@ -69,12 +69,20 @@ def test_module_prefix_is_stripped_and_strict(weights):
         bridge.from_torch(model, mixed, weights["variables"])
 
 
-def test_export_from_official_weights(weights, tmp_path):
-    """--mode=export with init_from: ONNX outputs = JAX outputs of the original variables; model.pt = the file."""
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_export_from_official_weights(weights, tmp_path, channels_first):
+    """--mode=export with init_from: ONNX outputs = JAX outputs of the original variables; model.pt = the file.
+    With `export.channels_first` the graph takes NCHW images (as the official export), NHWC still accepted."""
+    import onnx
+
     from research.bridge.onnx_export import OnnxRunner
     from research.bridge.torch_bridge import load_state_dict_file
     wd = str(tmp_path / "export")
-    results = modes.run(_config(tmp_path, weights["plain"]), wd, "export")
+    c = _config(tmp_path, weights["plain"])
+    c.export.channels_first = channels_first
+    results = modes.run(c, wd, "export")
+    dims = [d.dim_param or d.dim_value for d in onnx.load(results["onnx"]).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == "B" and (dims[1] == 3) == channels_first and (dims[3] == 3) != channels_first
     assert not os.path.exists(os.path.join(wd, "checkpoints")) or not os.listdir(os.path.join(wd, "checkpoints"))
     got = OnnxRunner(results["onnx"])(images=weights["x"])
     for r, g in zip(weights["ref"], got):

@@ -159,6 +159,28 @@ def test_export_eval_predict_from_model_only_checkpoint(files):
     assert np.abs(np.sort(ema_first["dets"][:, 4]) - np.sort(first["dets"][:, 4])).max() > 1e-4
 
 
+def test_channels_first_export_and_its_onnx_evaluation(files):
+    """`export.channels_first`: both graphs (model.onnx, deploy.onnx) take NCHW images as the official
+    tools/export_onnx.py graph does, pass the export's own check against JAX, and evaluate (fed NHWC images by the
+    shared runner) to the JAX evaluation's mAP."""
+    import onnx
+    data_dir, by_name, root = files
+    c = _config(data_dir, by_name["ema"][0])
+    c.export.channels_first = True
+    c.export.torch = False
+    wd = str(root / "wd_nchw")
+    res = modes.run(c, wd, "export")
+    assert max(v for k, v in res.items() if k.startswith("onnx_check/")) <= 1e-4
+    for f in (res["onnx"], res["onnx_deploy"]):
+        images = onnx.load(f).graph.input[0]
+        assert images.name == "images"
+        assert [d.dim_param or d.dim_value for d in images.type.tensor_type.shape.dim] == ["B", 3, 64, 64]
+    res_eval = modes.run(c, wd, "eval")
+    c.eval.onnx = True
+    res_onnx = modes.run(c, wd, "eval")
+    assert res_onnx["eval_onnx/mAP50"] == pytest.approx(res_eval["eval/mAP50"], abs=1e-3)
+
+
 def test_unsafe_or_foreign_files_are_refused_naming_the_file(files, tmp_path):
     data_dir, by_name, _ = files
     _, sd = by_name["model"]
