@@ -140,9 +140,9 @@ def export_onnx(apply_fn: Callable[..., Any], example_inputs: Mapping[str, Any] 
         if dyn - set(named):
             raise ValueError(f"dynamic_batch names {sorted(dyn - set(named))}, not inputs {sorted(named)}")
     names = list(named)
-    nchw = {n for n in names if channels_first and np.ndim(named[n]) == 4}
+    nchw = {n for n in names if channels_first and named[n].ndim == 4}
     for n in nchw:
-        named[n] = np.asarray(named[n]).transpose(0, 3, 1, 2)
+        named[n] = named[n].transpose(0, 3, 1, 2)
     specs = []
     for n in names:
         x = named[n]
